@@ -1,0 +1,133 @@
+//! What the chat layer replicates through the log, and what applying it answers.
+//!
+//! These types are written to disk and sent between nodes as JSON with field names, so a node
+//! of a newer version can still read them when a field is added.
+
+use std::fmt;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// One replicated chat operation. Both dialects produce these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ChatCommand {
+    /// Open a new session or resume `session`, claiming `user` for a connection on `node`.
+    /// `replaces` names the session that holds the name now and that the accepting node found
+    /// dead; the claim succeeds only if that is still the holder (compare-and-swap).
+    Attach {
+        session: String,
+        user: String,
+        node: u64,
+        #[serde(default)]
+        replaces: Option<String>,
+    },
+    /// The connection that attached at log index `attachment` is gone.
+    Detach { session: String, attachment: u64 },
+    /// Node `node` restarted: no connection from its previous life is alive.
+    DetachNode { node: u64 },
+    Join { session: String, room: String },
+    Leave { session: String, room: String },
+    /// A chat message to a room or a user; `id` is the client's, unique per session.
+    Send {
+        session: String,
+        id: String,
+        to: String,
+        text: String,
+    },
+}
+
+impl fmt::Display for ChatCommand {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ChatCommand::Attach { user, node, .. } => write!(f, "attach {user} on node {node}"),
+            ChatCommand::Detach { attachment, .. } => write!(f, "detach attachment {attachment}"),
+            ChatCommand::DetachNode { node } => write!(f, "detach node {node}"),
+            ChatCommand::Join { room, .. } => write!(f, "join {room}"),
+            ChatCommand::Leave { room, .. } => write!(f, "leave {room}"),
+            ChatCommand::Send { id, to, .. } => write!(f, "send {id} to {to}"),
+        }
+    }
+}
+
+/// The outcome of applying one command; deterministic on every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum ChatResponse {
+    Attached {
+        session: String,
+        user: String,
+        resumed: bool,
+        attachment: u64,
+    },
+    NameTaken,
+    /// The session token belongs to a different user name.
+    SessionMismatch,
+    UnknownSession,
+    Joined {
+        room: String,
+        members: Vec<String>,
+    },
+    Left {
+        room: String,
+    },
+    Sent {
+        index: u64,
+        duplicate: bool,
+    },
+    NotMember {
+        room: String,
+    },
+    NoSuchUser {
+        user: String,
+    },
+    Done,
+}
+
+/// A committed chat message as every node stores and delivers it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredMessage {
+    pub index: u64,
+    pub to: String,
+    pub from: String,
+    pub id: String,
+    pub text: String,
+    /// Milliseconds since the Unix epoch, set by the leader that appended the entry.
+    pub ts_ms: i64,
+}
+
+/// What applying the log tells the fan-out hub, in index order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    Message(Arc<StoredMessage>),
+    Presence {
+        index: u64,
+        room: String,
+        user: String,
+        session: String,
+        joined: bool,
+    },
+    /// `session` is now served by the connection that attached at `index` on `node`;
+    /// any other connection of that session must close.
+    SessionAttached {
+        index: u64,
+        session: String,
+        node: u64,
+    },
+    /// `session` no longer exists (its name was taken over, or it expired).
+    SessionClosed { index: u64, session: String },
+    /// The whole state was replaced by a snapshot up to `index`.
+    Resync { index: u64 },
+}
+
+impl Event {
+    pub fn index(&self) -> u64 {
+        match self {
+            Event::Message(m) => m.index,
+            Event::Presence { index, .. }
+            | Event::SessionAttached { index, .. }
+            | Event::SessionClosed { index, .. }
+            | Event::Resync { index } => *index,
+        }
+    }
+}

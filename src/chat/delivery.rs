@@ -1,0 +1,156 @@
+//! Which applied events one connection receives, decided in index order so a connection's
+//! view of its own rooms is always the view at the event's index.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::command::{Event, StoredMessage};
+use super::names::{fold, is_room_target};
+
+/// What a connection does with one event.
+#[derive(Debug)]
+pub enum Delivery {
+    Message(Arc<StoredMessage>),
+    Presence { room: String, user: String, joined: bool },
+    /// The session moved to another connection, or no longer exists.
+    Close(&'static str),
+    /// The state jumped to a snapshot: fetch what was missed up to `upto` from the history.
+    Resync { upto: u64 },
+}
+
+pub struct DeliveryFilter {
+    session: String,
+    attachment: u64,
+    user_key: String,
+    rooms: HashSet<String>,
+    /// Highest index delivered (or known to be covered); lower events are duplicates.
+    last: u64,
+}
+
+impl DeliveryFilter {
+    pub fn new(session: String, attachment: u64, user: &str, rooms: impl IntoIterator<Item = String>, last: u64) -> Self {
+        DeliveryFilter {
+            session,
+            attachment,
+            user_key: fold(user),
+            rooms: rooms.into_iter().collect(),
+            last,
+        }
+    }
+
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// Marks everything up to `index` as delivered (after a replay from history).
+    pub fn advance(&mut self, index: u64) {
+        self.last = self.last.max(index);
+    }
+
+    pub fn set_rooms(&mut self, rooms: impl IntoIterator<Item = String>) {
+        self.rooms = rooms.into_iter().collect();
+    }
+
+    pub fn on_event(&mut self, event: &Event) -> Option<Delivery> {
+        match event {
+            Event::Message(m) => {
+                if m.index <= self.last {
+                    return None;
+                }
+                let mine = if is_room_target(&m.to) {
+                    self.rooms.contains(&fold(&m.to))
+                } else {
+                    fold(&m.to) == self.user_key || fold(&m.from) == self.user_key
+                };
+                if !mine {
+                    return None;
+                }
+                self.last = m.index;
+                Some(Delivery::Message(m.clone()))
+            }
+            Event::Presence {
+                index,
+                room,
+                user,
+                session,
+                joined,
+            } => {
+                if *index <= self.last {
+                    return None;
+                }
+                let key = fold(room);
+                if *session == self.session {
+                    if *joined {
+                        self.rooms.insert(key.clone());
+                    } else {
+                        // Tell the leaving session too, then stop following the room.
+                        let was_member = self.rooms.remove(&key);
+                        return was_member.then(|| Delivery::Presence {
+                            room: room.clone(),
+                            user: user.clone(),
+                            joined: false,
+                        });
+                    }
+                }
+                self.rooms.contains(&key).then(|| Delivery::Presence {
+                    room: room.clone(),
+                    user: user.clone(),
+                    joined: *joined,
+                })
+            }
+            Event::SessionAttached { index, session, .. } => {
+                (*session == self.session && *index != self.attachment && *index > self.attachment)
+                    .then_some(Delivery::Close("the session was resumed by another connection"))
+            }
+            Event::SessionClosed { session, .. } => {
+                (*session == self.session).then_some(Delivery::Close("the session was taken over or expired"))
+            }
+            Event::Resync { index } => (*index > self.last).then_some(Delivery::Resync { upto: *index }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(index: u64, to: &str, from: &str) -> Event {
+        Event::Message(Arc::new(StoredMessage {
+            index,
+            to: to.into(),
+            from: from.into(),
+            id: "x".into(),
+            text: "t".into(),
+            ts_ms: 0,
+        }))
+    }
+
+    #[test]
+    fn follows_own_membership_in_order() {
+        let mut f = DeliveryFilter::new("s".into(), 1, "Alice", [], 1);
+        assert!(f.on_event(&msg(2, "#r", "bob")).is_none());
+        let join = Event::Presence {
+            index: 3,
+            room: "#R".into(),
+            user: "Alice".into(),
+            session: "s".into(),
+            joined: true,
+        };
+        assert!(matches!(f.on_event(&join), Some(Delivery::Presence { joined: true, .. })));
+        assert!(matches!(f.on_event(&msg(4, "#r", "bob")), Some(Delivery::Message(_))));
+        assert!(f.on_event(&msg(4, "#r", "bob")).is_none(), "duplicate index");
+        assert!(matches!(f.on_event(&msg(5, "alice", "bob")), Some(Delivery::Message(_))));
+        assert!(f.on_event(&msg(6, "carol", "bob")).is_none());
+    }
+
+    #[test]
+    fn closes_when_resumed_elsewhere() {
+        let mut f = DeliveryFilter::new("s".into(), 5, "a", [], 5);
+        let other = Event::SessionAttached {
+            index: 9,
+            session: "s".into(),
+            node: 2,
+        };
+        assert!(matches!(f.on_event(&other), Some(Delivery::Close(_))));
+    }
+}

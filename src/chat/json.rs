@@ -1,0 +1,758 @@
+//! The JSON dialect (SPEC 3a): newline-delimited JSON objects, one per line.
+
+use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::command::StoredMessage;
+use super::delivery::{Delivery, DeliveryFilter};
+use super::lines::{Line, RateLimiter, Verdict, read_line};
+use super::service::{Attached, ChatError, ChatService};
+
+/// Messages a connection may have queued for replication before it stops reading.
+const SEND_QUEUE: usize = 1024;
+/// Most messages of one connection replicated in one batch.
+const SEND_BATCH: usize = 256;
+/// Frames queued for the socket before the connection stops producing more.
+const OUT_QUEUE: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    BadJson,
+    UnknownType,
+    MissingField,
+    BadName,
+    LineTooLong,
+    NotLoggedIn,
+    NameTaken,
+    RateLimited,
+    BadEncoding,
+    Unavailable,
+    NotMember,
+    Internal,
+}
+
+/// A request that could not be served, as the client will see it.
+#[derive(Debug)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub id: Option<String>,
+}
+
+impl ProtocolError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+            id: None,
+        }
+    }
+}
+
+impl From<ChatError> for ProtocolError {
+    fn from(e: ChatError) -> Self {
+        let code = match &e {
+            ChatError::BadName(_) | ChatError::NoSuchUser(_) => ErrorCode::BadName,
+            ChatError::NameTaken(_) => ErrorCode::NameTaken,
+            ChatError::NotMember(_) => ErrorCode::NotMember,
+            ChatError::UnknownSession => ErrorCode::NotLoggedIn,
+            ChatError::Unavailable(_) => ErrorCode::Unavailable,
+            ChatError::Internal(_) => ErrorCode::Internal,
+        };
+        ProtocolError::new(code, e.to_string())
+    }
+}
+
+#[derive(Debug, PartialEq)]
+pub enum ClientRequest {
+    Hello {
+        user: String,
+        session: Option<String>,
+        resume_from: Option<u64>,
+    },
+    Join {
+        room: String,
+    },
+    Leave {
+        room: String,
+    },
+    Send {
+        to: String,
+        id: String,
+        text: String,
+    },
+    History {
+        room: String,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+    },
+    Who {
+        room: String,
+    },
+    Ping,
+}
+
+fn field_str(v: &Value, name: &str) -> Result<String, ProtocolError> {
+    match v.get(name) {
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadJson,
+            format!("field `{name}` must be a string"),
+        )),
+        None => Err(ProtocolError::new(
+            ErrorCode::MissingField,
+            format!("missing field `{name}`"),
+        )),
+    }
+}
+
+fn opt_str(v: &Value, name: &str) -> Result<Option<String>, ProtocolError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => field_str(v, name).map(Some),
+    }
+}
+
+fn opt_u64(v: &Value, name: &str) -> Result<Option<u64>, ProtocolError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n.as_u64().map(Some).ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::BadJson,
+                format!("field `{name}` must be a non-negative integer"),
+            )
+        }),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadJson,
+            format!("field `{name}` must be a non-negative integer"),
+        )),
+    }
+}
+
+/// Parses one line of the JSON dialect.
+pub fn parse(line: &str) -> Result<ClientRequest, ProtocolError> {
+    let v: Value =
+        serde_json::from_str(line).map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("invalid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(ProtocolError::new(ErrorCode::BadJson, "expected a JSON object"));
+    }
+    let kind = field_str(&v, "type")?;
+    let request = match kind.as_str() {
+        "hello" => ClientRequest::Hello {
+            user: field_str(&v, "user")?,
+            session: opt_str(&v, "session")?,
+            resume_from: opt_u64(&v, "resume_from")?,
+        },
+        "join" => ClientRequest::Join {
+            room: field_str(&v, "room")?,
+        },
+        "leave" => ClientRequest::Leave {
+            room: field_str(&v, "room")?,
+        },
+        "send" => {
+            let id = field_str(&v, "id").map_err(|mut e| {
+                e.id = None;
+                e
+            })?;
+            let with_id = |mut e: ProtocolError| {
+                e.id = Some(id.clone());
+                e
+            };
+            let to = field_str(&v, "to").map_err(with_id)?;
+            let text = field_str(&v, "text").map_err(with_id)?;
+            if id.is_empty() || id.len() > 128 {
+                return Err(with_id(ProtocolError::new(
+                    ErrorCode::BadJson,
+                    "field `id` must be 1 to 128 bytes",
+                )));
+            }
+            ClientRequest::Send { to, id, text }
+        }
+        "history" => ClientRequest::History {
+            room: field_str(&v, "room")?,
+            before: opt_u64(&v, "before")?,
+            after: opt_u64(&v, "after")?,
+            limit: opt_u64(&v, "limit")?.unwrap_or(100).clamp(1, 1000) as usize,
+        },
+        "who" => ClientRequest::Who {
+            room: field_str(&v, "room")?,
+        },
+        "ping" => ClientRequest::Ping,
+        other => {
+            return Err(ProtocolError::new(
+                ErrorCode::UnknownType,
+                format!("unknown type `{other}`"),
+            ));
+        }
+    };
+    Ok(request)
+}
+
+#[derive(Serialize)]
+pub struct NodeInfo {
+    pub id: u64,
+    pub chat: String,
+    pub healthy: bool,
+}
+
+#[derive(Serialize)]
+pub struct MessageView<'a> {
+    pub index: u64,
+    pub to: &'a str,
+    pub from: &'a str,
+    pub id: &'a str,
+    pub text: &'a str,
+    pub ts: String,
+}
+
+impl<'a> From<&'a StoredMessage> for MessageView<'a> {
+    fn from(m: &'a StoredMessage) -> Self {
+        MessageView {
+            index: m.index,
+            to: &m.to,
+            from: &m.from,
+            id: &m.id,
+            text: &m.text,
+            ts: rfc3339(m.ts_ms),
+        }
+    }
+}
+
+pub fn rfc3339(ts_ms: i64) -> String {
+    let t = UNIX_EPOCH + Duration::from_millis(ts_ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame<'a> {
+    Welcome {
+        session: &'a str,
+        node: u64,
+        leader: Option<u64>,
+        commit_index: u64,
+        nodes: Vec<NodeInfo>,
+    },
+    Joined {
+        room: &'a str,
+        members: &'a [String],
+    },
+    Left {
+        room: &'a str,
+    },
+    Ack {
+        id: &'a str,
+        index: u64,
+    },
+    History {
+        room: &'a str,
+        messages: Vec<MessageView<'a>>,
+    },
+    Members {
+        room: &'a str,
+        users: &'a [String],
+    },
+    Pong,
+    Message(MessageView<'a>),
+    Presence {
+        room: &'a str,
+        user: &'a str,
+        state: &'static str,
+    },
+    Error {
+        code: ErrorCode,
+        message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a str>,
+    },
+}
+
+impl ServerFrame<'_> {
+    pub fn encode(&self) -> Bytes {
+        let mut bytes = serde_json::to_vec(self).unwrap_or_else(|e| {
+            format!(r#"{{"type":"error","code":"internal","message":"encoding failed: {e}"}}"#).into_bytes()
+        });
+        bytes.push(b'\n');
+        Bytes::from(bytes)
+    }
+}
+
+fn error_frame(e: &ProtocolError) -> Bytes {
+    ServerFrame::Error {
+        code: e.code,
+        message: &e.message,
+        id: e.id.as_deref(),
+    }
+    .encode()
+}
+
+/// What goes to the socket writer.
+enum Outbound {
+    Frame(Bytes),
+    /// Write this error, then close.
+    Fatal(Bytes),
+}
+
+/// Serves one JSON-dialect connection until it closes.
+pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
+    let (read, write) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
+    let closed = shutdown.child_token();
+    let writer = tokio::spawn(write_loop(write, out_rx, closed.clone()));
+    let mut conn = Connection {
+        svc: svc.clone(),
+        out: out_tx,
+        closed: closed.clone(),
+        attached: None,
+        sends: None,
+    };
+    let mut reader = BufReader::new(read);
+    let mut limiter = RateLimiter::new(
+        svc.config.rate_limit_per_sec,
+        svc.config.rate_limit_burst,
+        Duration::from_millis(svc.config.rate_limit_grace_ms),
+    );
+    let mut buf = Vec::new();
+    let max = svc.config.max_line_bytes;
+    let hello_deadline = tokio::time::sleep(Duration::from_millis(svc.config.hello_timeout_ms));
+    tokio::pin!(hello_deadline);
+    loop {
+        let line = tokio::select! {
+            line = read_line(&mut reader, &mut buf, max) => line,
+            _ = closed.cancelled() => break,
+            _ = &mut hello_deadline, if conn.attached.is_none() => {
+                conn.fatal(ProtocolError::new(ErrorCode::NotLoggedIn, "no hello within the login timeout")).await;
+                break;
+            }
+        };
+        match line {
+            Ok(Line::Eof) | Err(_) => break,
+            Ok(Line::TooLong) => {
+                let e = ProtocolError::new(ErrorCode::LineTooLong, format!("line longer than {max} bytes"));
+                conn.fatal(e).await;
+                break;
+            }
+            Ok(Line::Data) => {}
+        }
+        let Ok(text) = std::str::from_utf8(&buf) else {
+            conn.fatal(ProtocolError::new(ErrorCode::BadEncoding, "line is not valid UTF-8"))
+                .await;
+            break;
+        };
+        if text.trim().is_empty() {
+            continue;
+        }
+        match limiter.check() {
+            Verdict::Allow => {}
+            Verdict::Reject => {
+                conn.reply_error(ProtocolError::new(ErrorCode::RateLimited, "too many requests; slow down"))
+                    .await;
+                continue;
+            }
+            Verdict::Close => {
+                conn.fatal(ProtocolError::new(ErrorCode::RateLimited, "flooding for too long; closing"))
+                    .await;
+                break;
+            }
+        }
+        match parse(text) {
+            Ok(request) => conn.handle(request).await,
+            Err(e) => conn.reply_error(e).await,
+        }
+    }
+    closed.cancel();
+    // Let replication of queued sends finish, so their acks are not lost to a resuming client.
+    if let Some((tx, task)) = conn.sends.take() {
+        drop(tx);
+        let _ = task.await;
+    }
+    if let Some(attached) = &conn.attached {
+        svc.unregister(attached);
+    }
+    drop(conn);
+    let _ = writer.await;
+}
+
+struct Connection {
+    svc: Arc<ChatService>,
+    out: mpsc::Sender<Outbound>,
+    closed: CancellationToken,
+    attached: Option<Attached>,
+    sends: Option<(mpsc::Sender<(String, String, String)>, tokio::task::JoinHandle<()>)>,
+}
+
+impl Connection {
+    async fn reply(&self, frame: Bytes) {
+        let _ = self.out.send(Outbound::Frame(frame)).await;
+    }
+
+    async fn reply_error(&self, e: ProtocolError) {
+        self.reply(error_frame(&e)).await;
+    }
+
+    async fn fatal(&self, e: ProtocolError) {
+        let _ = self.out.send(Outbound::Fatal(error_frame(&e))).await;
+    }
+
+    async fn handle(&mut self, request: ClientRequest) {
+        let session = match (&request, &self.attached) {
+            (ClientRequest::Hello { .. }, Some(_)) => {
+                return self
+                    .reply_error(ProtocolError::new(ErrorCode::UnknownType, "already said hello"))
+                    .await;
+            }
+            (ClientRequest::Hello { .. }, None) | (ClientRequest::Ping, _) => String::new(),
+            (_, Some(a)) => a.session.clone(),
+            (_, None) => {
+                return self
+                    .reply_error(ProtocolError::new(ErrorCode::NotLoggedIn, "say hello first"))
+                    .await;
+            }
+        };
+        let result = match request {
+            ClientRequest::Hello {
+                user,
+                session,
+                resume_from,
+            } => self.hello(&user, session.as_deref(), resume_from).await,
+            ClientRequest::Ping => {
+                self.reply(ServerFrame::Pong.encode()).await;
+                Ok(())
+            }
+            ClientRequest::Join { room } => match self.svc.join(&session, &room).await {
+                Ok((room, members)) => {
+                    self.reply(
+                        ServerFrame::Joined {
+                            room: &room,
+                            members: &members,
+                        }
+                        .encode(),
+                    )
+                    .await;
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            },
+            ClientRequest::Leave { room } => match self.svc.leave(&session, &room).await {
+                Ok(room) => {
+                    self.reply(ServerFrame::Left { room: &room }.encode()).await;
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            },
+            ClientRequest::Send { to, id, text } => match ChatService::check_target(&to) {
+                Ok(()) => {
+                    self.queue_send(id, to, text).await;
+                    Ok(())
+                }
+                Err(e) => {
+                    let mut e = ProtocolError::from(e);
+                    e.id = Some(id);
+                    Err(e)
+                }
+            },
+            ClientRequest::History {
+                room,
+                before,
+                after,
+                limit,
+            } => match self.svc.history(&session, &room, before, after, limit).await {
+                Ok((room, messages)) => {
+                    let frame = ServerFrame::History {
+                        room: &room,
+                        messages: messages.iter().map(MessageView::from).collect(),
+                    };
+                    self.reply(frame.encode()).await;
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            },
+            ClientRequest::Who { room } => match self.svc.who(&room) {
+                Ok(users) => {
+                    self.reply(
+                        ServerFrame::Members {
+                            room: &room,
+                            users: &users,
+                        }
+                        .encode(),
+                    )
+                    .await;
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            },
+        };
+        if let Err(e) = result {
+            self.reply_error(e).await;
+        }
+    }
+
+    async fn hello(&mut self, user: &str, token: Option<&str>, resume_from: Option<u64>) -> Result<(), ProtocolError> {
+        let attached = self.svc.attach(user, token).await?;
+        self.svc.register(&attached);
+        // Subscribe before reading state: every event above `sub.applied` will arrive.
+        let sub = self.svc.store.subscribe();
+        let rooms: Vec<String> = self
+            .svc
+            .store
+            .state()
+            .session(&attached.session)
+            .map(|s| s.rooms.iter().cloned().collect())
+            .unwrap_or_default();
+        let status = self.svc.consensus.status();
+        let nodes = self
+            .svc
+            .nodes()
+            .into_iter()
+            .map(|n| NodeInfo {
+                id: n.id,
+                chat: n.chat,
+                healthy: n.healthy,
+            })
+            .collect();
+        let welcome = ServerFrame::Welcome {
+            session: &attached.session,
+            node: self.svc.node_id,
+            leader: status.leader,
+            commit_index: status.commit_index.max(sub.applied),
+            nodes,
+        };
+        self.reply(welcome.encode()).await;
+        let mut filter = DeliveryFilter::new(
+            attached.session.clone(),
+            attached.attachment,
+            &attached.user,
+            rooms,
+            sub.applied,
+        );
+        if let Some(after) = resume_from.filter(|_| attached.resumed) {
+            let missed = self.svc.missed(&attached.session, &attached.user, after, sub.applied).await?;
+            for m in &missed {
+                self.reply(ServerFrame::Message(m.into()).encode()).await;
+            }
+        }
+        filter.advance(sub.applied);
+        tokio::spawn(deliver_loop(
+            self.svc.clone(),
+            sub.events,
+            filter,
+            attached.session.clone(),
+            attached.user.clone(),
+            self.out.clone(),
+            self.closed.clone(),
+        ));
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let task = tokio::spawn(send_loop(
+            self.svc.clone(),
+            attached.session.clone(),
+            rx,
+            self.out.clone(),
+        ));
+        self.sends = Some((tx, task));
+        self.attached = Some(attached);
+        Ok(())
+    }
+
+    async fn queue_send(&self, id: String, to: String, text: String) {
+        if let Some((tx, _)) = &self.sends {
+            let _ = tx.send((id, to, text)).await;
+        }
+    }
+}
+
+/// Replicates a connection's messages in the order they arrived, batching whatever queued up
+/// while the previous batch was in flight.
+async fn send_loop(
+    svc: Arc<ChatService>,
+    session: String,
+    mut rx: mpsc::Receiver<(String, String, String)>,
+    out: mpsc::Sender<Outbound>,
+) {
+    let mut batch = Vec::with_capacity(SEND_BATCH);
+    while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
+        let ids: Vec<String> = batch.iter().map(|(id, _, _)| id.clone()).collect();
+        let results = svc.send_batch(&session, std::mem::take(&mut batch)).await;
+        for (id, result) in ids.iter().zip(results) {
+            let frame = match result {
+                Ok(index) => ServerFrame::Ack { id, index }.encode(),
+                Err(e) => {
+                    let mut e = ProtocolError::from(e);
+                    e.id = Some(id.clone());
+                    error_frame(&e)
+                }
+            };
+            if out.send(Outbound::Frame(frame)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Pushes this connection's applied events, in index order. A client that falls further
+/// behind than the event queue is disconnected; it can resume where it left off.
+async fn deliver_loop(
+    svc: Arc<ChatService>,
+    mut events: broadcast::Receiver<Arc<super::command::Event>>,
+    mut filter: DeliveryFilter,
+    session: String,
+    user: String,
+    out: mpsc::Sender<Outbound>,
+    closed: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = closed.cancelled() => return,
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                let e = ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    format!("client too slow: fell {n} events behind; resume to continue"),
+                );
+                let _ = out.send(Outbound::Fatal(error_frame(&e))).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let frame = match filter.on_event(&event) {
+            None => continue,
+            Some(Delivery::Message(m)) => ServerFrame::Message(m.as_ref().into()).encode(),
+            Some(Delivery::Presence { room, user, joined }) => ServerFrame::Presence {
+                room: &room,
+                user: &user,
+                state: if joined { "joined" } else { "left" },
+            }
+            .encode(),
+            Some(Delivery::Close(reason)) => {
+                let e = ProtocolError::new(ErrorCode::NameTaken, reason);
+                let _ = out.send(Outbound::Fatal(error_frame(&e))).await;
+                return;
+            }
+            Some(Delivery::Resync { upto }) => {
+                let rooms: Vec<String> = svc
+                    .store
+                    .state()
+                    .session(&session)
+                    .map(|s| s.rooms.iter().cloned().collect())
+                    .unwrap_or_default();
+                filter.set_rooms(rooms);
+                match svc.missed(&session, &user, filter.last(), upto).await {
+                    Ok(missed) => {
+                        for m in &missed {
+                            if out.send(Outbound::Frame(ServerFrame::Message(m.into()).encode())).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "resync after snapshot failed"),
+                }
+                filter.advance(upto);
+                continue;
+            }
+        };
+        if out.send(Outbound::Frame(frame)).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_loop(write: OwnedWriteHalf, mut rx: mpsc::Receiver<Outbound>, closed: CancellationToken) {
+    let mut writer = BufWriter::new(write);
+    loop {
+        let item = tokio::select! {
+            item = rx.recv() => item,
+            _ = closed.cancelled() => {
+                // Drain what is already queued (the last acks or an error), then stop.
+                match rx.try_recv() {
+                    Ok(item) => Some(item),
+                    Err(_) => None,
+                }
+            }
+        };
+        let Some(item) = item else { break };
+        let (bytes, last) = match item {
+            Outbound::Frame(b) => (b, false),
+            Outbound::Fatal(b) => (b, true),
+        };
+        if writer.write_all(&bytes).await.is_err() {
+            break;
+        }
+        if (last || rx.is_empty()) && writer.flush().await.is_err() {
+            break;
+        }
+        if last {
+            closed.cancel();
+            break;
+        }
+    }
+    let _ = writer.flush().await;
+    let _ = writer.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_have_codes() {
+        assert_eq!(parse("{").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(parse("[1]").unwrap_err().code, ErrorCode::BadJson);
+        assert_eq!(parse(r#"{"type":"dance"}"#).unwrap_err().code, ErrorCode::UnknownType);
+        assert_eq!(parse(r#"{"type":"join"}"#).unwrap_err().code, ErrorCode::MissingField);
+        assert_eq!(parse(r#"{"user":"a"}"#).unwrap_err().code, ErrorCode::MissingField);
+        let e = parse(r##"{"type":"send","id":"7","to":"#r"}"##).unwrap_err();
+        assert_eq!((e.code, e.id.as_deref()), (ErrorCode::MissingField, Some("7")));
+    }
+
+    #[test]
+    fn parse_requests() {
+        assert_eq!(
+            parse(r#"{"type":"hello","user":"a","session":"s","resume_from":4}"#).unwrap(),
+            ClientRequest::Hello {
+                user: "a".into(),
+                session: Some("s".into()),
+                resume_from: Some(4)
+            }
+        );
+        assert_eq!(
+            parse(r##"{"type":"history","room":"#r","limit":5000}"##).unwrap(),
+            ClientRequest::History {
+                room: "#r".into(),
+                before: None,
+                after: None,
+                limit: 1000
+            }
+        );
+    }
+
+    #[test]
+    fn frames_encode_as_one_line() {
+        let m = StoredMessage {
+            index: 3,
+            to: "#r".into(),
+            from: "a".into(),
+            id: "1".into(),
+            text: "hi\nthere".into(),
+            ts_ms: 0,
+        };
+        let line = ServerFrame::Message((&m).into()).encode();
+        assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);
+        let v: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(v["type"], "message");
+        assert_eq!(v["index"], 3);
+        assert_eq!(v["ts"], "1970-01-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,13 @@
+//! Chat: the replicated state, the message history, the dialects and the fan-out of applied
+//! events to this node's connections.
+
+pub mod command;
+pub mod delivery;
+pub mod history;
+pub mod json;
+pub mod lines;
+pub mod names;
+pub mod server;
+pub mod service;
+pub mod state;
+pub mod store;

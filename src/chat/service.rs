@@ -1,0 +1,341 @@
+//! Chat operations shared by both dialects: they validate, replicate through consensus and
+//! answer in dialect-neutral terms.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::command::{ChatCommand, ChatResponse, StoredMessage};
+use super::history::user_key;
+use super::names::{fold, is_room_target, is_valid_room, is_valid_user};
+use super::store::ChatStore;
+use crate::config::ChatConfig;
+use crate::consensus::{Consensus, WriteError};
+use crate::health::HealthTable;
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ChatError {
+    #[error("{0}")]
+    BadName(String),
+    #[error("the name {0} is in use")]
+    NameTaken(String),
+    #[error("not a member of {0}")]
+    NotMember(String),
+    #[error("no such user: {0}")]
+    NoSuchUser(String),
+    #[error("the session no longer exists; say hello again")]
+    UnknownSession,
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<WriteError> for ChatError {
+    fn from(e: WriteError) -> Self {
+        match e {
+            WriteError::Unavailable(m) => ChatError::Unavailable(format!("no leader available: {m}")),
+            WriteError::Internal(m) => ChatError::Internal(m),
+        }
+    }
+}
+
+/// A connection's attachment to its session.
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub session: String,
+    pub user: String,
+    pub resumed: bool,
+    pub attachment: u64,
+}
+
+/// One member of the cluster as clients see it.
+#[derive(Debug, Clone)]
+pub struct NodeView {
+    pub id: u64,
+    pub chat: String,
+    pub healthy: bool,
+}
+
+pub struct ChatService {
+    pub node_id: u64,
+    pub consensus: Arc<Consensus>,
+    pub store: Arc<ChatStore>,
+    pub health: Arc<HealthTable>,
+    pub config: ChatConfig,
+    /// Sessions with a live connection on this node: session → attachment index.
+    live: Mutex<HashMap<String, u64>>,
+    /// True once the cluster knows that this node's connections from before its restart are
+    /// gone; attaching waits for it so that release can never detach a new connection.
+    released: tokio::sync::watch::Sender<bool>,
+}
+
+fn unexpected(r: ChatResponse) -> ChatError {
+    ChatError::Internal(format!("unexpected answer from the state machine: {r:?}"))
+}
+
+impl ChatService {
+    pub fn new(
+        node_id: u64,
+        consensus: Arc<Consensus>,
+        store: Arc<ChatStore>,
+        health: Arc<HealthTable>,
+        config: ChatConfig,
+    ) -> ChatService {
+        ChatService {
+            node_id,
+            consensus,
+            store,
+            health,
+            config,
+            live: Mutex::new(HashMap::new()),
+            released: tokio::sync::watch::channel(false).0,
+        }
+    }
+
+    /// Tells the cluster that no connection this node had before it started is alive.
+    /// Retries until it is replicated or `shutdown` fires.
+    pub async fn release_previous_connections(&self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let attempt = tokio::select! {
+                r = self.consensus.write(ChatCommand::DetachNode { node: self.node_id }) => r,
+                _ = shutdown.cancelled() => return,
+            };
+            match attempt {
+                Ok(_) => {
+                    self.released.send_replace(true);
+                    return;
+                }
+                Err(e) => tracing::debug!(error = %e, "release of previous connections not yet replicated"),
+            }
+        }
+    }
+
+    fn live(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.live.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Opens a session for `user`, or resumes `token` if it is that user's session.
+    /// A name held by a connection that is gone (its node is down, or it was on this node and
+    /// closed) is taken over; a name held by a live connection is refused.
+    pub async fn attach(&self, user: &str, token: Option<&str>) -> Result<Attached, ChatError> {
+        if !is_valid_user(user) {
+            return Err(ChatError::BadName(format!("invalid user name: {user:?}")));
+        }
+        let mut released = self.released.subscribe();
+        let wait = std::time::Duration::from_millis(self.config.write_timeout_ms);
+        if !matches!(tokio::time::timeout(wait, released.wait_for(|r| *r)).await, Ok(Ok(_))) {
+            return Err(ChatError::Unavailable("this node has not joined the cluster yet".into()));
+        }
+        let (session, replaces) = {
+            let state = self.store.state();
+            let resumable = token.filter(|t| state.session(t).is_some_and(|s| fold(&s.user) == fold(user)));
+            match resumable {
+                Some(t) => (t.to_string(), None),
+                None => {
+                    let replaces = state.holder_of(user).and_then(|(holder, s)| {
+                        let a = s.attached?;
+                        let gone = if a.node == self.node_id {
+                            self.live().get(holder) != Some(&a.index)
+                        } else {
+                            !self.health.is_up(a.node)
+                        };
+                        gone.then(|| holder.to_string())
+                    });
+                    (uuid::Uuid::new_v4().simple().to_string(), replaces)
+                }
+            }
+        };
+        let done = self
+            .consensus
+            .write(ChatCommand::Attach {
+                session,
+                user: user.to_string(),
+                node: self.node_id,
+                replaces,
+            })
+            .await?;
+        match done.response {
+            ChatResponse::Attached {
+                session,
+                user,
+                resumed,
+                attachment,
+            } => Ok(Attached {
+                session,
+                user,
+                resumed,
+                attachment,
+            }),
+            ChatResponse::NameTaken => Err(ChatError::NameTaken(user.to_string())),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Marks a connection live on this node.
+    pub fn register(&self, attached: &Attached) {
+        self.live().insert(attached.session.clone(), attached.attachment);
+    }
+
+    /// The connection closed: frees the name for others (the session itself lives on for
+    /// resume until it expires).
+    pub fn unregister(self: &Arc<Self>, attached: &Attached) {
+        let mut live = self.live();
+        if live.get(&attached.session) == Some(&attached.attachment) {
+            live.remove(&attached.session);
+        }
+        drop(live);
+        let svc = self.clone();
+        let command = ChatCommand::Detach {
+            session: attached.session.clone(),
+            attachment: attached.attachment,
+        };
+        tokio::spawn(async move {
+            if let Err(e) = svc.consensus.write(command).await {
+                tracing::debug!(error = %e, "detach not replicated");
+            }
+        });
+    }
+
+    pub fn live_connections(&self) -> usize {
+        self.live().len()
+    }
+
+    pub async fn join(&self, session: &str, room: &str) -> Result<(String, Vec<String>), ChatError> {
+        if !is_valid_room(room) {
+            return Err(ChatError::BadName(format!("invalid room name: {room:?}")));
+        }
+        let done = self
+            .consensus
+            .write(ChatCommand::Join {
+                session: session.to_string(),
+                room: room.to_string(),
+            })
+            .await?;
+        match done.response {
+            ChatResponse::Joined { room, members } => Ok((room, members)),
+            ChatResponse::UnknownSession => Err(ChatError::UnknownSession),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn leave(&self, session: &str, room: &str) -> Result<String, ChatError> {
+        if !is_valid_room(room) {
+            return Err(ChatError::BadName(format!("invalid room name: {room:?}")));
+        }
+        let done = self
+            .consensus
+            .write(ChatCommand::Leave {
+                session: session.to_string(),
+                room: room.to_string(),
+            })
+            .await?;
+        match done.response {
+            ChatResponse::Left { room } => Ok(room),
+            ChatResponse::UnknownSession => Err(ChatError::UnknownSession),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Checks a message's target before it is replicated.
+    pub fn check_target(to: &str) -> Result<(), ChatError> {
+        let ok = if is_room_target(to) {
+            is_valid_room(to)
+        } else {
+            is_valid_user(to)
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(ChatError::BadName(format!("invalid target: {to:?}")))
+        }
+    }
+
+    /// Sends messages `(id, to, text)` of one session, in order, as consecutive log entries.
+    /// Each gets its log index (the original one for a re-sent id) or an error.
+    pub async fn send_batch(&self, session: &str, messages: Vec<(String, String, String)>) -> Vec<Result<u64, ChatError>> {
+        let commands = messages
+            .into_iter()
+            .map(|(id, to, text)| ChatCommand::Send {
+                session: session.to_string(),
+                id,
+                to,
+                text,
+            })
+            .collect();
+        self.consensus
+            .write_batch(commands)
+            .await
+            .into_iter()
+            .map(|r| match r?.response {
+                ChatResponse::Sent { index, .. } => Ok(index),
+                ChatResponse::NotMember { room } => Err(ChatError::NotMember(room)),
+                ChatResponse::NoSuchUser { user } => Err(ChatError::NoSuchUser(user)),
+                ChatResponse::UnknownSession => Err(ChatError::UnknownSession),
+                other => Err(unexpected(other)),
+            })
+            .collect()
+    }
+
+    /// A page of a room's history, for a member of the room.
+    pub async fn history(
+        &self,
+        session: &str,
+        room: &str,
+        before: Option<u64>,
+        after: Option<u64>,
+        limit: usize,
+    ) -> Result<(String, Vec<StoredMessage>), ChatError> {
+        let key = fold(room);
+        let name = {
+            let state = self.store.state();
+            let member = state.session(session).is_some_and(|s| s.rooms.contains(&key));
+            if !member {
+                return Err(ChatError::NotMember(room.to_string()));
+            }
+            state.room_name(room).unwrap_or(room).to_string()
+        };
+        let store = self.store.clone();
+        let upto = store.applied();
+        let messages = tokio::task::spawn_blocking(move || store.history().page(&key, after, before, limit, upto))
+            .await
+            .map_err(|e| ChatError::Internal(e.to_string()))?
+            .map_err(|e| ChatError::Internal(e.to_string()))?;
+        Ok((name, messages))
+    }
+
+    /// What `session` (of `user`) missed in (`after`, `upto`]: its rooms and direct messages.
+    pub async fn missed(&self, session: &str, user: &str, after: u64, upto: u64) -> Result<Vec<StoredMessage>, ChatError> {
+        let mut keys: Vec<String> = self
+            .store
+            .state()
+            .session(session)
+            .map(|s| s.rooms.iter().cloned().collect())
+            .unwrap_or_default();
+        keys.push(user_key(user));
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.history().missed(&keys, after, upto, 100_000))
+            .await
+            .map_err(|e| ChatError::Internal(e.to_string()))?
+            .map_err(|e| ChatError::Internal(e.to_string()))
+    }
+
+    pub fn who(&self, room: &str) -> Result<Vec<String>, ChatError> {
+        if !is_valid_room(room) {
+            return Err(ChatError::BadName(format!("invalid room name: {room:?}")));
+        }
+        Ok(self.store.state().members(room))
+    }
+
+    /// The cluster's members with their chat address and this node's view of their health.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        self.consensus
+            .member_chat_addrs()
+            .into_iter()
+            .map(|(id, chat)| NodeView {
+                id,
+                chat,
+                healthy: id == self.node_id || self.health.is_up(id),
+            })
+            .collect()
+    }
+}

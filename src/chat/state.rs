@@ -1,0 +1,566 @@
+//! The replicated chat state: sessions, names, rooms and per-session deduplication.
+//!
+//! `apply` is a pure function of the state and the entry (index, leader timestamp, command):
+//! it never reads a clock or the environment, so every node that applies the same log holds
+//! the same state. Messages themselves are returned as events and stored by `history`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{ChatCommand, ChatResponse, Event, StoredMessage};
+use super::names::{fold, is_room_target};
+
+/// Client message ids remembered per session; a client only re-sends recent, unacknowledged
+/// messages, so an old id falling out of this window cannot come back.
+const DEDUP_WINDOW: usize = 10_000;
+
+/// How often (in entry time) detached sessions are checked for expiry.
+const SWEEP_EVERY_MS: i64 = 60_000;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ChatState {
+    sessions: BTreeMap<String, Session>,
+    /// Folded user name → session token holding it.
+    names: BTreeMap<String, String>,
+    /// Folded room name → room.
+    rooms: BTreeMap<String, Room>,
+    last_ts_ms: i64,
+    next_sweep_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Session {
+    pub user: String,
+    /// Folded room names.
+    pub rooms: BTreeSet<String>,
+    pub attached: Option<Attachment>,
+    pub last_active_ms: i64,
+    sent: DedupWindow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub node: u64,
+    /// Log index of the `Attach` entry: identifies one connection.
+    pub index: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Room {
+    pub name: String,
+    /// Session tokens.
+    pub members: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct DedupWindow {
+    ids: HashMap<String, u64>,
+    order: VecDeque<String>,
+}
+
+impl DedupWindow {
+    fn get(&self, id: &str) -> Option<u64> {
+        self.ids.get(id).copied()
+    }
+
+    fn insert(&mut self, id: String, index: u64) {
+        if self.ids.insert(id.clone(), index).is_none() {
+            self.order.push_back(id);
+        }
+        while self.order.len() > DEDUP_WINDOW {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+}
+
+impl ChatState {
+    /// Applies one committed entry. `session_ttl_ms` is how long a detached session lives.
+    pub fn apply(
+        &mut self,
+        index: u64,
+        ts_ms: i64,
+        command: &ChatCommand,
+        session_ttl_ms: i64,
+        events: &mut Vec<Event>,
+    ) -> ChatResponse {
+        // Leaders' clocks may disagree: entry time never goes backwards.
+        let ts = ts_ms.max(self.last_ts_ms);
+        self.last_ts_ms = ts;
+        if ts >= self.next_sweep_ms {
+            self.expire_sessions(index, ts, session_ttl_ms, events);
+            self.next_sweep_ms = ts + SWEEP_EVERY_MS;
+        }
+        match command {
+            ChatCommand::Attach {
+                session,
+                user,
+                node,
+                replaces,
+            } => self.attach(index, ts, session, user, *node, replaces.as_deref(), events),
+            ChatCommand::Detach {
+                session,
+                attachment,
+            } => {
+                if let Some(s) = self.sessions.get_mut(session)
+                    && s.attached.is_some_and(|a| a.index == *attachment)
+                {
+                    s.attached = None;
+                    s.last_active_ms = ts;
+                }
+                ChatResponse::Done
+            }
+            ChatCommand::DetachNode { node } => {
+                for s in self.sessions.values_mut() {
+                    if s.attached.is_some_and(|a| a.node == *node) {
+                        s.attached = None;
+                        s.last_active_ms = ts;
+                    }
+                }
+                ChatResponse::Done
+            }
+            ChatCommand::Join { session, room } => self.join(index, ts, session, room, events),
+            ChatCommand::Leave { session, room } => self.leave(index, ts, session, room, events),
+            ChatCommand::Send {
+                session,
+                id,
+                to,
+                text,
+            } => self.send(index, ts, session, id, to, text, events),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attach(
+        &mut self,
+        index: u64,
+        ts: i64,
+        token: &str,
+        user: &str,
+        node: u64,
+        replaces: Option<&str>,
+        events: &mut Vec<Event>,
+    ) -> ChatResponse {
+        let attachment = Attachment { node, index };
+        if let Some(session) = self.sessions.get_mut(token) {
+            if fold(&session.user) != fold(user) {
+                return ChatResponse::SessionMismatch;
+            }
+            session.attached = Some(attachment);
+            session.last_active_ms = ts;
+            events.push(Event::SessionAttached {
+                index,
+                session: token.to_string(),
+                node,
+            });
+            return ChatResponse::Attached {
+                session: token.to_string(),
+                user: session.user.clone(),
+                resumed: true,
+                attachment: index,
+            };
+        }
+        let key = fold(user);
+        if let Some(holder) = self.names.get(&key).cloned() {
+            let holder_detached = self
+                .sessions
+                .get(&holder)
+                .is_none_or(|s| s.attached.is_none());
+            if !holder_detached && replaces != Some(holder.as_str()) {
+                return ChatResponse::NameTaken;
+            }
+            self.remove_session(index, &holder, events);
+        }
+        self.names.insert(key, token.to_string());
+        self.sessions.insert(
+            token.to_string(),
+            Session {
+                user: user.to_string(),
+                rooms: BTreeSet::new(),
+                attached: Some(attachment),
+                last_active_ms: ts,
+                sent: DedupWindow::default(),
+            },
+        );
+        events.push(Event::SessionAttached {
+            index,
+            session: token.to_string(),
+            node,
+        });
+        ChatResponse::Attached {
+            session: token.to_string(),
+            user: user.to_string(),
+            resumed: false,
+            attachment: index,
+        }
+    }
+
+    fn join(
+        &mut self,
+        index: u64,
+        ts: i64,
+        token: &str,
+        room: &str,
+        events: &mut Vec<Event>,
+    ) -> ChatResponse {
+        let Some(session) = self.sessions.get_mut(token) else {
+            return ChatResponse::UnknownSession;
+        };
+        session.last_active_ms = ts;
+        let key = fold(room);
+        let entry = self.rooms.entry(key.clone()).or_insert_with(|| Room {
+            name: room.to_string(),
+            members: BTreeSet::new(),
+        });
+        if entry.members.insert(token.to_string()) {
+            session.rooms.insert(key.clone());
+            events.push(Event::Presence {
+                index,
+                room: entry.name.clone(),
+                user: session.user.clone(),
+                session: token.to_string(),
+                joined: true,
+            });
+        }
+        ChatResponse::Joined {
+            room: entry.name.clone(),
+            members: self.member_names(&key),
+        }
+    }
+
+    fn leave(
+        &mut self,
+        index: u64,
+        ts: i64,
+        token: &str,
+        room: &str,
+        events: &mut Vec<Event>,
+    ) -> ChatResponse {
+        let Some(session) = self.sessions.get_mut(token) else {
+            return ChatResponse::UnknownSession;
+        };
+        session.last_active_ms = ts;
+        let key = fold(room);
+        let name = self
+            .rooms
+            .get(&key)
+            .map_or_else(|| room.to_string(), |r| r.name.clone());
+        if session.rooms.remove(&key) {
+            let user = session.user.clone();
+            self.leave_room(index, token, &key, &user, events);
+        }
+        ChatResponse::Left { room: name }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn send(
+        &mut self,
+        index: u64,
+        ts: i64,
+        token: &str,
+        id: &str,
+        to: &str,
+        text: &str,
+        events: &mut Vec<Event>,
+    ) -> ChatResponse {
+        let Some(session) = self.sessions.get(token) else {
+            return ChatResponse::UnknownSession;
+        };
+        if let Some(original) = session.sent.get(id) {
+            return ChatResponse::Sent {
+                index: original,
+                duplicate: true,
+            };
+        }
+        let key = fold(to);
+        let target = if is_room_target(to) {
+            if !session.rooms.contains(&key) {
+                return ChatResponse::NotMember {
+                    room: to.to_string(),
+                };
+            }
+            self.rooms
+                .get(&key)
+                .map_or_else(|| to.to_string(), |r| r.name.clone())
+        } else {
+            match self.names.get(&key).and_then(|t| self.sessions.get(t)) {
+                Some(target) => target.user.clone(),
+                None => {
+                    return ChatResponse::NoSuchUser {
+                        user: to.to_string(),
+                    };
+                }
+            }
+        };
+        let from = session.user.clone();
+        if let Some(session) = self.sessions.get_mut(token) {
+            session.sent.insert(id.to_string(), index);
+            session.last_active_ms = ts;
+        }
+        events.push(Event::Message(Arc::new(StoredMessage {
+            index,
+            to: target,
+            from,
+            id: id.to_string(),
+            text: text.to_string(),
+            ts_ms: ts,
+        })));
+        ChatResponse::Sent {
+            index,
+            duplicate: false,
+        }
+    }
+
+    fn expire_sessions(&mut self, index: u64, now: i64, ttl_ms: i64, events: &mut Vec<Event>) {
+        let expired: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.attached.is_none() && s.last_active_ms.saturating_add(ttl_ms) <= now)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for token in expired {
+            self.remove_session(index, &token, events);
+        }
+    }
+
+    fn remove_session(&mut self, index: u64, token: &str, events: &mut Vec<Event>) {
+        let Some(session) = self.sessions.remove(token) else {
+            return;
+        };
+        let key = fold(&session.user);
+        if self.names.get(&key).is_some_and(|t| t == token) {
+            self.names.remove(&key);
+        }
+        for room in &session.rooms {
+            self.leave_room(index, token, room, &session.user, events);
+        }
+        events.push(Event::SessionClosed {
+            index,
+            session: token.to_string(),
+        });
+    }
+
+    fn leave_room(&mut self, index: u64, token: &str, key: &str, user: &str, events: &mut Vec<Event>) {
+        if let Some(room) = self.rooms.get_mut(key) {
+            room.members.remove(token);
+            events.push(Event::Presence {
+                index,
+                room: room.name.clone(),
+                user: user.to_string(),
+                session: token.to_string(),
+                joined: false,
+            });
+            if room.members.is_empty() {
+                self.rooms.remove(key);
+            }
+        }
+    }
+
+    fn member_names(&self, room_key: &str) -> Vec<String> {
+        let Some(room) = self.rooms.get(room_key) else {
+            return Vec::new();
+        };
+        room.members
+            .iter()
+            .filter_map(|t| self.sessions.get(t).map(|s| s.user.clone()))
+            .collect()
+    }
+
+    // ---- queries used by connections ----
+
+    pub fn session(&self, token: &str) -> Option<&Session> {
+        self.sessions.get(token)
+    }
+
+    /// The session token holding `user`, if any.
+    pub fn holder_of(&self, user: &str) -> Option<(&str, &Session)> {
+        let token = self.names.get(&fold(user))?;
+        self.sessions.get(token).map(|s| (token.as_str(), s))
+    }
+
+    /// Members' user names of a room (empty when the room does not exist).
+    pub fn members(&self, room: &str) -> Vec<String> {
+        self.member_names(&fold(room))
+    }
+
+    /// The display name of a room, if it exists.
+    pub fn room_name(&self, room: &str) -> Option<&str> {
+        self.rooms.get(&fold(room)).map(|r| r.name.as_str())
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TTL: i64 = 3_600_000;
+
+    struct Harness {
+        state: ChatState,
+        index: u64,
+        events: Vec<Event>,
+    }
+
+    impl Harness {
+        fn new() -> Self {
+            Harness {
+                state: ChatState::default(),
+                index: 0,
+                events: Vec::new(),
+            }
+        }
+        fn run_at(&mut self, ts: i64, cmd: ChatCommand) -> ChatResponse {
+            self.index += 1;
+            self.state.apply(self.index, ts, &cmd, TTL, &mut self.events)
+        }
+        fn run(&mut self, cmd: ChatCommand) -> ChatResponse {
+            self.run_at(1000, cmd)
+        }
+        fn attach(&mut self, token: &str, user: &str, node: u64) -> ChatResponse {
+            self.run(ChatCommand::Attach {
+                session: token.into(),
+                user: user.into(),
+                node,
+                replaces: None,
+            })
+        }
+    }
+
+    fn send(session: &str, id: &str, to: &str) -> ChatCommand {
+        ChatCommand::Send {
+            session: session.into(),
+            id: id.into(),
+            to: to.into(),
+            text: "hi".into(),
+        }
+    }
+
+    fn join(session: &str, room: &str) -> ChatCommand {
+        ChatCommand::Join {
+            session: session.into(),
+            room: room.into(),
+        }
+    }
+
+    #[test]
+    fn resend_is_deduplicated() {
+        let mut h = Harness::new();
+        h.attach("s1", "alice", 1);
+        h.run(join("s1", "#general"));
+        let first = h.run(send("s1", "m1", "#general"));
+        let again = h.run(send("s1", "m1", "#general"));
+        let ChatResponse::Sent { index, duplicate } = first else {
+            panic!("{first:?}")
+        };
+        assert!(!duplicate);
+        assert_eq!(again, ChatResponse::Sent { index, duplicate: true });
+        let messages = h.events.iter().filter(|e| matches!(e, Event::Message(_))).count();
+        assert_eq!(messages, 1);
+    }
+
+    #[test]
+    fn names_are_unique_while_attached() {
+        let mut h = Harness::new();
+        h.attach("s1", "Alice", 1);
+        assert_eq!(h.attach("s2", "alice", 2), ChatResponse::NameTaken);
+        // The accepting node found s1's node dead: compare-and-swap takeover.
+        let r = h.run(ChatCommand::Attach {
+            session: "s2".into(),
+            user: "alice".into(),
+            node: 2,
+            replaces: Some("s1".into()),
+        });
+        assert!(matches!(r, ChatResponse::Attached { resumed: false, .. }));
+        assert!(h.state.session("s1").is_none());
+    }
+
+    #[test]
+    fn detached_name_can_be_claimed() {
+        let mut h = Harness::new();
+        let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
+            panic!()
+        };
+        h.run(ChatCommand::Detach {
+            session: "s1".into(),
+            attachment,
+        });
+        assert!(matches!(h.attach("s2", "alice", 2), ChatResponse::Attached { .. }));
+    }
+
+    #[test]
+    fn stale_detach_does_not_detach_a_newer_connection() {
+        let mut h = Harness::new();
+        let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
+            panic!()
+        };
+        assert!(matches!(
+            h.attach("s1", "alice", 2),
+            ChatResponse::Attached { resumed: true, .. }
+        ));
+        h.run(ChatCommand::Detach {
+            session: "s1".into(),
+            attachment,
+        });
+        assert!(h.state.session("s1").unwrap().attached.is_some());
+    }
+
+    #[test]
+    fn send_requires_membership_and_known_users() {
+        let mut h = Harness::new();
+        h.attach("s1", "alice", 1);
+        assert!(matches!(h.run(send("s1", "a", "#x")), ChatResponse::NotMember { .. }));
+        assert!(matches!(h.run(send("s1", "b", "bob")), ChatResponse::NoSuchUser { .. }));
+        h.attach("s2", "bob", 1);
+        assert!(matches!(h.run(send("s1", "c", "BOB")), ChatResponse::Sent { .. }));
+    }
+
+    #[test]
+    fn detached_sessions_expire_with_their_dedup_state() {
+        let mut h = Harness::new();
+        let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
+            panic!()
+        };
+        h.run(join("s1", "#r"));
+        h.run(ChatCommand::Detach {
+            session: "s1".into(),
+            attachment,
+        });
+        h.run_at(1000 + TTL + SWEEP_EVERY_MS, ChatCommand::DetachNode { node: 9 });
+        assert!(h.state.session("s1").is_none());
+        assert!(h.state.holder_of("alice").is_none());
+        assert!(h.state.room_name("#r").is_none());
+    }
+
+    #[test]
+    fn same_log_same_state() {
+        let cmds = vec![
+            ChatCommand::Attach {
+                session: "s1".into(),
+                user: "a".into(),
+                node: 1,
+                replaces: None,
+            },
+            join("s1", "#r"),
+            send("s1", "1", "#r"),
+            ChatCommand::Leave {
+                session: "s1".into(),
+                room: "#r".into(),
+            },
+        ];
+        let run = || {
+            let mut h = Harness::new();
+            for (i, c) in cmds.iter().enumerate() {
+                h.run_at(i as i64 * 7, c.clone());
+            }
+            h.state
+        };
+        assert_eq!(run(), run());
+    }
+}

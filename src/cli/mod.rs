@@ -1,0 +1,87 @@
+//! The `raftchat` command line: `node`, `cluster`, `status`.
+
+mod cluster;
+mod status;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{self, ConfigError, FlagOverrides};
+
+#[derive(Parser)]
+#[command(name = "raftchat", version, about = "A fault-tolerant chat cluster replicated with Raft")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one cluster node (chat, raft and metrics ports).
+    Node {
+        /// TOML config file (default: $RAFTCHAT_CONFIG).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// This node's id, one of the `[[nodes]]` in the config.
+        #[arg(long)]
+        id: u64,
+        /// Override `data_dir` (`{id}` is replaced by the node id).
+        #[arg(long)]
+        data_dir: Option<String>,
+    },
+    /// Run a whole cluster on this machine as child `node` processes, until Ctrl-C.
+    Cluster(cluster::ClusterArgs),
+    /// Show every node's role, term, leader, indexes, peer health and clients.
+    Status(status::StatusArgs),
+}
+
+/// Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+        }
+    };
+    match cli.command {
+        Command::Node { config, id, data_dir } => {
+            let flags = FlagOverrides { data_dir };
+            let config = match config::load(config.as_deref(), &flags).and_then(|c| c.node(id).map(|_| c.clone())) {
+                Ok(c) => c,
+                Err(e) => return config_error(&e),
+            };
+            crate::telemetry::init_logging(config.telemetry.log_format);
+            run_async(crate::node::run(config, id))
+        }
+        Command::Cluster(args) => cluster::run(args),
+        Command::Status(args) => run_async(status::run(args)),
+    }
+}
+
+fn config_error(e: &ConfigError) -> ExitCode {
+    eprintln!("raftchat: {e}");
+    ExitCode::from(2)
+}
+
+fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("raftchat: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            if let Some(ce) = e.downcast_ref::<ConfigError>() {
+                return config_error(ce);
+            }
+            eprintln!("raftchat: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}

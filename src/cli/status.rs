@@ -1,0 +1,87 @@
+//! `raftchat status`: one table of every node's view, read from the metrics ports.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde_json::Value;
+
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// Metrics addresses (host:port), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    servers: Vec<String>,
+    /// Print the raw `/status` answers as a JSON array.
+    #[arg(long)]
+    json: bool,
+}
+
+async fn fetch(addr: &str) -> anyhow::Result<Value> {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: hyper::Uri = format!("http://{addr}/status").parse().context("bad address")?;
+    let response = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+        .await
+        .context("no answer within 2 s")??;
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(serde_json::from_slice(&body)?)
+}
+
+pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
+    let answers = futures_util::future::join_all(args.servers.iter().map(|s| fetch(s))).await;
+    if args.json {
+        let all: Vec<Value> = answers
+            .iter()
+            .zip(&args.servers)
+            .map(|(a, s)| match a {
+                Ok(v) => v.clone(),
+                Err(e) => serde_json::json!({"server": s, "error": e.to_string()}),
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&all)?);
+        return Ok(());
+    }
+    println!(
+        "{:<22} {:<5} {:<10} {:<6} {:<7} {:<8} {:<8} {:<18} {:<7}",
+        "server", "node", "role", "term", "leader", "commit", "applied", "peers up", "clients"
+    );
+    let mut failures = 0;
+    for (server, answer) in args.servers.iter().zip(answers) {
+        match answer {
+            Ok(v) => {
+                let peers = v["peers"]
+                    .as_array()
+                    .map(|ps| {
+                        ps.iter()
+                            .map(|p| format!("{}:{}", p["id"], if p["up"] == true { "up" } else { "down" }))
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default();
+                let leader = if v["leader"].is_null() { "-".to_string() } else { v["leader"].to_string() };
+                println!(
+                    "{:<22} {:<5} {:<10} {:<6} {:<7} {:<8} {:<8} {:<18} {:<7}",
+                    server,
+                    v["id"],
+                    v["role"].as_str().unwrap_or("?"),
+                    v["term"],
+                    leader,
+                    v["commit_index"],
+                    v["applied_index"],
+                    peers,
+                    v["clients"]
+                );
+            }
+            Err(e) => {
+                failures += 1;
+                println!("{server:<22} unreachable: {e:#}");
+            }
+        }
+    }
+    if failures == args.servers.len() {
+        anyhow::bail!("no server answered");
+    }
+    Ok(())
+}

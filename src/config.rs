@@ -1,0 +1,410 @@
+//! Configuration: built-in defaults < TOML file < `RAFTCHAT_*` environment < flags.
+//!
+//! Every struct denies unknown keys, so a typo in a config file is an error that names the
+//! key instead of a silently ignored setting.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// A configuration problem: always reported in one line and turned into exit code 2.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Shared cluster secret, required on the raft/admin port.
+    pub secret: String,
+    /// Data directory; `{id}` is replaced by the node id.
+    pub data_dir: String,
+    pub nodes: Vec<NodeConfig>,
+    pub raft: RaftConfig,
+    pub health: HealthConfig,
+    pub chat: ChatConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub chat: String,
+    pub raft: String,
+    pub metrics: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RaftConfig {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_every_entries: u64,
+    /// Entries kept behind a snapshot for lagging followers; also the margin that keeps a purge
+    /// from overtaking a queued apply (openraft #2116).
+    pub keep_entries_after_snapshot: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthConfig {
+    pub probe_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    pub failures_before_down: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ChatConfig {
+    pub max_line_bytes: usize,
+    pub history_on_join: usize,
+    pub max_clients: usize,
+    /// Sustained commands per second one connection may send.
+    pub rate_limit_per_sec: u32,
+    /// Commands one connection may send in a burst above the sustained rate.
+    pub rate_limit_burst: u32,
+    /// How long a connection may stay over its rate limit before it is closed.
+    pub rate_limit_grace_ms: u64,
+    /// How long a write waits for a leader before it is answered `unavailable`.
+    pub write_timeout_ms: u64,
+    /// A session with no connection expires after this many seconds without activity.
+    pub session_idle_timeout_secs: u64,
+    /// A connection that has not said `hello` within this time is closed.
+    pub hello_timeout_ms: u64,
+    /// Events a client may fall behind by before it is disconnected (it can resume).
+    pub client_queue_events: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    pub otlp_endpoint: Option<String>,
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            secret: "change-me".into(),
+            data_dir: "data/node-{id}".into(),
+            nodes: Vec::new(),
+            raft: RaftConfig::default(),
+            health: HealthConfig::default(),
+            chat: ChatConfig::default(),
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+impl Default for RaftConfig {
+    fn default() -> Self {
+        RaftConfig {
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
+            snapshot_every_entries: 20_000,
+            keep_entries_after_snapshot: 5_000,
+        }
+    }
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            probe_interval_ms: 1000,
+            probe_timeout_ms: 500,
+            failures_before_down: 2,
+        }
+    }
+}
+
+impl Default for ChatConfig {
+    fn default() -> Self {
+        ChatConfig {
+            max_line_bytes: 16 * 1024,
+            history_on_join: 50,
+            max_clients: 10_000,
+            rate_limit_per_sec: 2_000,
+            rate_limit_burst: 4_000,
+            rate_limit_grace_ms: 5_000,
+            write_timeout_ms: 5_000,
+            session_idle_timeout_secs: 24 * 3600,
+            hello_timeout_ms: 30_000,
+            client_queue_events: 8_192,
+        }
+    }
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            otlp_endpoint: None,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct FlagOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<String>,
+}
+
+/// The one config loader: defaults, then `file` (or `RAFTCHAT_CONFIG`), then the environment,
+/// then flags. The result is validated.
+pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
+    let mut figment = Figment::from(Serialized::defaults(Config::default()));
+    let file = file
+        .map(Path::to_path_buf)
+        .or_else(|| std::env::var_os("RAFTCHAT_CONFIG").map(PathBuf::from));
+    if let Some(path) = &file {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        figment = figment.merge(Toml::string(&text));
+    }
+    figment = figment
+        .merge(Env::prefixed("RAFTCHAT_").split("__").ignore(&["config"]))
+        .merge(Serialized::defaults(flags));
+    let config: Config = figment.extract().map_err(|e| {
+        let reason = describe_figment_error(&e);
+        match &file {
+            Some(path) => ConfigError::File {
+                path: path.clone(),
+                reason,
+            },
+            None => ConfigError::Invalid(reason),
+        }
+    })?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// Figment's own message, with the offending key path and source in one line.
+fn describe_figment_error(e: &figment::Error) -> String {
+    let mut parts = Vec::new();
+    for err in e.clone() {
+        let key = err.path.join(".");
+        let source = err
+            .metadata
+            .as_ref()
+            .map(|m| format!(" (from {})", m.name))
+            .unwrap_or_default();
+        if key.is_empty() {
+            parts.push(format!("{}{source}", err.kind));
+        } else {
+            parts.push(format!("key `{key}`: {}{source}", err.kind));
+        }
+    }
+    parts.join("; ")
+}
+
+impl Config {
+    /// Checks what serde cannot: cross-field rules, unique ids and ports.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |msg: String| Err(ConfigError::Invalid(msg));
+        if self.secret.trim().is_empty() {
+            return bad("key `secret` must not be empty".into());
+        }
+        if self.nodes.is_empty() {
+            return bad("key `nodes` must list at least one node".into());
+        }
+        let mut ids = HashSet::new();
+        let mut addrs = HashSet::new();
+        for node in &self.nodes {
+            if node.id == 0 {
+                return bad("key `nodes.id`: node ids start at 1".into());
+            }
+            if !ids.insert(node.id) {
+                return bad(format!("key `nodes.id`: duplicate node id {}", node.id));
+            }
+            for (key, addr) in [
+                ("chat", &node.chat),
+                ("raft", &node.raft),
+                ("metrics", &node.metrics),
+            ] {
+                if addr.parse::<SocketAddr>().is_err() {
+                    return bad(format!(
+                        "key `nodes.{key}` of node {}: `{addr}` is not an IP:port address",
+                        node.id
+                    ));
+                }
+                if !addrs.insert(addr.clone()) {
+                    return bad(format!(
+                        "key `nodes.{key}` of node {}: address {addr} is used twice",
+                        node.id
+                    ));
+                }
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_ms == 0 {
+            return bad("key `raft.heartbeat_ms` must be positive".into());
+        }
+        if r.election_timeout_min_ms <= r.heartbeat_ms {
+            return bad("key `raft.election_timeout_min_ms` must be greater than `raft.heartbeat_ms`".into());
+        }
+        if r.election_timeout_max_ms <= r.election_timeout_min_ms {
+            return bad(
+                "key `raft.election_timeout_max_ms` must be greater than `raft.election_timeout_min_ms`".into(),
+            );
+        }
+        if r.snapshot_every_entries < 10 {
+            return bad("key `raft.snapshot_every_entries` must be at least 10".into());
+        }
+        let h = &self.health;
+        if h.probe_interval_ms == 0 || h.probe_timeout_ms == 0 {
+            return bad("keys `health.probe_interval_ms` and `health.probe_timeout_ms` must be positive".into());
+        }
+        if h.failures_before_down == 0 {
+            return bad("key `health.failures_before_down` must be at least 1".into());
+        }
+        let c = &self.chat;
+        if c.max_line_bytes < 512 {
+            return bad("key `chat.max_line_bytes` must be at least 512".into());
+        }
+        if c.max_clients == 0 {
+            return bad("key `chat.max_clients` must be positive".into());
+        }
+        if c.rate_limit_per_sec == 0 || c.rate_limit_burst == 0 {
+            return bad("keys `chat.rate_limit_per_sec` and `chat.rate_limit_burst` must be positive".into());
+        }
+        if c.write_timeout_ms == 0 {
+            return bad("key `chat.write_timeout_ms` must be positive".into());
+        }
+        if c.client_queue_events < 16 {
+            return bad("key `chat.client_queue_events` must be at least 16".into());
+        }
+        Ok(())
+    }
+
+    /// The entry of node `id`, or an error naming the missing id.
+    pub fn node(&self, id: u64) -> Result<&NodeConfig, ConfigError> {
+        self.nodes.iter().find(|n| n.id == id).ok_or_else(|| {
+            let known: Vec<String> = self.nodes.iter().map(|n| n.id.to_string()).collect();
+            ConfigError::Invalid(format!(
+                "flag `--id`: node {id} is not in `nodes` (known ids: {})",
+                known.join(", ")
+            ))
+        })
+    }
+
+    /// The data directory of node `id`, with `{id}` substituted.
+    pub fn data_dir_for(&self, id: u64) -> PathBuf {
+        PathBuf::from(self.data_dir.replace("{id}", &id.to_string()))
+    }
+
+    /// A localhost cluster of `count` nodes with the port scheme of `raftchat cluster`.
+    pub fn localhost_cluster(count: u64, base_port: u16) -> Config {
+        let nodes = (1..=count)
+            .map(|i| {
+                let port = |offset: u64| base_port as u64 + offset + i;
+                NodeConfig {
+                    id: i,
+                    chat: format!("127.0.0.1:{}", port(0)),
+                    raft: format!("127.0.0.1:{}", port(100)),
+                    metrics: format!("127.0.0.1:{}", port(200)),
+                }
+            })
+            .collect();
+        Config {
+            nodes,
+            ..Config::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let path = dir.join("c.toml");
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    const THREE: &str = r#"
+secret = "s"
+[[nodes]]
+id = 1
+chat = "127.0.0.1:1"
+raft = "127.0.0.1:2"
+metrics = "127.0.0.1:3"
+"#;
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &format!("{THREE}\n[raft]\nheartbeat = 5\n"));
+        let err = load(Some(&path), &FlagOverrides::default()).unwrap_err().to_string();
+        assert!(err.contains("heartbeat"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_id_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{THREE}\n[[nodes]]\nid = 1\nchat = \"127.0.0.1:4\"\nraft = \"127.0.0.1:5\"\nmetrics = \"127.0.0.1:6\"\n"
+        );
+        let err = load(Some(&write(dir.path(), &text)), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("duplicate node id 1"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_port_is_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "{THREE}\n[[nodes]]\nid = 2\nchat = \"127.0.0.1:1\"\nraft = \"127.0.0.1:5\"\nmetrics = \"127.0.0.1:6\"\n"
+        );
+        let err = load(Some(&write(dir.path(), &text)), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("used twice"), "{err}");
+    }
+
+    #[test]
+    fn flags_beat_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), &format!("data_dir = \"from-file\"\n{THREE}"));
+        let flags = FlagOverrides {
+            data_dir: Some("from-flag".into()),
+        };
+        assert_eq!(load(Some(&path), &flags).unwrap().data_dir, "from-flag");
+        assert_eq!(
+            load(Some(&path), &FlagOverrides::default()).unwrap().data_dir,
+            "from-file"
+        );
+    }
+
+    #[test]
+    fn unknown_id_is_named() {
+        let cfg = Config::localhost_cluster(3, 7000);
+        assert!(cfg.node(4).unwrap_err().to_string().contains("--id"));
+        assert_eq!(cfg.node(2).unwrap().chat, "127.0.0.1:7002");
+        assert_eq!(cfg.node(2).unwrap().metrics, "127.0.0.1:7202");
+    }
+}

@@ -1,0 +1,518 @@
+//! Everything openraft: the type config, the log store, the state machine, the transport and
+//! the raft port. This is the only module that names openraft types; the rest of the crate
+//! talks to [`Consensus`] in chat commands and plain status values.
+
+mod log_store;
+mod network;
+mod server;
+mod state_machine;
+mod types;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_util::StreamExt;
+use openraft::async_runtime::watch::WatchReceiver;
+use openraft::error::ClientWriteError;
+use openraft::{Instant as _, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::chat::command::{ChatCommand, ChatResponse};
+use crate::chat::store::ChatStore;
+use crate::config::Config;
+pub use log_store::SyncObserver;
+use log_store::LogStore;
+pub use network::RpcObserver;
+use network::{Network, RpcClient};
+pub use server::serve_raft_port;
+use state_machine::StateMachine;
+use types::{NodeAddr, Request, TypeConfig};
+
+type RaftHandle = Raft<TypeConfig, StateMachine>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsensusError {
+    #[error("cannot open the data directory {path}: {reason}")]
+    Storage { path: String, reason: String },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Why a write was not acknowledged.
+#[derive(Debug, Clone, thiserror::Error, Serialize, Deserialize)]
+pub enum WriteError {
+    /// No leader could take the write in time; retrying the same command is safe.
+    #[error("no leader available: {0}")]
+    Unavailable(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// A committed write: its log index and what applying it answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Committed {
+    pub index: u64,
+    pub response: ChatResponse,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Leader,
+    Follower,
+    Candidate,
+    Learner,
+    Shutdown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Leader => "leader",
+            Role::Follower => "follower",
+            Role::Candidate => "candidate",
+            Role::Learner => "learner",
+            Role::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// This node's view of the cluster, from openraft's metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: u64,
+    /// On the leader: entries each follower is behind.
+    pub replication_lag: BTreeMap<u64, u64>,
+    /// Whether this leader heard from a quorum within the leader lease.
+    pub leader_lease_valid: bool,
+    /// openraft stopped with a fatal error (storage failure, panic).
+    pub fatal: Option<String>,
+}
+
+/// A forwarded write, follower → leader, on the raft port.
+#[derive(Serialize, Deserialize)]
+struct ForwardRequest {
+    commands: Vec<ChatCommand>,
+    timeout_ms: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+enum ForwardAnswer {
+    Results(Vec<ItemResult>),
+    NotLeader,
+}
+
+/// The fate of one command of a batch.
+#[derive(Debug, Serialize, Deserialize)]
+enum ItemResult {
+    Committed(Committed),
+    /// Not known to be committed; safe to retry.
+    Retry(String),
+    Failed(WriteError),
+}
+
+impl ItemResult {
+    fn committed_index(&self) -> Option<u64> {
+        match self {
+            ItemResult::Committed(c) => Some(c.index),
+            _ => None,
+        }
+    }
+}
+
+pub struct Consensus {
+    id: u64,
+    raft: RaftHandle,
+    rpc: RpcClient,
+    members: BTreeMap<u64, NodeAddr>,
+    secret: String,
+    write_timeout: Duration,
+    lease: Duration,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Hooks the telemetry layer attaches to the consensus internals.
+#[derive(Clone)]
+pub struct Observers {
+    pub storage_sync: SyncObserver,
+    pub rpc: RpcObserver,
+}
+
+impl Default for Observers {
+    fn default() -> Self {
+        Observers {
+            storage_sync: Arc::new(|_| {}),
+            rpc: Arc::new(|_, _, _| {}),
+        }
+    }
+}
+
+impl Consensus {
+    /// Opens this node's log and state in `data_dir`, starts raft, and forms the cluster from
+    /// `config.nodes` if this is a brand-new node.
+    pub async fn start(
+        config: &Config,
+        id: u64,
+        data_dir: &Path,
+        chat: Arc<ChatStore>,
+        observers: Observers,
+    ) -> Result<Arc<Consensus>, ConsensusError> {
+        let storage_err = |reason: String| ConsensusError::Storage {
+            path: data_dir.display().to_string(),
+            reason,
+        };
+        let log_path = data_dir.join("raft-log.redb");
+        let fresh = !log_path.exists();
+        let log = LogStore::open(&log_path, observers.storage_sync.clone()).map_err(|e| storage_err(e.to_string()))?;
+        let sm = StateMachine::open(data_dir, chat).map_err(|e| storage_err(e.to_string()))?;
+        check_log_covers_state(&log, &sm).await.map_err(storage_err)?;
+
+        let r = &config.raft;
+        let raft_config = openraft::Config {
+            cluster_name: "raftchat".into(),
+            heartbeat_interval: r.heartbeat_ms,
+            election_timeout_min: r.election_timeout_min_ms,
+            election_timeout_max: r.election_timeout_max_ms,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
+            max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
+            purge_batch_size: 256,
+            max_payload_entries: 512,
+            install_snapshot_timeout: 60_000,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+
+        let rpc = RpcClient::new(&config.secret, observers.rpc.clone());
+        let network = Network { rpc: rpc.clone() };
+        let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
+            .await
+            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+
+        let members: BTreeMap<u64, NodeAddr> = config
+            .nodes
+            .iter()
+            .map(|n| {
+                (
+                    n.id,
+                    NodeAddr {
+                        chat: n.chat.clone(),
+                        raft: n.raft.clone(),
+                        metrics: n.metrics.clone(),
+                    },
+                )
+            })
+            .collect();
+        let initialized = raft
+            .is_initialized()
+            .await
+            .map_err(|e| ConsensusError::Raft(e.to_string()))?;
+        if fresh && !initialized {
+            // Every configured node proposes the same membership at log index 0, so whichever
+            // starts first, they agree; a node restarted on its data never does this again.
+            if let Err(e) = raft.initialize(members.clone()).await {
+                tracing::debug!(error = %e, "initialize skipped");
+            } else {
+                tracing::info!(members = members.len(), "formed a new cluster");
+            }
+        }
+        Ok(Arc::new(Consensus {
+            id,
+            raft,
+            rpc,
+            members,
+            secret: config.secret.clone(),
+            write_timeout: Duration::from_millis(config.chat.write_timeout_ms),
+            lease: Duration::from_millis(r.election_timeout_max_ms),
+        }))
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// The configured members and their chat addresses.
+    pub fn member_chat_addrs(&self) -> Vec<(u64, String)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let from_membership: Vec<(u64, String)> = m
+            .membership_config
+            .nodes()
+            .map(|(id, node)| (*id, node.chat.clone()))
+            .collect();
+        if from_membership.is_empty() {
+            self.members.iter().map(|(id, n)| (*id, n.chat.clone())).collect()
+        } else {
+            from_membership
+        }
+    }
+
+    pub fn status(&self) -> RaftStatus {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let role = match m.state {
+            ServerState::Leader => Role::Leader,
+            ServerState::Follower => Role::Follower,
+            ServerState::Candidate => Role::Candidate,
+            ServerState::Learner => Role::Learner,
+            ServerState::Shutdown => Role::Shutdown,
+        };
+        let last_log_index = m.last_log_index.unwrap_or(0);
+        let replication_lag = m
+            .replication
+            .as_ref()
+            .map(|r| {
+                r.iter()
+                    .filter(|(id, _)| **id != self.id)
+                    .map(|(id, matched)| {
+                        let matched = matched.as_ref().map_or(0, |l| l.index());
+                        (*id, last_log_index.saturating_sub(matched))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let leader_lease_valid = m.state == ServerState::Leader
+            && m.last_quorum_acked
+                .as_ref()
+                .is_some_and(|acked| acked.elapsed() < self.lease);
+        RaftStatus {
+            id: self.id,
+            role,
+            term: m.current_term,
+            leader: m.current_leader,
+            commit_index: m.local_committed.as_ref().map_or(0, |l| l.index()),
+            applied_index: m.last_applied.as_ref().map_or(0, |l| l.index()),
+            last_log_index,
+            snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index()),
+            replication_lag,
+            leader_lease_valid,
+            fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
+        }
+    }
+
+    /// Waits until openraft's metrics change (or `timeout` passes).
+    pub async fn status_changed(&self, timeout: Duration) {
+        let mut rx = self.raft.metrics();
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+    }
+
+    /// Replicates `command` through the leader, wherever it is, and waits until it is
+    /// committed and applied on this node. While there is no leader the write is held up to
+    /// `chat.write_timeout_ms` and retried on whichever leader appears.
+    pub async fn write(&self, command: ChatCommand) -> Result<Committed, WriteError> {
+        self.write_batch(vec![command])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(WriteError::Internal("empty write result".into())))
+    }
+
+    /// Replicates `commands` as consecutive log entries, in order, with one round trip to the
+    /// leader. Each command gets its own result; a command whose fate is unknown after a leader
+    /// change is retried on the new leader (applying is idempotent per session and client id).
+    pub async fn write_batch(&self, commands: Vec<ChatCommand>) -> Vec<Result<Committed, WriteError>> {
+        let deadline = Instant::now() + self.write_timeout;
+        let mut results: Vec<Option<Result<Committed, WriteError>>> = vec![None; commands.len()];
+        let mut last_problem = String::from("no leader elected");
+        loop {
+            let pending: Vec<usize> = (0..commands.len()).filter(|i| results[*i].is_none()).collect();
+            if pending.is_empty() {
+                break;
+            }
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                for i in pending {
+                    results[i] = Some(Err(WriteError::Unavailable(last_problem.clone())));
+                }
+                break;
+            }
+            let batch: Vec<ChatCommand> = pending.iter().map(|i| commands[*i].clone()).collect();
+            let outcome = match self.status().leader {
+                Some(leader) if leader == self.id => self.write_local(batch, remaining).await,
+                Some(leader) => {
+                    let outcome = self.forward(leader, batch, remaining).await;
+                    if let Ok(items) = &outcome
+                        && let Some(top) = items.iter().filter_map(|r| r.committed_index()).max()
+                    {
+                        self.wait_applied(top, remaining.min(Duration::from_secs(1))).await;
+                    }
+                    outcome
+                }
+                None => Err(LocalWrite::NotLeader),
+            };
+            match outcome {
+                Ok(items) => {
+                    for (i, item) in pending.into_iter().zip(items) {
+                        match item {
+                            ItemResult::Committed(done) => results[i] = Some(Ok(done)),
+                            ItemResult::Failed(e) => results[i] = Some(Err(e)),
+                            ItemResult::Retry(problem) => last_problem = problem,
+                        }
+                    }
+                }
+                Err(LocalWrite::NotLeader) => {}
+                Err(LocalWrite::Retry(problem)) => last_problem = problem,
+                Err(LocalWrite::Failed(e)) => {
+                    for i in pending {
+                        results[i] = Some(Err(e.clone()));
+                    }
+                    break;
+                }
+            }
+            if results.iter().any(Option::is_none) {
+                // Wait for news of a leader, but never spin: metrics change on every ack.
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                self.status_changed(remaining.min(Duration::from_millis(20))).await;
+                tokio::time::sleep(Duration::from_millis(5).min(remaining)).await;
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(WriteError::Internal("write not attempted".into()))))
+            .collect()
+    }
+
+    /// Appends `commands` on this node, which believes it is the leader.
+    async fn write_local(&self, commands: Vec<ChatCommand>, timeout: Duration) -> Result<Vec<ItemResult>, LocalWrite> {
+        let ts_ms = now_ms();
+        let requests: Vec<Request> = commands.into_iter().map(|command| Request { ts_ms, command }).collect();
+        let waiter = self.raft.wait(None);
+        let lost_leadership = waiter.metrics(|m| m.current_leader != Some(self.id), "leadership lost");
+        let write = async {
+            let mut stream = self
+                .raft
+                .client_write_many(requests)
+                .await
+                .map_err(|e| LocalWrite::Failed(WriteError::Internal(e.to_string())))?;
+            let mut items = Vec::new();
+            while let Some(next) = stream.next().await {
+                let item = match next {
+                    Ok(Ok(resp)) => ItemResult::Committed(Committed {
+                        index: resp.log_id.index(),
+                        response: resp.response,
+                    }),
+                    Ok(Err(ClientWriteError::ForwardToLeader(_))) | Ok(Err(ClientWriteError::LogEntryDiscarded(_))) => {
+                        ItemResult::Retry("leadership changed during the write".into())
+                    }
+                    Ok(Err(e)) => ItemResult::Failed(WriteError::Internal(e.to_string())),
+                    Err(fatal) => return Err(LocalWrite::Failed(WriteError::Internal(fatal.to_string()))),
+                };
+                items.push(item);
+            }
+            Ok(items)
+        };
+        tokio::select! {
+            result = write => result,
+            _ = lost_leadership => Err(LocalWrite::NotLeader),
+            _ = tokio::time::sleep(timeout) => Err(LocalWrite::Failed(WriteError::Unavailable(
+                "the write was not committed in time".into(),
+            ))),
+        }
+    }
+
+    async fn forward(&self, leader: u64, commands: Vec<ChatCommand>, timeout: Duration) -> Result<Vec<ItemResult>, LocalWrite> {
+        let addr = self
+            .raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .nodes()
+            .find(|(id, _)| **id == leader)
+            .map(|(_, n)| n.raft.clone())
+            .ok_or_else(|| LocalWrite::Retry(format!("leader {leader} has no known address")))?;
+        let request = ForwardRequest {
+            commands,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        let headers: [(&str, String); 0] = [];
+        let waiter = self.raft.wait(None);
+        let leader_changed = waiter.metrics(|m| m.current_leader != Some(leader), "leader changed");
+        let call = self
+            .rpc
+            .post::<_, ForwardAnswer>("forward", leader, &addr, "/api/write", &request, timeout, &headers);
+        tokio::select! {
+            answer = call => match answer {
+                Ok(ForwardAnswer::Results(items)) => Ok(items),
+                Ok(ForwardAnswer::NotLeader) => Err(LocalWrite::Retry(format!("node {leader} is no longer the leader"))),
+                Err(e) => Err(LocalWrite::Retry(e.to_string())),
+            },
+            _ = leader_changed => Err(LocalWrite::Retry(format!("leader {leader} was replaced"))),
+        }
+    }
+
+    /// Waits (bounded) until this node has applied `index`, so a client that was acknowledged
+    /// here can read its own write here.
+    async fn wait_applied(&self, index: u64, timeout: Duration) {
+        let _ = self
+            .raft
+            .wait(Some(timeout))
+            .applied_index_at_least(Some(index), "forwarded write applied")
+            .await;
+    }
+
+    /// Leaves gracefully: a leader hands leadership to the most caught-up follower first, so the
+    /// cluster does not wait for an election timeout.
+    pub async fn shutdown(&self) -> bool {
+        let status = self.status();
+        let mut transferred = false;
+        if status.role == Role::Leader
+            && let Some((&to, _)) = status.replication_lag.iter().min_by_key(|(_, lag)| **lag)
+        {
+            tracing::info!(to, "handing leadership over before shutdown");
+            if self.raft.trigger().transfer_leader(to).await.is_ok() {
+                let handed = self
+                    .raft
+                    .wait(Some(Duration::from_secs(2)))
+                    .metrics(|m| m.current_leader.is_some_and(|l| l != self.id), "leader transferred")
+                    .await;
+                transferred = handed.is_ok();
+            }
+        }
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        transferred
+    }
+}
+
+enum LocalWrite {
+    NotLeader,
+    Retry(String),
+    Failed(WriteError),
+}
+
+/// Refuses to start when the log was purged beyond the state it would rebuild from: that would
+/// silently drop committed entries.
+async fn check_log_covers_state(log: &LogStore, sm: &StateMachine) -> Result<(), String> {
+    use openraft::storage::RaftLogStorage;
+    let mut log = log.clone();
+    let state = log.get_log_state().await.map_err(|e| e.to_string())?;
+    let purged = state.last_purged_log_id.map_or(0, |l| l.index());
+    let snapshot = sm.snapshot_log_id().map_or(0, |l| l.index());
+    if purged > snapshot {
+        return Err(format!(
+            "the raft log was compacted up to entry {purged} but the snapshot covering it is missing (snapshot.json covers {snapshot}); refusing to start without those entries"
+        ));
+    }
+    Ok(())
+}
+
+/// Binds the raft port.
+pub async fn bind_raft_port(addr: &str) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

@@ -1,0 +1,246 @@
+//! The raft transport, client side: JSON over HTTP/1.1 keep-alive connections (hyper), every
+//! request carrying the cluster secret and the id of the node it is meant for.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::{Request, StatusCode};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use openraft::RaftNetworkFactory;
+use openraft::error::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{Backoff, RPCOption, RaftNetworkV2};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::state_machine::{Snapshot, SnapshotPayload};
+use super::types::{NodeAddr, TypeConfig, Vote};
+
+/// Header carrying the cluster secret.
+pub const SECRET_HEADER: &str = "x-raftchat-secret";
+/// Header naming the node a request is meant for; a node refuses requests for another id, so a
+/// misconfigured address cannot make a leader replicate to itself.
+pub const TARGET_HEADER: &str = "x-raftchat-target";
+
+/// Observes each RPC: (rpc name, target node, duration).
+pub type RpcObserver = Arc<dyn Fn(&'static str, u64, Duration) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("{addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("{addr}: {reason}")]
+    Network { addr: String, reason: String },
+    #[error("{addr} answered {status}: {body}")]
+    Status {
+        addr: String,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+/// A pooled HTTP client for the raft port of peers.
+#[derive(Clone)]
+pub struct RpcClient {
+    http: Client<HttpConnector, Full<Bytes>>,
+    secret: Arc<str>,
+    observer: RpcObserver,
+}
+
+impl RpcClient {
+    pub fn new(secret: &str, observer: RpcObserver) -> RpcClient {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_millis(500)));
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(16)
+            .build(connector);
+        RpcClient {
+            http,
+            secret: secret.into(),
+            observer,
+        }
+    }
+
+    /// POSTs `body` as JSON to `http://{addr}{path}` and decodes the JSON answer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+        headers: &[(&str, String)],
+    ) -> Result<Resp, RpcError> {
+        let started = Instant::now();
+        let network = |reason: String| RpcError::Network {
+            addr: addr.to_string(),
+            reason,
+        };
+        let bytes = serde_json::to_vec(body).map_err(|e| network(e.to_string()))?;
+        let mut builder = Request::post(format!("http://{addr}{path}"))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(SECRET_HEADER, self.secret.as_ref())
+            .header(TARGET_HEADER, target.to_string());
+        for (name, value) in headers {
+            builder = builder.header(*name, value);
+        }
+        let request = builder
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|e| network(e.to_string()))?;
+        let exchange = async {
+            let response = self.http.request(request).await.map_err(|e| {
+                if e.is_connect() {
+                    RpcError::Unreachable {
+                        addr: addr.to_string(),
+                        reason: e.to_string(),
+                    }
+                } else {
+                    network(e.to_string())
+                }
+            })?;
+            let status = response.status();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| network(e.to_string()))?
+                .to_bytes();
+            if status != StatusCode::OK {
+                return Err(RpcError::Status {
+                    addr: addr.to_string(),
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            serde_json::from_slice(&body).map_err(|e| network(format!("bad answer: {e}")))
+        };
+        let result = match tokio::time::timeout(timeout, exchange).await {
+            Ok(r) => r,
+            Err(_) => Err(network(format!("no answer within {} ms", timeout.as_millis()))),
+        };
+        (self.observer)(rpc, target, started.elapsed());
+        result
+    }
+}
+
+/// Creates one client per peer for openraft's replication and election tasks.
+pub struct Network {
+    pub rpc: RpcClient,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: u64, node: &NodeAddr) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.raft.clone(),
+            rpc: self.rpc.clone(),
+        }
+    }
+}
+
+pub struct PeerClient {
+    target: u64,
+    addr: String,
+    rpc: RpcClient,
+}
+
+impl PeerClient {
+    async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        rpc: &'static str,
+        path: &str,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<TypeConfig>> {
+        let answer: Result<Resp, RaftError<TypeConfig>> = self
+            .rpc
+            .post(rpc, self.target, &self.addr, path, req, timeout, &[])
+            .await
+            .map_err(|e| match e {
+                // Unreachable makes openraft back off instead of hammering a dead peer.
+                RpcError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                _ => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        answer.map_err(|e| RPCError::Network(NetworkError::from_string(format!("remote: {e}"))))
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotPayload;
+
+    async fn append_entries(
+        &mut self,
+        req: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("append", "/raft/append", &req, option.soft_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        req: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("vote", "/raft/vote", &req, option.soft_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
+        let req = SnapshotRequest {
+            vote,
+            meta: snapshot.meta,
+            payload: snapshot.snapshot,
+        };
+        tokio::select! {
+            closed = cancel => Err(StreamingError::Closed(closed)),
+            res = self.call("snapshot", "/raft/snapshot", &req, option.hard_ttl()) => Ok(res?),
+        }
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("transfer", "/raft/transfer-leader", &req, option.soft_ttl())
+            .await
+    }
+
+    fn backoff(&self) -> Option<Backoff> {
+        // Retry a dead peer soon enough that it catches up quickly once it is back.
+        let steps = [25u64, 50, 100, 200, 300];
+        Some(Backoff::new(
+            steps
+                .into_iter()
+                .chain(std::iter::repeat(300))
+                .map(Duration::from_millis),
+        ))
+    }
+}
+
+/// The body of `/raft/snapshot`.
+#[derive(Serialize, serde::Deserialize)]
+pub struct SnapshotRequest {
+    pub vote: Vote,
+    pub meta: super::types::SnapshotMeta,
+    pub payload: SnapshotPayload,
+}

@@ -1,0 +1,43 @@
+//! The openraft type configuration and the application payload of a log entry.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::command::{ChatCommand, ChatResponse};
+
+/// A log entry's application payload: a chat command stamped by the leader that appended it,
+/// so applying it never reads the applying node's clock.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    pub ts_ms: i64,
+    pub command: ChatCommand,
+}
+
+impl fmt::Display for Request {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} @{}", self.command, self.ts_ms)
+    }
+}
+
+/// A member's addresses, carried in the replicated membership.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeAddr {
+    pub chat: String,
+    pub raft: String,
+    pub metrics: String,
+}
+
+openraft::declare_raft_types!(
+    pub TypeConfig:
+        D = Request,
+        R = ChatResponse,
+        NodeId = u64,
+        Node = NodeAddr,
+);
+
+pub type Entry = openraft::alias::EntryOf<TypeConfig>;
+pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::alias::VoteOf<TypeConfig>;
+pub type StoredMembership = openraft::alias::StoredMembershipOf<TypeConfig>;
+pub type SnapshotMeta = openraft::alias::SnapshotMetaOf<TypeConfig>;

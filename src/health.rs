@@ -1,0 +1,149 @@
+//! The peer prober: a TCP connect to every peer's chat port on a schedule, and the table of
+//! which peers are up. A peer goes down after `failures_before_down` failures in a row and
+//! comes back up after one success.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::HealthConfig;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PeerHealth {
+    pub up: bool,
+    pub consecutive_failures: u32,
+    pub last_probe: Option<Instant>,
+}
+
+/// What a probe saw, for telemetry.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeOutcome {
+    pub peer: u64,
+    pub success: bool,
+    pub duration: Duration,
+    /// `Some(up)` when this probe changed the peer's state.
+    pub transition: Option<bool>,
+}
+
+pub type ProbeObserver = Arc<dyn Fn(&ProbeOutcome) + Send + Sync>;
+
+pub struct HealthTable {
+    peers: RwLock<BTreeMap<u64, PeerHealth>>,
+}
+
+impl HealthTable {
+    /// Every peer starts up: a node that just started has no evidence against anyone.
+    pub fn new(peers: impl IntoIterator<Item = u64>) -> HealthTable {
+        let peers = peers
+            .into_iter()
+            .map(|id| {
+                (
+                    id,
+                    PeerHealth {
+                        up: true,
+                        consecutive_failures: 0,
+                        last_probe: None,
+                    },
+                )
+            })
+            .collect();
+        HealthTable {
+            peers: RwLock::new(peers),
+        }
+    }
+
+    /// Whether `peer` is up; unknown peers (this node itself included) count as up.
+    pub fn is_up(&self, peer: u64) -> bool {
+        self.read().get(&peer).is_none_or(|p| p.up)
+    }
+
+    pub fn snapshot(&self) -> BTreeMap<u64, PeerHealth> {
+        self.read().clone()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, PeerHealth>> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a probe result; returns `Some(up)` when the peer changed state.
+    fn record(&self, peer: u64, success: bool, failures_before_down: u32) -> Option<bool> {
+        let mut peers = self.peers.write().unwrap_or_else(|p| p.into_inner());
+        let state = peers.get_mut(&peer)?;
+        state.last_probe = Some(Instant::now());
+        let was_up = state.up;
+        if success {
+            state.consecutive_failures = 0;
+            state.up = true;
+        } else {
+            state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+            if state.consecutive_failures >= failures_before_down {
+                state.up = false;
+            }
+        }
+        (state.up != was_up).then_some(state.up)
+    }
+}
+
+/// Probes every peer until `shutdown`; one task per peer so a slow peer delays no other.
+pub async fn run_prober(
+    peers: Vec<(u64, String)>,
+    config: HealthConfig,
+    table: Arc<HealthTable>,
+    observer: ProbeObserver,
+    shutdown: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    for (peer, addr) in peers {
+        let table = table.clone();
+        let observer = observer.clone();
+        let shutdown = shutdown.clone();
+        let config = config.clone();
+        tasks.spawn(async move {
+            let mut ticker = tokio::time::interval(Duration::from_millis(config.probe_interval_ms));
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                let started = Instant::now();
+                let timeout = Duration::from_millis(config.probe_timeout_ms);
+                let success = matches!(tokio::time::timeout(timeout, TcpStream::connect(&addr)).await, Ok(Ok(_)));
+                let duration = started.elapsed();
+                let transition = table.record(peer, success, config.failures_before_down);
+                match transition {
+                    Some(true) => tracing::info!(peer, %addr, "peer is up"),
+                    Some(false) => tracing::warn!(peer, %addr, "peer is down"),
+                    None => {}
+                }
+                observer(&ProbeOutcome {
+                    peer,
+                    success,
+                    duration,
+                    transition,
+                });
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn down_after_threshold_up_after_one_success() {
+        let t = HealthTable::new([2]);
+        assert_eq!(t.record(2, false, 2), None);
+        assert!(t.is_up(2));
+        assert_eq!(t.record(2, false, 2), Some(false));
+        assert!(!t.is_up(2));
+        assert_eq!(t.record(2, false, 2), None);
+        assert_eq!(t.record(2, true, 2), Some(true));
+        assert!(t.is_up(99));
+    }
+}

@@ -1,0 +1,211 @@
+//! One node: opens its data directory, starts consensus, and serves the chat, raft and
+//! metrics ports plus the health prober until SIGINT/SIGTERM.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::chat::history::History;
+use crate::chat::service::ChatService;
+use crate::chat::store::ChatStore;
+use crate::config::Config;
+use crate::consensus::{self, Consensus, Observers, Role};
+use crate::health::{self, HealthTable};
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// What the metrics port reads.
+pub struct NodeState {
+    pub id: u64,
+    pub consensus: Arc<Consensus>,
+    pub chat: Arc<ChatService>,
+    pub health: Arc<HealthTable>,
+    pub started: Instant,
+}
+
+#[derive(Serialize)]
+pub struct PeerReport {
+    pub id: u64,
+    pub up: bool,
+    pub last_probe_seconds: Option<f64>,
+}
+
+#[derive(Serialize)]
+pub struct StatusReport {
+    pub id: u64,
+    pub role: Role,
+    pub term: u64,
+    pub leader: Option<u64>,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub peers: Vec<PeerReport>,
+    pub clients: usize,
+    pub version: &'static str,
+}
+
+impl NodeState {
+    /// Ready: a leader is known (a leader must also hold its lease) and everything known
+    /// committed is applied.
+    pub fn readiness(&self) -> Result<(), String> {
+        let s = self.consensus.status();
+        if let Some(fatal) = s.fatal {
+            return Err(format!("raft stopped: {fatal}"));
+        }
+        match s.leader {
+            None => return Err("no leader known".into()),
+            Some(l) if l == self.id && !s.leader_lease_valid => {
+                return Err("this leader has not heard from a majority within its lease".into());
+            }
+            Some(_) => {}
+        }
+        if s.applied_index < s.commit_index {
+            return Err(format!(
+                "applied index {} is behind commit index {}",
+                s.applied_index, s.commit_index
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn status_report(&self) -> StatusReport {
+        let s = self.consensus.status();
+        let peers = self
+            .health
+            .snapshot()
+            .into_iter()
+            .map(|(id, p)| PeerReport {
+                id,
+                up: p.up,
+                last_probe_seconds: p.last_probe.map(|t| t.elapsed().as_secs_f64()),
+            })
+            .collect();
+        StatusReport {
+            id: self.id,
+            role: s.role,
+            term: s.term,
+            leader: s.leader,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            last_log_index: s.last_log_index,
+            peers,
+            clients: self.chat.live_connections(),
+            version: VERSION,
+        }
+    }
+
+    /// A minimal Prometheus exposition; the full metric set comes with the telemetry module.
+    pub fn metrics_text(&self) -> String {
+        let s = self.consensus.status();
+        let mut out = String::new();
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        gauge("raftchat_raft_term", "Current raft term.", s.term);
+        gauge("raftchat_raft_is_leader", "1 if this node is the leader.", u64::from(s.role == Role::Leader));
+        gauge("raftchat_raft_has_leader", "1 if this node knows a leader.", u64::from(s.leader.is_some()));
+        gauge("raftchat_raft_leader_id", "Id of the known leader, 0 if none.", s.leader.unwrap_or(0));
+        gauge("raftchat_raft_last_log_index", "Last log index.", s.last_log_index);
+        gauge("raftchat_raft_applied_index", "Last applied index.", s.applied_index);
+        let _ = writeln!(
+            out,
+            "# HELP raftchat_build_info Build information.\n# TYPE raftchat_build_info gauge\nraftchat_build_info{{version=\"{VERSION}\",node=\"{}\"}} 1",
+            self.id
+        );
+        out
+    }
+}
+
+async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on the {what} address {addr}"))
+}
+
+/// Runs node `id` of `config` until SIGINT or SIGTERM.
+pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
+    let me = config.node(id)?.clone();
+    let data_dir = config.data_dir_for(id);
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
+
+    let chat_listener = bind(&me.chat, "chat").await?;
+    let raft_listener = bind(&me.raft, "raft").await?;
+    let metrics_listener = bind(&me.metrics, "metrics").await?;
+
+    let history_path = data_dir.join("chat-history.redb");
+    let history = History::open(&history_path)
+        .with_context(|| format!("cannot open the message history {}", history_path.display()))?;
+    let store = Arc::new(ChatStore::new(
+        history,
+        config.chat.client_queue_events,
+        (config.chat.session_idle_timeout_secs as i64).saturating_mul(1000),
+    ));
+    let consensus = Consensus::start(&config, id, &data_dir, store.clone(), Observers::default()).await?;
+
+    let peers: Vec<(u64, String)> = config
+        .nodes
+        .iter()
+        .filter(|n| n.id != id)
+        .map(|n| (n.id, n.chat.clone()))
+        .collect();
+    let health = Arc::new(HealthTable::new(peers.iter().map(|(p, _)| *p)));
+    let chat = Arc::new(ChatService::new(
+        id,
+        consensus.clone(),
+        store,
+        health.clone(),
+        config.chat.clone(),
+    ));
+    let state = Arc::new(NodeState {
+        id,
+        consensus: consensus.clone(),
+        chat: chat.clone(),
+        health: health.clone(),
+        started: Instant::now(),
+    });
+
+    let shutdown = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(consensus::serve_raft_port(raft_listener, consensus.clone(), shutdown.clone()));
+    tasks.spawn(crate::http::serve_metrics_port(metrics_listener, state, shutdown.clone()));
+    tasks.spawn(crate::chat::server::serve_chat_port(chat_listener, chat.clone(), shutdown.clone()));
+    tasks.spawn(health::run_prober(
+        peers,
+        config.health.clone(),
+        health,
+        Arc::new(|_| {}),
+        shutdown.clone(),
+    ));
+    {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { chat.release_previous_connections(shutdown).await });
+    }
+    tracing::info!(id, chat = %me.chat, raft = %me.raft, metrics = %me.metrics, data_dir = %data_dir.display(), "node started");
+
+    wait_for_signal().await?;
+    tracing::info!(id, "shutting down");
+    shutdown.cancel();
+    let handed_over = consensus.shutdown().await;
+    if handed_over {
+        tracing::info!(id, "leadership handed over");
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while tasks.join_next().await.is_some() {} }).await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
