@@ -263,7 +263,10 @@ impl Config {
             return bad("key `raft.heartbeat_ms` must be positive".into());
         }
         if r.election_timeout_min_ms <= r.heartbeat_ms {
-            return bad("key `raft.election_timeout_min_ms` must be greater than `raft.heartbeat_ms`".into());
+            return bad(
+                "key `raft.election_timeout_min_ms` must be greater than `raft.heartbeat_ms`"
+                    .into(),
+            );
         }
         if r.election_timeout_max_ms <= r.election_timeout_min_ms {
             return bad(
@@ -275,7 +278,10 @@ impl Config {
         }
         let h = &self.health;
         if h.probe_interval_ms == 0 || h.probe_timeout_ms == 0 {
-            return bad("keys `health.probe_interval_ms` and `health.probe_timeout_ms` must be positive".into());
+            return bad(
+                "keys `health.probe_interval_ms` and `health.probe_timeout_ms` must be positive"
+                    .into(),
+            );
         }
         if h.failures_before_down == 0 {
             return bad("key `health.failures_before_down` must be at least 1".into());
@@ -288,7 +294,10 @@ impl Config {
             return bad("key `chat.max_clients` must be positive".into());
         }
         if c.rate_limit_per_sec == 0 || c.rate_limit_burst == 0 {
-            return bad("keys `chat.rate_limit_per_sec` and `chat.rate_limit_burst` must be positive".into());
+            return bad(
+                "keys `chat.rate_limit_per_sec` and `chat.rate_limit_burst` must be positive"
+                    .into(),
+            );
         }
         if c.write_timeout_ms == 0 {
             return bad("key `chat.write_timeout_ms` must be positive".into());
@@ -358,7 +367,9 @@ metrics = "127.0.0.1:3"
     fn unknown_key_is_named() {
         let dir = tempfile::tempdir().unwrap();
         let path = write(dir.path(), &format!("{THREE}\n[raft]\nheartbeat = 5\n"));
-        let err = load(Some(&path), &FlagOverrides::default()).unwrap_err().to_string();
+        let err = load(Some(&path), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("heartbeat"), "{err}");
     }
 
@@ -395,7 +406,9 @@ metrics = "127.0.0.1:3"
         };
         assert_eq!(load(Some(&path), &flags).unwrap().data_dir, "from-flag");
         assert_eq!(
-            load(Some(&path), &FlagOverrides::default()).unwrap().data_dir,
+            load(Some(&path), &FlagOverrides::default())
+                .unwrap()
+                .data_dir,
             "from-file"
         );
     }

@@ -111,7 +111,10 @@ pub async fn run_prober(
                 }
                 let started = Instant::now();
                 let timeout = Duration::from_millis(config.probe_timeout_ms);
-                let success = matches!(tokio::time::timeout(timeout, TcpStream::connect(&addr)).await, Ok(Ok(_)));
+                let success = matches!(
+                    tokio::time::timeout(timeout, TcpStream::connect(&addr)).await,
+                    Ok(Ok(_))
+                );
                 let duration = started.elapsed();
                 let transition = table.record(peer, success, config.failures_before_down);
                 match transition {

@@ -95,7 +95,11 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> HttpResponse {
 }
 
 /// The metrics port: health, readiness, status and Prometheus metrics.
-pub async fn serve_metrics_port(listener: TcpListener, node: Arc<NodeState>, shutdown: CancellationToken) {
+pub async fn serve_metrics_port(
+    listener: TcpListener,
+    node: Arc<NodeState>,
+    shutdown: CancellationToken,
+) {
     let handler = move |req: Request<Incoming>| {
         let node = node.clone();
         async move { route_metrics_port(&node, &req) }
@@ -111,15 +115,20 @@ fn route_metrics_port(node: &NodeState, req: &Request<Incoming>) -> HttpResponse
     }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "only GET is allowed\n");
-        resp.headers_mut()
-            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static("GET, HEAD"));
+        resp.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
         return resp;
     }
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => match node.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n"),
-            Err(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n")),
+            Err(reason) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            ),
         },
         "/status" => json(StatusCode::OK, &node.status_report()),
         _ => {

@@ -19,6 +19,7 @@ pub mod chat;
 pub mod cli;
 pub mod config;
 pub mod consensus;
+pub mod disk;
 pub mod health;
 pub mod http;
 pub mod node;

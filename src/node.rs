@@ -104,14 +104,37 @@ impl NodeState {
         let s = self.consensus.status();
         let mut out = String::new();
         let mut gauge = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+            );
         };
         gauge("raftchat_raft_term", "Current raft term.", s.term);
-        gauge("raftchat_raft_is_leader", "1 if this node is the leader.", u64::from(s.role == Role::Leader));
-        gauge("raftchat_raft_has_leader", "1 if this node knows a leader.", u64::from(s.leader.is_some()));
-        gauge("raftchat_raft_leader_id", "Id of the known leader, 0 if none.", s.leader.unwrap_or(0));
-        gauge("raftchat_raft_last_log_index", "Last log index.", s.last_log_index);
-        gauge("raftchat_raft_applied_index", "Last applied index.", s.applied_index);
+        gauge(
+            "raftchat_raft_is_leader",
+            "1 if this node is the leader.",
+            u64::from(s.role == Role::Leader),
+        );
+        gauge(
+            "raftchat_raft_has_leader",
+            "1 if this node knows a leader.",
+            u64::from(s.leader.is_some()),
+        );
+        gauge(
+            "raftchat_raft_leader_id",
+            "Id of the known leader, 0 if none.",
+            s.leader.unwrap_or(0),
+        );
+        gauge(
+            "raftchat_raft_last_log_index",
+            "Last log index.",
+            s.last_log_index,
+        );
+        gauge(
+            "raftchat_raft_applied_index",
+            "Last applied index.",
+            s.applied_index,
+        );
         let _ = writeln!(
             out,
             "# HELP raftchat_build_info Build information.\n# TYPE raftchat_build_info gauge\nraftchat_build_info{{version=\"{VERSION}\",node=\"{}\"}} 1",
@@ -146,7 +169,8 @@ pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
         config.chat.client_queue_events,
         (config.chat.session_idle_timeout_secs as i64).saturating_mul(1000),
     ));
-    let consensus = Consensus::start(&config, id, &data_dir, store.clone(), Observers::default()).await?;
+    let consensus =
+        Consensus::start(&config, id, &data_dir, store.clone(), Observers::default()).await?;
 
     let peers: Vec<(u64, String)> = config
         .nodes
@@ -172,9 +196,21 @@ pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
 
     let shutdown = CancellationToken::new();
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(consensus::serve_raft_port(raft_listener, consensus.clone(), shutdown.clone()));
-    tasks.spawn(crate::http::serve_metrics_port(metrics_listener, state, shutdown.clone()));
-    tasks.spawn(crate::chat::server::serve_chat_port(chat_listener, chat.clone(), shutdown.clone()));
+    tasks.spawn(consensus::serve_raft_port(
+        raft_listener,
+        consensus.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::http::serve_metrics_port(
+        metrics_listener,
+        state,
+        shutdown.clone(),
+    ));
+    tasks.spawn(crate::chat::server::serve_chat_port(
+        chat_listener,
+        chat.clone(),
+        shutdown.clone(),
+    ));
     tasks.spawn(health::run_prober(
         peers,
         config.health.clone(),
@@ -195,7 +231,10 @@ pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
     if handed_over {
         tracing::info!(id, "leadership handed over");
     }
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while tasks.join_next().await.is_some() {}
+    })
+    .await;
     Ok(())
 }
 

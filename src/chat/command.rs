@@ -23,11 +23,22 @@ pub enum ChatCommand {
         replaces: Option<String>,
     },
     /// The connection that attached at log index `attachment` is gone.
-    Detach { session: String, attachment: u64 },
+    Detach {
+        session: String,
+        attachment: u64,
+    },
     /// Node `node` restarted: no connection from its previous life is alive.
-    DetachNode { node: u64 },
-    Join { session: String, room: String },
-    Leave { session: String, room: String },
+    DetachNode {
+        node: u64,
+    },
+    Join {
+        session: String,
+        room: String,
+    },
+    Leave {
+        session: String,
+        room: String,
+    },
     /// A chat message to a room or a user; `id` is the client's, unique per session.
     Send {
         session: String,
@@ -115,9 +126,14 @@ pub enum Event {
         node: u64,
     },
     /// `session` no longer exists (its name was taken over, or it expired).
-    SessionClosed { index: u64, session: String },
+    SessionClosed {
+        index: u64,
+        session: String,
+    },
     /// The whole state was replaced by a snapshot up to `index`.
-    Resync { index: u64 },
+    Resync {
+        index: u64,
+    },
 }
 
 impl Event {

@@ -11,11 +11,17 @@ use super::names::{fold, is_room_target};
 #[derive(Debug)]
 pub enum Delivery {
     Message(Arc<StoredMessage>),
-    Presence { room: String, user: String, joined: bool },
+    Presence {
+        room: String,
+        user: String,
+        joined: bool,
+    },
     /// The session moved to another connection, or no longer exists.
     Close(&'static str),
     /// The state jumped to a snapshot: fetch what was missed up to `upto` from the history.
-    Resync { upto: u64 },
+    Resync {
+        upto: u64,
+    },
 }
 
 pub struct DeliveryFilter {
@@ -28,7 +34,13 @@ pub struct DeliveryFilter {
 }
 
 impl DeliveryFilter {
-    pub fn new(session: String, attachment: u64, user: &str, rooms: impl IntoIterator<Item = String>, last: u64) -> Self {
+    pub fn new(
+        session: String,
+        attachment: u64,
+        user: &str,
+        rooms: impl IntoIterator<Item = String>,
+        last: u64,
+    ) -> Self {
         DeliveryFilter {
             session,
             attachment,
@@ -80,17 +92,13 @@ impl DeliveryFilter {
                 }
                 let key = fold(room);
                 if *session == self.session {
+                    // The session's own join or leave: its `joined`/`left` answer says so.
                     if *joined {
-                        self.rooms.insert(key.clone());
+                        self.rooms.insert(key);
                     } else {
-                        // Tell the leaving session too, then stop following the room.
-                        let was_member = self.rooms.remove(&key);
-                        return was_member.then(|| Delivery::Presence {
-                            room: room.clone(),
-                            user: user.clone(),
-                            joined: false,
-                        });
+                        self.rooms.remove(&key);
                     }
+                    return None;
                 }
                 self.rooms.contains(&key).then(|| Delivery::Presence {
                     room: room.clone(),
@@ -100,12 +108,15 @@ impl DeliveryFilter {
             }
             Event::SessionAttached { index, session, .. } => {
                 (*session == self.session && *index != self.attachment && *index > self.attachment)
-                    .then_some(Delivery::Close("the session was resumed by another connection"))
+                    .then_some(Delivery::Close(
+                        "the session was resumed by another connection",
+                    ))
             }
-            Event::SessionClosed { session, .. } => {
-                (*session == self.session).then_some(Delivery::Close("the session was taken over or expired"))
+            Event::SessionClosed { session, .. } => (*session == self.session)
+                .then_some(Delivery::Close("the session was taken over or expired")),
+            Event::Resync { index } => {
+                (*index > self.last).then_some(Delivery::Resync { upto: *index })
             }
-            Event::Resync { index } => (*index > self.last).then_some(Delivery::Resync { upto: *index }),
         }
     }
 }
@@ -136,11 +147,34 @@ mod tests {
             session: "s".into(),
             joined: true,
         };
-        assert!(matches!(f.on_event(&join), Some(Delivery::Presence { joined: true, .. })));
-        assert!(matches!(f.on_event(&msg(4, "#r", "bob")), Some(Delivery::Message(_))));
-        assert!(f.on_event(&msg(4, "#r", "bob")).is_none(), "duplicate index");
-        assert!(matches!(f.on_event(&msg(5, "alice", "bob")), Some(Delivery::Message(_))));
-        assert!(f.on_event(&msg(6, "carol", "bob")).is_none());
+        assert!(
+            f.on_event(&join).is_none(),
+            "own join is answered by `joined`"
+        );
+        let other = Event::Presence {
+            index: 4,
+            room: "#r".into(),
+            user: "bob".into(),
+            session: "t".into(),
+            joined: true,
+        };
+        assert!(matches!(
+            f.on_event(&other),
+            Some(Delivery::Presence { joined: true, .. })
+        ));
+        assert!(matches!(
+            f.on_event(&msg(5, "#r", "bob")),
+            Some(Delivery::Message(_))
+        ));
+        assert!(
+            f.on_event(&msg(5, "#r", "bob")).is_none(),
+            "duplicate index"
+        );
+        assert!(matches!(
+            f.on_event(&msg(6, "alice", "bob")),
+            Some(Delivery::Message(_))
+        ));
+        assert!(f.on_event(&msg(7, "carol", "bob")).is_none());
     }
 
     #[test]

@@ -21,6 +21,8 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 pub enum HistoryError {
     #[error("history store: {0}")]
     Store(#[from] redb::Error),
+    #[error("{0}")]
+    Open(String),
     #[error("history store: corrupt message at index {index}: {reason}")]
     Corrupt { index: u64, reason: String },
 }
@@ -65,7 +67,7 @@ pub fn user_key(user: &str) -> String {
 
 impl History {
     pub fn open(path: &Path) -> Result<History, HistoryError> {
-        let db = Database::create(path)?;
+        let db = crate::disk::open_database(path).map_err(HistoryError::Open)?;
         let txn = db.begin_write()?;
         txn.open_table(MESSAGES)?;
         txn.open_table(BY_TARGET)?;
@@ -86,10 +88,11 @@ impl History {
             let mut by_index = txn.open_table(MESSAGES)?;
             let mut by_target = txn.open_table(BY_TARGET)?;
             for msg in messages {
-                let json = serde_json::to_string(msg.as_ref()).map_err(|e| HistoryError::Corrupt {
-                    index: msg.index,
-                    reason: e.to_string(),
-                })?;
+                let json =
+                    serde_json::to_string(msg.as_ref()).map_err(|e| HistoryError::Corrupt {
+                        index: msg.index,
+                        reason: e.to_string(),
+                    })?;
                 by_index.insert(msg.index, json.as_str())?;
                 for key in target_keys(msg) {
                     by_target.insert((key.as_str(), msg.index), ())?;
@@ -239,11 +242,26 @@ mod tests {
             .collect();
         h.write(&batch).unwrap();
         let idx = |v: Vec<StoredMessage>| v.into_iter().map(|m| m.index).collect::<Vec<_>>();
-        assert_eq!(idx(h.page("#even", None, None, 2, 100).unwrap()), vec![8, 10]);
-        assert_eq!(idx(h.page("#even", Some(2), None, 2, 100).unwrap()), vec![4, 6]);
-        assert_eq!(idx(h.page("#even", None, Some(8), 10, 100).unwrap()), vec![2, 4, 6]);
-        assert_eq!(idx(h.page("#even", None, None, 10, 6).unwrap()), vec![2, 4, 6]);
-        assert_eq!(idx(h.page(&user_key("BOB"), Some(5), None, 10, 100).unwrap()), vec![7, 9]);
+        assert_eq!(
+            idx(h.page("#even", None, None, 2, 100).unwrap()),
+            vec![8, 10]
+        );
+        assert_eq!(
+            idx(h.page("#even", Some(2), None, 2, 100).unwrap()),
+            vec![4, 6]
+        );
+        assert_eq!(
+            idx(h.page("#even", None, Some(8), 10, 100).unwrap()),
+            vec![2, 4, 6]
+        );
+        assert_eq!(
+            idx(h.page("#even", None, None, 10, 6).unwrap()),
+            vec![2, 4, 6]
+        );
+        assert_eq!(
+            idx(h.page(&user_key("BOB"), Some(5), None, 10, 100).unwrap()),
+            vec![7, 9]
+        );
         let keys = vec!["#even".to_string(), user_key("alice")];
         assert_eq!(idx(h.missed(&keys, 6, 9, 100).unwrap()), vec![7, 8, 9]);
         assert_eq!(h.all_upto(3).unwrap().len(), 3);

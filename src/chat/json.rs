@@ -142,10 +142,13 @@ fn opt_u64(v: &Value, name: &str) -> Result<Option<u64>, ProtocolError> {
 
 /// Parses one line of the JSON dialect.
 pub fn parse(line: &str) -> Result<ClientRequest, ProtocolError> {
-    let v: Value =
-        serde_json::from_str(line).map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("invalid JSON: {e}")))?;
+    let v: Value = serde_json::from_str(line)
+        .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("invalid JSON: {e}")))?;
     if !v.is_object() {
-        return Err(ProtocolError::new(ErrorCode::BadJson, "expected a JSON object"));
+        return Err(ProtocolError::new(
+            ErrorCode::BadJson,
+            "expected a JSON object",
+        ));
     }
     let kind = field_str(&v, "type")?;
     let request = match kind.as_str() {
@@ -281,7 +284,8 @@ pub enum ServerFrame<'a> {
 impl ServerFrame<'_> {
     pub fn encode(&self) -> Bytes {
         let mut bytes = serde_json::to_vec(self).unwrap_or_else(|e| {
-            format!(r#"{{"type":"error","code":"internal","message":"encoding failed: {e}"}}"#).into_bytes()
+            format!(r#"{{"type":"error","code":"internal","message":"encoding failed: {e}"}}"#)
+                .into_bytes()
         });
         bytes.push(b'\n');
         Bytes::from(bytes)
@@ -339,15 +343,21 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
         match line {
             Ok(Line::Eof) | Err(_) => break,
             Ok(Line::TooLong) => {
-                let e = ProtocolError::new(ErrorCode::LineTooLong, format!("line longer than {max} bytes"));
+                let e = ProtocolError::new(
+                    ErrorCode::LineTooLong,
+                    format!("line longer than {max} bytes"),
+                );
                 conn.fatal(e).await;
                 break;
             }
             Ok(Line::Data) => {}
         }
         let Ok(text) = std::str::from_utf8(&buf) else {
-            conn.fatal(ProtocolError::new(ErrorCode::BadEncoding, "line is not valid UTF-8"))
-                .await;
+            conn.fatal(ProtocolError::new(
+                ErrorCode::BadEncoding,
+                "line is not valid UTF-8",
+            ))
+            .await;
             break;
         };
         if text.trim().is_empty() {
@@ -356,13 +366,19 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
         match limiter.check() {
             Verdict::Allow => {}
             Verdict::Reject => {
-                conn.reply_error(ProtocolError::new(ErrorCode::RateLimited, "too many requests; slow down"))
-                    .await;
+                conn.reply_error(ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    "too many requests; slow down",
+                ))
+                .await;
                 continue;
             }
             Verdict::Close => {
-                conn.fatal(ProtocolError::new(ErrorCode::RateLimited, "flooding for too long; closing"))
-                    .await;
+                conn.fatal(ProtocolError::new(
+                    ErrorCode::RateLimited,
+                    "flooding for too long; closing",
+                ))
+                .await;
                 break;
             }
         }
@@ -389,7 +405,10 @@ struct Connection {
     out: mpsc::Sender<Outbound>,
     closed: CancellationToken,
     attached: Option<Attached>,
-    sends: Option<(mpsc::Sender<(String, String, String)>, tokio::task::JoinHandle<()>)>,
+    sends: Option<(
+        mpsc::Sender<(String, String, String)>,
+        tokio::task::JoinHandle<()>,
+    )>,
 }
 
 impl Connection {
@@ -409,14 +428,20 @@ impl Connection {
         let session = match (&request, &self.attached) {
             (ClientRequest::Hello { .. }, Some(_)) => {
                 return self
-                    .reply_error(ProtocolError::new(ErrorCode::UnknownType, "already said hello"))
+                    .reply_error(ProtocolError::new(
+                        ErrorCode::UnknownType,
+                        "already said hello",
+                    ))
                     .await;
             }
             (ClientRequest::Hello { .. }, None) | (ClientRequest::Ping, _) => String::new(),
             (_, Some(a)) => a.session.clone(),
             (_, None) => {
                 return self
-                    .reply_error(ProtocolError::new(ErrorCode::NotLoggedIn, "say hello first"))
+                    .reply_error(ProtocolError::new(
+                        ErrorCode::NotLoggedIn,
+                        "say hello first",
+                    ))
                     .await;
             }
         };
@@ -467,7 +492,11 @@ impl Connection {
                 before,
                 after,
                 limit,
-            } => match self.svc.history(&session, &room, before, after, limit).await {
+            } => match self
+                .svc
+                .history(&session, &room, before, after, limit)
+                .await
+            {
                 Ok((room, messages)) => {
                     let frame = ServerFrame::History {
                         room: &room,
@@ -498,7 +527,12 @@ impl Connection {
         }
     }
 
-    async fn hello(&mut self, user: &str, token: Option<&str>, resume_from: Option<u64>) -> Result<(), ProtocolError> {
+    async fn hello(
+        &mut self,
+        user: &str,
+        token: Option<&str>,
+        resume_from: Option<u64>,
+    ) -> Result<(), ProtocolError> {
         let attached = self.svc.attach(user, token).await?;
         self.svc.register(&attached);
         // Subscribe before reading state: every event above `sub.applied` will arrive.
@@ -537,7 +571,10 @@ impl Connection {
             sub.applied,
         );
         if let Some(after) = resume_from.filter(|_| attached.resumed) {
-            let missed = self.svc.missed(&attached.session, &attached.user, after, sub.applied).await?;
+            let missed = self
+                .svc
+                .missed(&attached.session, &attached.user, after, sub.applied)
+                .await?;
             for m in &missed {
                 self.reply(ServerFrame::Message(m.into()).encode()).await;
             }
@@ -652,7 +689,11 @@ async fn deliver_loop(
                 match svc.missed(&session, &user, filter.last(), upto).await {
                     Ok(missed) => {
                         for m in &missed {
-                            if out.send(Outbound::Frame(ServerFrame::Message(m.into()).encode())).await.is_err() {
+                            if out
+                                .send(Outbound::Frame(ServerFrame::Message(m.into()).encode()))
+                                .await
+                                .is_err()
+                            {
                                 return;
                             }
                         }
@@ -669,7 +710,11 @@ async fn deliver_loop(
     }
 }
 
-async fn write_loop(write: OwnedWriteHalf, mut rx: mpsc::Receiver<Outbound>, closed: CancellationToken) {
+async fn write_loop(
+    write: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Outbound>,
+    closed: CancellationToken,
+) {
     let mut writer = BufWriter::new(write);
     loop {
         let item = tokio::select! {
@@ -710,11 +755,23 @@ mod tests {
     fn parse_errors_have_codes() {
         assert_eq!(parse("{").unwrap_err().code, ErrorCode::BadJson);
         assert_eq!(parse("[1]").unwrap_err().code, ErrorCode::BadJson);
-        assert_eq!(parse(r#"{"type":"dance"}"#).unwrap_err().code, ErrorCode::UnknownType);
-        assert_eq!(parse(r#"{"type":"join"}"#).unwrap_err().code, ErrorCode::MissingField);
-        assert_eq!(parse(r#"{"user":"a"}"#).unwrap_err().code, ErrorCode::MissingField);
+        assert_eq!(
+            parse(r#"{"type":"dance"}"#).unwrap_err().code,
+            ErrorCode::UnknownType
+        );
+        assert_eq!(
+            parse(r#"{"type":"join"}"#).unwrap_err().code,
+            ErrorCode::MissingField
+        );
+        assert_eq!(
+            parse(r#"{"user":"a"}"#).unwrap_err().code,
+            ErrorCode::MissingField
+        );
         let e = parse(r##"{"type":"send","id":"7","to":"#r"}"##).unwrap_err();
-        assert_eq!((e.code, e.id.as_deref()), (ErrorCode::MissingField, Some("7")));
+        assert_eq!(
+            (e.code, e.id.as_deref()),
+            (ErrorCode::MissingField, Some("7"))
+        );
     }
 
     #[test]

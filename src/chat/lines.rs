@@ -15,7 +15,11 @@ pub enum Line {
 
 /// Reads one line into `buf`, never holding more than `max` bytes of it. A longer line is
 /// read to its end and discarded, so the next call starts at the next line.
-pub async fn read_line<R: AsyncBufRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>, max: usize) -> io::Result<Line> {
+pub async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+    max: usize,
+) -> io::Result<Line> {
     buf.clear();
     let mut too_long = false;
     loop {
@@ -59,7 +63,9 @@ pub struct RateLimiter {
     burst: f64,
     tokens: f64,
     last: Instant,
+    /// When the current stretch of rejections began, and the last rejection.
     over_since: Option<Instant>,
+    last_reject: Option<Instant>,
     grace: Duration,
 }
 
@@ -80,6 +86,7 @@ impl RateLimiter {
             tokens: burst as f64,
             last: Instant::now(),
             over_since: None,
+            last_reject: None,
             grace,
         }
     }
@@ -94,10 +101,17 @@ impl RateLimiter {
         self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            self.over_since = None;
             return Verdict::Allow;
         }
-        let since = *self.over_since.get_or_insert(now);
+        // A steady flood earns a token now and then; only a quiet grace period ends the stretch.
+        let quiet = self
+            .last_reject
+            .is_none_or(|last| now.saturating_duration_since(last) > self.grace);
+        if quiet {
+            self.over_since = Some(now);
+        }
+        self.last_reject = Some(now);
+        let since = self.over_since.unwrap_or(now);
         if now.saturating_duration_since(since) >= self.grace {
             Verdict::Close
         } else {
@@ -115,14 +129,29 @@ mod tests {
         let data: &[u8] = b"short\r\nthis line is far too long\nok\npartial";
         let mut reader = tokio::io::BufReader::with_capacity(4, data);
         let mut buf = Vec::new();
-        assert!(matches!(read_line(&mut reader, &mut buf, 10).await.unwrap(), Line::Data));
+        assert!(matches!(
+            read_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Line::Data
+        ));
         assert_eq!(buf, b"short");
-        assert!(matches!(read_line(&mut reader, &mut buf, 10).await.unwrap(), Line::TooLong));
-        assert!(matches!(read_line(&mut reader, &mut buf, 10).await.unwrap(), Line::Data));
+        assert!(matches!(
+            read_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Line::TooLong
+        ));
+        assert!(matches!(
+            read_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Line::Data
+        ));
         assert_eq!(buf, b"ok");
-        assert!(matches!(read_line(&mut reader, &mut buf, 10).await.unwrap(), Line::Data));
+        assert!(matches!(
+            read_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Line::Data
+        ));
         assert_eq!(buf, b"partial");
-        assert!(matches!(read_line(&mut reader, &mut buf, 10).await.unwrap(), Line::Eof));
+        assert!(matches!(
+            read_line(&mut reader, &mut buf, 10).await.unwrap(),
+            Line::Eof
+        ));
     }
 
     #[test]
@@ -133,9 +162,26 @@ mod tests {
         assert_eq!(l.check_at(t0), Verdict::Allow);
         assert_eq!(l.check_at(t0), Verdict::Reject);
         assert_eq!(l.check_at(t0 + Duration::from_millis(1500)), Verdict::Allow);
-        assert_eq!(l.check_at(t0 + Duration::from_millis(1500)), Verdict::Reject);
+        assert_eq!(
+            l.check_at(t0 + Duration::from_millis(1500)),
+            Verdict::Reject
+        );
         assert_eq!(l.check_at(t0 + Duration::from_millis(2600)), Verdict::Allow);
-        assert_eq!(l.check_at(t0 + Duration::from_millis(2600)), Verdict::Reject);
+        assert_eq!(
+            l.check_at(t0 + Duration::from_millis(2600)),
+            Verdict::Reject
+        );
         assert_eq!(l.check_at(t0 + Duration::from_millis(3700)), Verdict::Allow);
+    }
+
+    #[test]
+    fn a_steady_flood_is_closed() {
+        let mut l = RateLimiter::new(10, 10, Duration::from_secs(1));
+        let t0 = Instant::now();
+        let verdicts: Vec<Verdict> = (0..300)
+            .map(|i| l.check_at(t0 + Duration::from_millis(10 * i)))
+            .collect();
+        assert!(verdicts.contains(&Verdict::Allow));
+        assert!(verdicts.contains(&Verdict::Close));
     }
 }

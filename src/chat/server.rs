@@ -12,7 +12,11 @@ use tokio_util::sync::CancellationToken;
 use super::json;
 use super::service::ChatService;
 
-pub async fn serve_chat_port(listener: TcpListener, svc: Arc<ChatService>, shutdown: CancellationToken) {
+pub async fn serve_chat_port(
+    listener: TcpListener,
+    svc: Arc<ChatService>,
+    shutdown: CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(svc.config.max_clients));
     loop {
         let (stream, _) = tokio::select! {
@@ -41,7 +45,8 @@ pub async fn serve_chat_port(listener: TcpListener, svc: Arc<ChatService>, shutd
 }
 
 async fn refuse(mut stream: TcpStream) {
-    let line = br#"{"type":"error","code":"unavailable","message":"server full: too many clients"}"#;
+    let line =
+        br#"{"type":"error","code":"unavailable","message":"server full: too many clients"}"#;
     let _ = stream.write_all(line).await;
     let _ = stream.write_all(b"\n").await;
     let _ = stream.shutdown().await;

@@ -33,7 +33,9 @@ pub enum ChatError {
 impl From<WriteError> for ChatError {
     fn from(e: WriteError) -> Self {
         match e {
-            WriteError::Unavailable(m) => ChatError::Unavailable(format!("no leader available: {m}")),
+            WriteError::Unavailable(m) => {
+                ChatError::Unavailable(format!("no leader available: {m}"))
+            }
             WriteError::Internal(m) => ChatError::Internal(m),
         }
     }
@@ -94,7 +96,10 @@ impl ChatService {
 
     /// Tells the cluster that no connection this node had before it started is alive.
     /// Retries until it is replicated or `shutdown` fires.
-    pub async fn release_previous_connections(&self, shutdown: tokio_util::sync::CancellationToken) {
+    pub async fn release_previous_connections(
+        &self,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
         loop {
             let attempt = tokio::select! {
                 r = self.consensus.write(ChatCommand::DetachNode { node: self.node_id }) => r,
@@ -105,7 +110,9 @@ impl ChatService {
                     self.released.send_replace(true);
                     return;
                 }
-                Err(e) => tracing::debug!(error = %e, "release of previous connections not yet replicated"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "release of previous connections not yet replicated")
+                }
             }
         }
     }
@@ -123,12 +130,21 @@ impl ChatService {
         }
         let mut released = self.released.subscribe();
         let wait = std::time::Duration::from_millis(self.config.write_timeout_ms);
-        if !matches!(tokio::time::timeout(wait, released.wait_for(|r| *r)).await, Ok(Ok(_))) {
-            return Err(ChatError::Unavailable("this node has not joined the cluster yet".into()));
+        if !matches!(
+            tokio::time::timeout(wait, released.wait_for(|r| *r)).await,
+            Ok(Ok(_))
+        ) {
+            return Err(ChatError::Unavailable(
+                "this node has not joined the cluster yet".into(),
+            ));
         }
         let (session, replaces) = {
             let state = self.store.state();
-            let resumable = token.filter(|t| state.session(t).is_some_and(|s| fold(&s.user) == fold(user)));
+            let resumable = token.filter(|t| {
+                state
+                    .session(t)
+                    .is_some_and(|s| fold(&s.user) == fold(user))
+            });
             match resumable {
                 Some(t) => (t.to_string(), None),
                 None => {
@@ -173,7 +189,8 @@ impl ChatService {
 
     /// Marks a connection live on this node.
     pub fn register(&self, attached: &Attached) {
-        self.live().insert(attached.session.clone(), attached.attachment);
+        self.live()
+            .insert(attached.session.clone(), attached.attachment);
     }
 
     /// The connection closed: frees the name for others (the session itself lives on for
@@ -200,7 +217,11 @@ impl ChatService {
         self.live().len()
     }
 
-    pub async fn join(&self, session: &str, room: &str) -> Result<(String, Vec<String>), ChatError> {
+    pub async fn join(
+        &self,
+        session: &str,
+        room: &str,
+    ) -> Result<(String, Vec<String>), ChatError> {
         if !is_valid_room(room) {
             return Err(ChatError::BadName(format!("invalid room name: {room:?}")));
         }
@@ -252,7 +273,11 @@ impl ChatService {
 
     /// Sends messages `(id, to, text)` of one session, in order, as consecutive log entries.
     /// Each gets its log index (the original one for a re-sent id) or an error.
-    pub async fn send_batch(&self, session: &str, messages: Vec<(String, String, String)>) -> Vec<Result<u64, ChatError>> {
+    pub async fn send_batch(
+        &self,
+        session: &str,
+        messages: Vec<(String, String, String)>,
+    ) -> Vec<Result<u64, ChatError>> {
         let commands = messages
             .into_iter()
             .map(|(id, to, text)| ChatCommand::Send {
@@ -288,7 +313,9 @@ impl ChatService {
         let key = fold(room);
         let name = {
             let state = self.store.state();
-            let member = state.session(session).is_some_and(|s| s.rooms.contains(&key));
+            let member = state
+                .session(session)
+                .is_some_and(|s| s.rooms.contains(&key));
             if !member {
                 return Err(ChatError::NotMember(room.to_string()));
             }
@@ -296,15 +323,23 @@ impl ChatService {
         };
         let store = self.store.clone();
         let upto = store.applied();
-        let messages = tokio::task::spawn_blocking(move || store.history().page(&key, after, before, limit, upto))
-            .await
-            .map_err(|e| ChatError::Internal(e.to_string()))?
-            .map_err(|e| ChatError::Internal(e.to_string()))?;
+        let messages = tokio::task::spawn_blocking(move || {
+            store.history().page(&key, after, before, limit, upto)
+        })
+        .await
+        .map_err(|e| ChatError::Internal(e.to_string()))?
+        .map_err(|e| ChatError::Internal(e.to_string()))?;
         Ok((name, messages))
     }
 
     /// What `session` (of `user`) missed in (`after`, `upto`]: its rooms and direct messages.
-    pub async fn missed(&self, session: &str, user: &str, after: u64, upto: u64) -> Result<Vec<StoredMessage>, ChatError> {
+    pub async fn missed(
+        &self,
+        session: &str,
+        user: &str,
+        after: u64,
+        upto: u64,
+    ) -> Result<Vec<StoredMessage>, ChatError> {
         let mut keys: Vec<String> = self
             .store
             .state()

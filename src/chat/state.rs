@@ -343,7 +343,14 @@ impl ChatState {
         });
     }
 
-    fn leave_room(&mut self, index: u64, token: &str, key: &str, user: &str, events: &mut Vec<Event>) {
+    fn leave_room(
+        &mut self,
+        index: u64,
+        token: &str,
+        key: &str,
+        user: &str,
+        events: &mut Vec<Event>,
+    ) {
         if let Some(room) = self.rooms.get_mut(key) {
             room.members.remove(token);
             events.push(Event::Presence {
@@ -418,7 +425,8 @@ mod tests {
         }
         fn run_at(&mut self, ts: i64, cmd: ChatCommand) -> ChatResponse {
             self.index += 1;
-            self.state.apply(self.index, ts, &cmd, TTL, &mut self.events)
+            self.state
+                .apply(self.index, ts, &cmd, TTL, &mut self.events)
         }
         fn run(&mut self, cmd: ChatCommand) -> ChatResponse {
             self.run_at(1000, cmd)
@@ -460,8 +468,18 @@ mod tests {
             panic!("{first:?}")
         };
         assert!(!duplicate);
-        assert_eq!(again, ChatResponse::Sent { index, duplicate: true });
-        let messages = h.events.iter().filter(|e| matches!(e, Event::Message(_))).count();
+        assert_eq!(
+            again,
+            ChatResponse::Sent {
+                index,
+                duplicate: true
+            }
+        );
+        let messages = h
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Message(_)))
+            .count();
         assert_eq!(messages, 1);
     }
 
@@ -491,7 +509,10 @@ mod tests {
             session: "s1".into(),
             attachment,
         });
-        assert!(matches!(h.attach("s2", "alice", 2), ChatResponse::Attached { .. }));
+        assert!(matches!(
+            h.attach("s2", "alice", 2),
+            ChatResponse::Attached { .. }
+        ));
     }
 
     #[test]
@@ -515,10 +536,19 @@ mod tests {
     fn send_requires_membership_and_known_users() {
         let mut h = Harness::new();
         h.attach("s1", "alice", 1);
-        assert!(matches!(h.run(send("s1", "a", "#x")), ChatResponse::NotMember { .. }));
-        assert!(matches!(h.run(send("s1", "b", "bob")), ChatResponse::NoSuchUser { .. }));
+        assert!(matches!(
+            h.run(send("s1", "a", "#x")),
+            ChatResponse::NotMember { .. }
+        ));
+        assert!(matches!(
+            h.run(send("s1", "b", "bob")),
+            ChatResponse::NoSuchUser { .. }
+        ));
         h.attach("s2", "bob", 1);
-        assert!(matches!(h.run(send("s1", "c", "BOB")), ChatResponse::Sent { .. }));
+        assert!(matches!(
+            h.run(send("s1", "c", "BOB")),
+            ChatResponse::Sent { .. }
+        ));
     }
 
     #[test]
@@ -532,7 +562,10 @@ mod tests {
             session: "s1".into(),
             attachment,
         });
-        h.run_at(1000 + TTL + SWEEP_EVERY_MS, ChatCommand::DetachNode { node: 9 });
+        h.run_at(
+            1000 + TTL + SWEEP_EVERY_MS,
+            ChatCommand::DetachNode { node: 9 },
+        );
         assert!(h.state.session("s1").is_none());
         assert!(h.state.holder_of("alice").is_none());
         assert!(h.state.room_name("#r").is_none());

@@ -46,16 +46,18 @@ impl ChatStore {
     }
 
     /// Applies a batch of committed entries (blocking: writes the history).
-    pub fn apply(&self, entries: &[AppliedEntry<'_>]) -> Result<Vec<Option<ChatResponse>>, HistoryError> {
+    pub fn apply(
+        &self,
+        entries: &[AppliedEntry<'_>],
+    ) -> Result<Vec<Option<ChatResponse>>, HistoryError> {
         let mut events = Vec::new();
         let mut responses = Vec::with_capacity(entries.len());
         {
             let mut state = self.write_state();
             for e in entries {
-                responses.push(
-                    e.command
-                        .map(|cmd| state.apply(e.index, e.ts_ms, cmd, self.session_ttl_ms, &mut events)),
-                );
+                responses.push(e.command.map(|cmd| {
+                    state.apply(e.index, e.ts_ms, cmd, self.session_ttl_ms, &mut events)
+                }));
             }
         }
         let messages: Vec<Arc<StoredMessage>> = events

@@ -97,7 +97,8 @@ async fn supervise(args: &ClusterArgs, config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
     let config_path = args.data_dir.join("cluster.toml");
     let text = toml::to_string(&config).context("cannot write the cluster config")?;
-    std::fs::write(&config_path, text).with_context(|| format!("cannot write {}", config_path.display()))?;
+    std::fs::write(&config_path, text)
+        .with_context(|| format!("cannot write {}", config_path.display()))?;
     let exe = std::env::current_exe().context("cannot find the raftchat executable")?;
 
     let mut children: Vec<(u64, Child)> = Vec::new();
@@ -114,16 +115,28 @@ async fn supervise(args: &ClusterArgs, config: Config) -> anyhow::Result<()> {
         children.push((node.id, child));
     }
 
-    println!("raftchat cluster: {} nodes, data in {}", config.nodes.len(), args.data_dir.display());
-    println!("{:<6} {:<22} {:<22} {:<22}", "node", "chat", "raft", "metrics");
+    println!(
+        "raftchat cluster: {} nodes, data in {}",
+        config.nodes.len(),
+        args.data_dir.display()
+    );
+    println!(
+        "{:<6} {:<22} {:<22} {:<22}",
+        "node", "chat", "raft", "metrics"
+    );
     for n in &config.nodes {
-        println!("{:<6} {:<22} {:<22} {:<22}", n.id, n.chat, n.raft, n.metrics);
+        println!(
+            "{:<6} {:<22} {:<22} {:<22}",
+            n.id, n.chat, n.raft, n.metrics
+        );
     }
     let servers: Vec<&str> = config.nodes.iter().map(|n| n.chat.as_str()).collect();
     let metrics: Vec<&str> = config.nodes.iter().map(|n| n.metrics.as_str()).collect();
     if let Some(first) = config.nodes.first() {
         let (host, port) = first.chat.rsplit_once(':').unwrap_or((&first.chat, ""));
-        println!("connect:  nc {host} {port}   then type {{\"type\":\"hello\",\"user\":\"alice\"}}");
+        println!(
+            "connect:  nc {host} {port}   then type {{\"type\":\"hello\",\"user\":\"alice\"}}"
+        );
     }
     println!("status:   raftchat status --servers {}", metrics.join(","));
     println!("servers:  {}", servers.join(","));

@@ -11,7 +11,11 @@ use clap::{Parser, Subcommand};
 use crate::config::{self, ConfigError, FlagOverrides};
 
 #[derive(Parser)]
-#[command(name = "raftchat", version, about = "A fault-tolerant chat cluster replicated with Raft")]
+#[command(
+    name = "raftchat",
+    version,
+    about = "A fault-tolerant chat cluster replicated with Raft"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,13 +47,23 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match cli.command {
-        Command::Node { config, id, data_dir } => {
+        Command::Node {
+            config,
+            id,
+            data_dir,
+        } => {
             let flags = FlagOverrides { data_dir };
-            let config = match config::load(config.as_deref(), &flags).and_then(|c| c.node(id).map(|_| c.clone())) {
+            let config = match config::load(config.as_deref(), &flags)
+                .and_then(|c| c.node(id).map(|_| c.clone()))
+            {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };

@@ -21,7 +21,9 @@ pub struct StatusArgs {
 
 async fn fetch(addr: &str) -> anyhow::Result<Value> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let uri: hyper::Uri = format!("http://{addr}/status").parse().context("bad address")?;
+    let uri: hyper::Uri = format!("http://{addr}/status")
+        .parse()
+        .context("bad address")?;
     let response = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
         .await
         .context("no answer within 2 s")??;
@@ -55,12 +57,22 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                     .as_array()
                     .map(|ps| {
                         ps.iter()
-                            .map(|p| format!("{}:{}", p["id"], if p["up"] == true { "up" } else { "down" }))
+                            .map(|p| {
+                                format!(
+                                    "{}:{}",
+                                    p["id"],
+                                    if p["up"] == true { "up" } else { "down" }
+                                )
+                            })
                             .collect::<Vec<_>>()
                             .join(",")
                     })
                     .unwrap_or_default();
-                let leader = if v["leader"].is_null() { "-".to_string() } else { v["leader"].to_string() };
+                let leader = if v["leader"].is_null() {
+                    "-".to_string()
+                } else {
+                    v["leader"].to_string()
+                };
                 println!(
                     "{:<22} {:<5} {:<10} {:<6} {:<7} {:<8} {:<8} {:<18} {:<7}",
                     server,

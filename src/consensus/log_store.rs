@@ -70,7 +70,7 @@ impl LogStore {
     /// Opens (or creates) the log at `path`, loads it and starts the storage thread.
     /// A log that cannot be decoded or has a hole is refused with an error naming the problem.
     pub fn open(path: &Path, on_sync: SyncObserver) -> io::Result<LogStore> {
-        let db = Database::create(path).map_err(|e| corrupt(path, e))?;
+        let db = crate::disk::open_database(path).map_err(io::Error::other)?;
         let mut mem = LogMem::default();
         {
             let txn = db.begin_write().map_err(other)?;
@@ -85,15 +85,18 @@ impl LogStore {
                 Ok(meta.get(key).map_err(other)?.map(|v| v.value().to_vec()))
             };
             if let Some(bytes) = read_meta("vote")? {
-                mem.vote = Some(serde_json::from_slice(&bytes).map_err(|e| corrupt(path, format!("vote: {e}")))?);
+                mem.vote = Some(
+                    serde_json::from_slice(&bytes)
+                        .map_err(|e| corrupt(path, format!("vote: {e}")))?,
+                );
             }
             if let Some(bytes) = read_meta("committed")? {
-                mem.committed =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(path, format!("committed: {e}")))?;
+                mem.committed = serde_json::from_slice(&bytes)
+                    .map_err(|e| corrupt(path, format!("committed: {e}")))?;
             }
             if let Some(bytes) = read_meta("last_purged")? {
-                mem.last_purged =
-                    serde_json::from_slice(&bytes).map_err(|e| corrupt(path, format!("last_purged: {e}")))?;
+                mem.last_purged = serde_json::from_slice(&bytes)
+                    .map_err(|e| corrupt(path, format!("last_purged: {e}")))?;
             }
             let logs = txn.open_table(LOGS).map_err(other)?;
             let mut expected = mem.last_purged.as_ref().map(|l| l.index() + 1);
@@ -103,23 +106,35 @@ impl LogStore {
                 if let Some(exp) = expected
                     && exp != index
                 {
-                    return Err(corrupt(path, format!("expected entry {exp}, found {index}")));
+                    return Err(corrupt(
+                        path,
+                        format!("expected entry {exp}, found {index}"),
+                    ));
                 }
                 let entry: Entry = serde_json::from_slice(v.value())
                     .map_err(|e| corrupt(path, format!("entry {index}: {e}")))?;
                 if entry.index() != index {
-                    return Err(corrupt(path, format!("entry stored at {index} says {}", entry.index())));
+                    return Err(corrupt(
+                        path,
+                        format!("entry stored at {index} says {}", entry.index()),
+                    ));
                 }
                 expected = Some(index + 1);
                 mem.entries.insert(index, entry);
             }
         }
         if let (Some(committed), last) = (&mem.committed, mem.entries.keys().next_back())
-            && last.copied().or(mem.last_purged.as_ref().map(|l| l.index())) < Some(committed.index())
+            && last
+                .copied()
+                .or(mem.last_purged.as_ref().map(|l| l.index()))
+                < Some(committed.index())
         {
             return Err(corrupt(
                 path,
-                format!("committed index {} is beyond the last entry", committed.index()),
+                format!(
+                    "committed index {} is beyond the last entry",
+                    committed.index()
+                ),
             ));
         }
         let (tx, rx) = mpsc::channel();
@@ -161,7 +176,10 @@ fn storage_thread(db: Database, rx: mpsc::Receiver<Op>, path: &Path, on_sync: Sy
             tracing::error!(path = %path.display(), error = %e, "raft log write failed");
         }
         for op in batch {
-            let outcome = result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string()));
+            let outcome = result
+                .as_ref()
+                .map(|_| ())
+                .map_err(|e| io::Error::other(e.to_string()));
             match op {
                 Op::Append(_, done) => done.io_completed(outcome),
                 Op::SaveVote(_, done) | Op::Truncate(_, done) => {
@@ -183,7 +201,8 @@ fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
                 Op::Append(entries, _) => {
                     for entry in entries {
                         let bytes = serde_json::to_vec(entry).map_err(other)?;
-                        logs.insert(entry.index(), bytes.as_slice()).map_err(other)?;
+                        logs.insert(entry.index(), bytes.as_slice())
+                            .map_err(other)?;
                     }
                 }
                 Op::SaveVote(vote, _) => {
@@ -198,9 +217,11 @@ fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
                     logs.retain_in(*from.., |_, _| false).map_err(other)?;
                 }
                 Op::Purge(upto) => {
-                    logs.retain_in(..=upto.index(), |_, _| false).map_err(other)?;
+                    logs.retain_in(..=upto.index(), |_, _| false)
+                        .map_err(other)?;
                     let bytes = serde_json::to_vec(upto).map_err(other)?;
-                    meta.insert("last_purged", bytes.as_slice()).map_err(other)?;
+                    meta.insert("last_purged", bytes.as_slice())
+                        .map_err(other)?;
                 }
             }
         }
@@ -213,7 +234,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        Ok(self.mem().entries.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(self
+            .mem()
+            .entries
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -240,7 +266,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let (tx, rx) = oneshot::channel();
         self.send(Op::SaveVote(vote.clone(), tx))?;
-        rx.await.map_err(|_| io::Error::other("raft log storage thread has stopped"))??;
+        rx.await
+            .map_err(|_| io::Error::other("raft log storage thread has stopped"))??;
         self.mem().vote = Some(vote.clone());
         Ok(())
     }
@@ -254,7 +281,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.mem().committed.clone())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<(), io::Error>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
@@ -274,7 +305,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.mem().entries.retain(|&i, _| i < from);
         let (tx, rx) = oneshot::channel();
         self.send(Op::Truncate(from, tx))?;
-        rx.await.map_err(|_| io::Error::other("raft log storage thread has stopped"))?
+        rx.await
+            .map_err(|_| io::Error::other("raft log storage thread has stopped"))?
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {

@@ -23,8 +23,8 @@ use tokio::net::TcpListener;
 use crate::chat::command::{ChatCommand, ChatResponse};
 use crate::chat::store::ChatStore;
 use crate::config::Config;
-pub use log_store::SyncObserver;
 use log_store::LogStore;
+pub use log_store::SyncObserver;
 pub use network::RpcObserver;
 use network::{Network, RpcClient};
 pub use server::serve_raft_port;
@@ -179,9 +179,12 @@ impl Consensus {
         };
         let log_path = data_dir.join("raft-log.redb");
         let fresh = !log_path.exists();
-        let log = LogStore::open(&log_path, observers.storage_sync.clone()).map_err(|e| storage_err(e.to_string()))?;
+        let log = LogStore::open(&log_path, observers.storage_sync.clone())
+            .map_err(|e| storage_err(e.to_string()))?;
         let sm = StateMachine::open(data_dir, chat).map_err(|e| storage_err(e.to_string()))?;
-        check_log_covers_state(&log, &sm).await.map_err(storage_err)?;
+        check_log_covers_state(&log, &sm)
+            .await
+            .map_err(storage_err)?;
 
         let r = &config.raft;
         let raft_config = openraft::Config {
@@ -257,7 +260,10 @@ impl Consensus {
             .map(|(id, node)| (*id, node.chat.clone()))
             .collect();
         if from_membership.is_empty() {
-            self.members.iter().map(|(id, n)| (*id, n.chat.clone())).collect()
+            self.members
+                .iter()
+                .map(|(id, n)| (*id, n.chat.clone()))
+                .collect()
         } else {
             from_membership
         }
@@ -325,12 +331,17 @@ impl Consensus {
     /// Replicates `commands` as consecutive log entries, in order, with one round trip to the
     /// leader. Each command gets its own result; a command whose fate is unknown after a leader
     /// change is retried on the new leader (applying is idempotent per session and client id).
-    pub async fn write_batch(&self, commands: Vec<ChatCommand>) -> Vec<Result<Committed, WriteError>> {
+    pub async fn write_batch(
+        &self,
+        commands: Vec<ChatCommand>,
+    ) -> Vec<Result<Committed, WriteError>> {
         let deadline = Instant::now() + self.write_timeout;
         let mut results: Vec<Option<Result<Committed, WriteError>>> = vec![None; commands.len()];
         let mut last_problem = String::from("no leader elected");
         loop {
-            let pending: Vec<usize> = (0..commands.len()).filter(|i| results[*i].is_none()).collect();
+            let pending: Vec<usize> = (0..commands.len())
+                .filter(|i| results[*i].is_none())
+                .collect();
             if pending.is_empty() {
                 break;
             }
@@ -349,7 +360,8 @@ impl Consensus {
                     if let Ok(items) = &outcome
                         && let Some(top) = items.iter().filter_map(|r| r.committed_index()).max()
                     {
-                        self.wait_applied(top, remaining.min(Duration::from_secs(1))).await;
+                        self.wait_applied(top, remaining.min(Duration::from_secs(1)))
+                            .await;
                     }
                     outcome
                 }
@@ -377,7 +389,8 @@ impl Consensus {
             if results.iter().any(Option::is_none) {
                 // Wait for news of a leader, but never spin: metrics change on every ack.
                 let remaining = deadline.saturating_duration_since(Instant::now());
-                self.status_changed(remaining.min(Duration::from_millis(20))).await;
+                self.status_changed(remaining.min(Duration::from_millis(20)))
+                    .await;
                 tokio::time::sleep(Duration::from_millis(5).min(remaining)).await;
             }
         }
@@ -388,11 +401,19 @@ impl Consensus {
     }
 
     /// Appends `commands` on this node, which believes it is the leader.
-    async fn write_local(&self, commands: Vec<ChatCommand>, timeout: Duration) -> Result<Vec<ItemResult>, LocalWrite> {
+    async fn write_local(
+        &self,
+        commands: Vec<ChatCommand>,
+        timeout: Duration,
+    ) -> Result<Vec<ItemResult>, LocalWrite> {
         let ts_ms = now_ms();
-        let requests: Vec<Request> = commands.into_iter().map(|command| Request { ts_ms, command }).collect();
+        let requests: Vec<Request> = commands
+            .into_iter()
+            .map(|command| Request { ts_ms, command })
+            .collect();
         let waiter = self.raft.wait(None);
-        let lost_leadership = waiter.metrics(|m| m.current_leader != Some(self.id), "leadership lost");
+        let lost_leadership =
+            waiter.metrics(|m| m.current_leader != Some(self.id), "leadership lost");
         let write = async {
             let mut stream = self
                 .raft
@@ -406,11 +427,14 @@ impl Consensus {
                         index: resp.log_id.index(),
                         response: resp.response,
                     }),
-                    Ok(Err(ClientWriteError::ForwardToLeader(_))) | Ok(Err(ClientWriteError::LogEntryDiscarded(_))) => {
+                    Ok(Err(ClientWriteError::ForwardToLeader(_)))
+                    | Ok(Err(ClientWriteError::LogEntryDiscarded(_))) => {
                         ItemResult::Retry("leadership changed during the write".into())
                     }
                     Ok(Err(e)) => ItemResult::Failed(WriteError::Internal(e.to_string())),
-                    Err(fatal) => return Err(LocalWrite::Failed(WriteError::Internal(fatal.to_string()))),
+                    Err(fatal) => {
+                        return Err(LocalWrite::Failed(WriteError::Internal(fatal.to_string())));
+                    }
                 };
                 items.push(item);
             }
@@ -425,7 +449,12 @@ impl Consensus {
         }
     }
 
-    async fn forward(&self, leader: u64, commands: Vec<ChatCommand>, timeout: Duration) -> Result<Vec<ItemResult>, LocalWrite> {
+    async fn forward(
+        &self,
+        leader: u64,
+        commands: Vec<ChatCommand>,
+        timeout: Duration,
+    ) -> Result<Vec<ItemResult>, LocalWrite> {
         let addr = self
             .raft
             .metrics()
@@ -442,9 +471,15 @@ impl Consensus {
         let headers: [(&str, String); 0] = [];
         let waiter = self.raft.wait(None);
         let leader_changed = waiter.metrics(|m| m.current_leader != Some(leader), "leader changed");
-        let call = self
-            .rpc
-            .post::<_, ForwardAnswer>("forward", leader, &addr, "/api/write", &request, timeout, &headers);
+        let call = self.rpc.post::<_, ForwardAnswer>(
+            "forward",
+            leader,
+            &addr,
+            "/api/write",
+            &request,
+            timeout,
+            &headers,
+        );
         tokio::select! {
             answer = call => match answer {
                 Ok(ForwardAnswer::Results(items)) => Ok(items),
@@ -478,7 +513,10 @@ impl Consensus {
                 let handed = self
                     .raft
                     .wait(Some(Duration::from_secs(2)))
-                    .metrics(|m| m.current_leader.is_some_and(|l| l != self.id), "leader transferred")
+                    .metrics(
+                        |m| m.current_leader.is_some_and(|l| l != self.id),
+                        "leader transferred",
+                    )
                     .await;
                 transferred = handed.is_ok();
             }

@@ -12,11 +12,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use openraft::RaftNetworkFactory;
-use openraft::error::{NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::error::{
+    NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
+};
 use openraft::network::{Backoff, RPCOption, RaftNetworkV2};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest, TransferLeaderResponse,
-    VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
+    TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -128,7 +130,10 @@ impl RpcClient {
         };
         let result = match tokio::time::timeout(timeout, exchange).await {
             Ok(r) => r,
-            Err(_) => Err(network(format!("no answer within {} ms", timeout.as_millis()))),
+            Err(_) => Err(network(format!(
+                "no answer within {} ms",
+                timeout.as_millis()
+            ))),
         };
         (self.observer)(rpc, target, started.elapsed());
         result
@@ -187,7 +192,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("append", "/raft/append", &req, option.soft_ttl()).await
+        self.call("append", "/raft/append", &req, option.soft_ttl())
+            .await
     }
 
     async fn vote(
@@ -195,7 +201,8 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("vote", "/raft/vote", &req, option.soft_ttl()).await
+        self.call("vote", "/raft/vote", &req, option.soft_ttl())
+            .await
     }
 
     async fn full_snapshot(

@@ -24,7 +24,11 @@ use crate::http::{self, HttpResponse};
 const MAX_RPC_BODY: usize = 64 * 1024 * 1024;
 const MAX_SNAPSHOT_BODY: usize = 1024 * 1024 * 1024;
 
-pub async fn serve_raft_port(listener: TcpListener, consensus: Arc<Consensus>, shutdown: CancellationToken) {
+pub async fn serve_raft_port(
+    listener: TcpListener,
+    consensus: Arc<Consensus>,
+    shutdown: CancellationToken,
+) {
     let handler = move |req: Request<Incoming>| {
         let consensus = consensus.clone();
         async move { handle(&consensus, req).await }
@@ -33,14 +37,17 @@ pub async fn serve_raft_port(listener: TcpListener, consensus: Arc<Consensus>, s
 }
 
 fn authorized(consensus: &Consensus, req: &Request<Incoming>) -> bool {
-    req.headers()
-        .get(SECRET_HEADER)
-        .is_some_and(|v| constant_time_eq::constant_time_eq(v.as_bytes(), consensus.secret.as_bytes()))
+    req.headers().get(SECRET_HEADER).is_some_and(|v| {
+        constant_time_eq::constant_time_eq(v.as_bytes(), consensus.secret.as_bytes())
+    })
 }
 
 async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
     if !authorized(consensus, &req) {
-        return http::text(StatusCode::UNAUTHORIZED, "missing or wrong cluster secret\n");
+        return http::text(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong cluster secret\n",
+        );
     }
     let target = req
         .headers()
@@ -92,8 +99,10 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
         },
         "/raft/transfer-leader" => match decode(&body) {
             Ok(req) => {
-                let res: Result<TransferLeaderResponse<TypeConfig>, RaftError<TypeConfig>> =
-                    raft.handle_transfer_leader(req).await.map_err(RaftError::Fatal);
+                let res: Result<TransferLeaderResponse<TypeConfig>, RaftError<TypeConfig>> = raft
+                    .handle_transfer_leader(req)
+                    .await
+                    .map_err(RaftError::Fatal);
                 http::json(StatusCode::OK, &res)
             }
             Err(resp) => resp,
@@ -107,10 +116,12 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
                 } else {
                     match consensus.write_local(req.commands, timeout).await {
                         Ok(items) => ForwardAnswer::Results(items),
-                        Err(LocalWrite::NotLeader | LocalWrite::Retry(_)) => ForwardAnswer::NotLeader,
-                        Err(LocalWrite::Failed(e)) => {
-                            ForwardAnswer::Results((0..count).map(|_| ItemResult::Failed(e.clone())).collect())
+                        Err(LocalWrite::NotLeader | LocalWrite::Retry(_)) => {
+                            ForwardAnswer::NotLeader
                         }
+                        Err(LocalWrite::Failed(e)) => ForwardAnswer::Results(
+                            (0..count).map(|_| ItemResult::Failed(e.clone())).collect(),
+                        ),
                     }
                 };
                 http::json(StatusCode::OK, &answer)
@@ -122,5 +133,6 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
 }
 
 fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpResponse> {
-    serde_json::from_slice(body).map_err(|e| http::text(StatusCode::BAD_REQUEST, format!("bad body: {e}\n")))
+    serde_json::from_slice(body)
+        .map_err(|e| http::text(StatusCode::BAD_REQUEST, format!("bad body: {e}\n")))
 }

@@ -59,7 +59,9 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> io::Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(io_err)?
 }
 
@@ -96,7 +98,10 @@ impl StateMachine {
 
     /// The log id of the last durable snapshot, if any.
     pub fn snapshot_log_id(&self) -> Option<LogId> {
-        self.applied().snapshot.as_ref().and_then(|m| m.last_log_id.clone())
+        self.applied()
+            .snapshot
+            .as_ref()
+            .and_then(|m| m.last_log_id.clone())
     }
 
     fn applied(&self) -> MutexGuard<'_, Applied> {
@@ -118,7 +123,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn payload_for(chat: &ChatStore, state: ChatState, meta: &SnapshotMeta) -> io::Result<SnapshotPayload> {
+fn payload_for(
+    chat: &ChatStore,
+    state: ChatState,
+    meta: &SnapshotMeta,
+) -> io::Result<SnapshotPayload> {
     let upto = meta.last_log_id.as_ref().map_or(0, |l| l.index());
     let messages = chat.history().all_upto(upto).map_err(io_err)?;
     Ok(SnapshotPayload { state, messages })
@@ -202,7 +211,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotPayload) -> Result<(), io::Error> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: SnapshotPayload,
+    ) -> Result<(), io::Error> {
         let inner = self.inner.clone();
         let meta_copy = meta.clone();
         blocking(move || {
@@ -215,7 +228,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 .chat
                 .install(snapshot.state, index, Some(&snapshot.messages))
                 .map_err(io_err)?;
-            write_atomically(&inner.snapshot_path, &serde_json::to_vec(&file).map_err(io_err)?)
+            write_atomically(
+                &inner.snapshot_path,
+                &serde_json::to_vec(&file).map_err(io_err)?,
+            )
         })
         .await?;
         let mut a = self.applied();
@@ -260,7 +276,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
         let snapshot = blocking(move || {
             // Every message up to the snapshot must be durable before the log behind it can go.
             inner.chat.history().flush().map_err(io_err)?;
-            write_atomically(&inner.snapshot_path, &serde_json::to_vec(&file).map_err(io_err)?)?;
+            write_atomically(
+                &inner.snapshot_path,
+                &serde_json::to_vec(&file).map_err(io_err)?,
+            )?;
             payload_for(&inner.chat, file.state, &file.meta)
         })
         .await?;
