@@ -209,6 +209,7 @@ fn describe_figment_error(e: &figment::Error) -> String {
         let source = err
             .metadata
             .as_ref()
+            .filter(|m| !m.name.contains("TOML source string"))
             .map(|m| format!(" (from {})", m.name))
             .unwrap_or_default();
         if key.is_empty() {

@@ -389,9 +389,9 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
     }
     closed.cancel();
     // Let replication of queued sends finish, so their acks are not lost to a resuming client.
-    if let Some((tx, task)) = conn.sends.take() {
-        drop(tx);
-        let _ = task.await;
+    if let Some(pipeline) = conn.sends.take() {
+        drop(pipeline.queue);
+        let _ = pipeline.task.await;
     }
     if let Some(attached) = &conn.attached {
         svc.unregister(attached);
@@ -400,15 +400,21 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
     let _ = writer.await;
 }
 
+/// A message waiting to be replicated: (client id, target, text).
+type Outgoing = (String, String, String);
+
+/// The queue of a connection's messages and the task replicating them in order.
+struct SendPipeline {
+    queue: mpsc::Sender<Outgoing>,
+    task: tokio::task::JoinHandle<()>,
+}
+
 struct Connection {
     svc: Arc<ChatService>,
     out: mpsc::Sender<Outbound>,
     closed: CancellationToken,
     attached: Option<Attached>,
-    sends: Option<(
-        mpsc::Sender<(String, String, String)>,
-        tokio::task::JoinHandle<()>,
-    )>,
+    sends: Option<SendPipeline>,
 }
 
 impl Connection {
@@ -596,14 +602,14 @@ impl Connection {
             rx,
             self.out.clone(),
         ));
-        self.sends = Some((tx, task));
+        self.sends = Some(SendPipeline { queue: tx, task });
         self.attached = Some(attached);
         Ok(())
     }
 
     async fn queue_send(&self, id: String, to: String, text: String) {
-        if let Some((tx, _)) = &self.sends {
-            let _ = tx.send((id, to, text)).await;
+        if let Some(pipeline) = &self.sends {
+            let _ = pipeline.queue.send((id, to, text)).await;
         }
     }
 }
@@ -613,7 +619,7 @@ impl Connection {
 async fn send_loop(
     svc: Arc<ChatService>,
     session: String,
-    mut rx: mpsc::Receiver<(String, String, String)>,
+    mut rx: mpsc::Receiver<Outgoing>,
     out: mpsc::Sender<Outbound>,
 ) {
     let mut batch = Vec::with_capacity(SEND_BATCH);
@@ -721,10 +727,7 @@ async fn write_loop(
             item = rx.recv() => item,
             _ = closed.cancelled() => {
                 // Drain what is already queued (the last acks or an error), then stop.
-                match rx.try_recv() {
-                    Ok(item) => Some(item),
-                    Err(_) => None,
-                }
+                rx.try_recv().ok()
             }
         };
         let Some(item) = item else { break };

@@ -573,7 +573,7 @@ mod tests {
 
     #[test]
     fn same_log_same_state() {
-        let cmds = vec![
+        let cmds = [
             ChatCommand::Attach {
                 session: "s1".into(),
                 user: "a".into(),

@@ -243,7 +243,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        Ok(self.mem().vote.clone())
+        Ok(self.mem().vote)
     }
 }
 
@@ -254,8 +254,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let mem = self.mem();
         let last = mem.entries.values().next_back().map(|e| e.log_id());
         Ok(LogState {
-            last_purged_log_id: mem.last_purged.clone(),
-            last_log_id: last.or_else(|| mem.last_purged.clone()),
+            last_purged_log_id: mem.last_purged,
+            last_log_id: last.or_else(|| mem.last_purged),
         })
     }
 
@@ -265,20 +265,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
         let (tx, rx) = oneshot::channel();
-        self.send(Op::SaveVote(vote.clone(), tx))?;
+        self.send(Op::SaveVote(*vote, tx))?;
         rx.await
             .map_err(|_| io::Error::other("raft log storage thread has stopped"))??;
-        self.mem().vote = Some(vote.clone());
+        self.mem().vote = Some(*vote);
         Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        self.mem().committed = committed.clone();
+        self.mem().committed = committed;
         self.send(Op::SaveCommitted(committed))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
-        Ok(self.mem().committed.clone())
+        Ok(self.mem().committed)
     }
 
     async fn append<I>(
@@ -313,7 +313,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.mem();
             mem.entries.retain(|&i, _| i > log_id.index());
-            mem.last_purged = Some(log_id.clone());
+            mem.last_purged = Some(log_id);
         }
         self.send(Op::Purge(log_id))
     }

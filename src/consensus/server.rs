@@ -77,11 +77,11 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
     match path.as_str() {
         "/raft/append" => match decode(&body) {
             Ok(req) => http::json(StatusCode::OK, &raft.append_entries(req).await),
-            Err(resp) => resp,
+            Err(reason) => bad_request(reason),
         },
         "/raft/vote" => match decode(&body) {
             Ok(req) => http::json(StatusCode::OK, &raft.vote(req).await),
-            Err(resp) => resp,
+            Err(reason) => bad_request(reason),
         },
         "/raft/snapshot" => match decode::<SnapshotRequest>(&body) {
             Ok(req) => {
@@ -95,7 +95,7 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
                     .map_err(RaftError::Fatal);
                 http::json(StatusCode::OK, &res)
             }
-            Err(resp) => resp,
+            Err(reason) => bad_request(reason),
         },
         "/raft/transfer-leader" => match decode(&body) {
             Ok(req) => {
@@ -105,7 +105,7 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
                     .map_err(RaftError::Fatal);
                 http::json(StatusCode::OK, &res)
             }
-            Err(resp) => resp,
+            Err(reason) => bad_request(reason),
         },
         "/api/write" => match decode::<ForwardRequest>(&body) {
             Ok(req) => {
@@ -126,13 +126,16 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
                 };
                 http::json(StatusCode::OK, &answer)
             }
-            Err(resp) => resp,
+            Err(reason) => bad_request(reason),
         },
         _ => http::text(StatusCode::NOT_FOUND, format!("no such path: {path}\n")),
     }
 }
 
-fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, HttpResponse> {
-    serde_json::from_slice(body)
-        .map_err(|e| http::text(StatusCode::BAD_REQUEST, format!("bad body: {e}\n")))
+fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("bad body: {e}\n"))
+}
+
+fn bad_request(reason: String) -> HttpResponse {
+    http::text(StatusCode::BAD_REQUEST, reason)
 }

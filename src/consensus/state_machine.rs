@@ -80,7 +80,7 @@ impl StateMachine {
                 })?;
                 let index = file.meta.last_log_id.as_ref().map_or(0, |l| l.index());
                 chat.install(file.state, index, None).map_err(io_err)?;
-                applied.last = file.meta.last_log_id.clone();
+                applied.last = file.meta.last_log_id;
                 applied.membership = file.meta.last_membership.clone();
                 applied.snapshot = Some(file.meta);
             }
@@ -98,10 +98,7 @@ impl StateMachine {
 
     /// The log id of the last durable snapshot, if any.
     pub fn snapshot_log_id(&self) -> Option<LogId> {
-        self.applied()
-            .snapshot
-            .as_ref()
-            .and_then(|m| m.last_log_id.clone())
+        self.applied().snapshot.as_ref().and_then(|m| m.last_log_id)
     }
 
     fn applied(&self) -> MutexGuard<'_, Applied> {
@@ -139,7 +136,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
         let a = self.applied();
-        Ok((a.last.clone(), a.membership.clone()))
+        Ok((a.last, a.membership.clone()))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
@@ -235,7 +232,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await?;
         let mut a = self.applied();
-        a.last = meta.last_log_id.clone();
+        a.last = meta.last_log_id;
         a.membership = meta.last_membership.clone();
         a.snapshot = Some(meta.clone());
         tracing::info!(index = ?meta.last_log_id.as_ref().map(|l| l.index()), "installed snapshot from leader");

@@ -1,0 +1,180 @@
+//! The command line: exit codes, config errors that name the key, and `raftchat cluster`.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+const T: Duration = Duration::from_secs(30);
+
+fn run_node(config: &std::path::Path, id: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(["node", "--config"])
+        .arg(config)
+        .args(["--id", id]);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run raftchat");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_errors_exit_2_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    let good = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/cluster.toml"))
+        .unwrap();
+
+    let (code, err) = run_node(
+        &write("typo.toml", &good.replace("heartbeat_ms", "heartbeat")),
+        "1",
+        &[],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("heartbeat"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+
+    let dup = good.replacen("id = 2", "id = 1", 1);
+    let (code, err) = run_node(&write("dup.toml", &dup), "1", &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("duplicate node id 1"), "{err}");
+
+    let port = good.replace("127.0.0.1:7102", "127.0.0.1:7001");
+    let (code, err) = run_node(&write("port.toml", &port), "1", &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("127.0.0.1:7001"), "{err}");
+
+    let (code, err) = run_node(&write("ok.toml", &good), "9", &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--id"), "{err}");
+
+    let (code, err) = run_node(
+        &write("ok2.toml", &good),
+        "1",
+        &[("RAFTCHAT_RAFT__BOGUS", "1")],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("bogus"), "{err}");
+
+    let (code, err) = run_node(
+        &write("ok3.toml", &good),
+        "1",
+        &[("RAFTCHAT_RAFT__HEARTBEAT_MS", "abc")],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("heartbeat_ms"), "{err}");
+
+    let (code, err) = run_node(&dir.path().join("missing.toml"), "1", &[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("missing.toml"), "{err}");
+
+    let out = Command::new(BIN)
+        .args(["node", "--bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    for sub in ["node", "cluster", "status"] {
+        let out = Command::new(BIN).args([sub, "--help"]).output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "{sub} --help");
+    }
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    // The env layer wins over the file: the node tries the data directory from the env.
+    let cluster = Cluster::configure(1, "");
+    let (code, err) = run_node(
+        &cluster.config,
+        "1",
+        &[("RAFTCHAT_DATA_DIR", "/proc/forbidden/{id}")],
+    );
+    assert_eq!(code, Some(1));
+    assert!(err.contains("/proc/forbidden/1"), "{err}");
+}
+
+fn pgrep_children(pid: u32) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .args(["-P", &pid.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn cluster_command_serves_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    // Find a base port with BASE+1..3, +101..103, +201..203 free.
+    let base = wait_for(T, "a free port block", || {
+        let base = 20000 + (rand_u16() % 20000);
+        let ok = [1, 2, 3, 101, 102, 103, 201, 202, 203]
+            .iter()
+            .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
+        ok.then_some(base)
+    });
+    let mut child = Command::new(BIN)
+        .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    let printed: Vec<String> = stdout.lines().take(7).map(|l| l.unwrap()).collect();
+    let text = printed.join("\n");
+    for port in [base + 1, base + 101, base + 201, base + 3] {
+        assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");
+    }
+    let chat = format!("127.0.0.1:{}", base + 2);
+    let mut c = wait_for(T, "the cluster to accept a hello", || {
+        let mut c = Client::try_connect(&chat)?;
+        let w = c.request(serde_json::json!({"type": "hello", "user": "clusteruser"}))?;
+        (w["type"] == "welcome").then_some(c)
+    });
+    c.join("#c");
+    assert_eq!(c.say("#c", "1", "hello cluster")["type"], "ack");
+    let children = pgrep_children(child.id());
+    assert_eq!(children.len(), 3, "three node processes");
+    let ok = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let status = wait_for(T, "raftchat cluster to exit", || {
+        child.try_wait().ok().flatten()
+    });
+    assert_eq!(status.code(), Some(0));
+    wait_for(T, "every node process to be gone", || {
+        children.iter().all(|p| !alive(*p)).then_some(())
+    });
+}
+
+fn rand_u16() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    (nanos ^ std::process::id()) as u16
+}
