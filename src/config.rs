@@ -46,6 +46,8 @@ pub struct NodeConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RaftConfig {
+    /// A follower refuses votes while its leader lease (`election_timeout_max_ms`) runs, so a
+    /// leader kill is noticed after roughly max + a random timeout in [min, max).
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
@@ -119,8 +121,8 @@ impl Default for RaftConfig {
     fn default() -> Self {
         RaftConfig {
             heartbeat_ms: 50,
-            election_timeout_min_ms: 200,
-            election_timeout_max_ms: 400,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 250,
             snapshot_every_entries: 20_000,
             keep_entries_after_snapshot: 5_000,
         }

@@ -17,6 +17,7 @@
 
 pub mod chat;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod consensus;
 pub mod disk;

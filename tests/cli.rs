@@ -178,3 +178,39 @@ fn rand_u16() -> u16 {
         .subsec_nanos();
     (nanos ^ std::process::id()) as u16
 }
+
+#[test]
+fn bench_reports_json_with_no_loss() {
+    let out = Command::new(BIN)
+        .args(["bench", "--clients", "4", "--duration", "2", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    for key in [
+        "throughput_msgs_per_s",
+        "ack_p50_ms",
+        "ack_p99_ms",
+        "ack_max_ms",
+        "delivery_p50_ms",
+        "delivery_p99_ms",
+        "sent",
+        "acked",
+        "lost",
+        "duplicated",
+        "errors",
+        "reconnects",
+    ] {
+        assert!(report.get(key).is_some(), "missing {key}: {report}");
+    }
+    assert!(report["throughput_msgs_per_s"].as_f64().unwrap() > 0.0);
+    assert!(report["acked"].as_u64().unwrap() > 0);
+    assert_eq!(report["lost"], 0);
+    assert_eq!(report["duplicated"], 0);
+}

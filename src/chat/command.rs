@@ -4,8 +4,9 @@
 //! of a newer version can still read them when a field is added.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// One replicated chat operation. Both dialects produce these.
@@ -107,10 +108,27 @@ pub struct StoredMessage {
     pub ts_ms: i64,
 }
 
+/// A committed message on its way to this node's connections; each dialect encodes it once
+/// for all of them.
+#[derive(Debug)]
+pub struct MessageEvent {
+    pub message: StoredMessage,
+    pub json: OnceLock<Bytes>,
+}
+
+impl MessageEvent {
+    pub fn new(message: StoredMessage) -> Arc<MessageEvent> {
+        Arc::new(MessageEvent {
+            message,
+            json: OnceLock::new(),
+        })
+    }
+}
+
 /// What applying the log tells the fan-out hub, in index order.
 #[derive(Debug, Clone)]
 pub enum Event {
-    Message(Arc<StoredMessage>),
+    Message(Arc<MessageEvent>),
     Presence {
         index: u64,
         room: String,
@@ -139,7 +157,7 @@ pub enum Event {
 impl Event {
     pub fn index(&self) -> u64 {
         match self {
-            Event::Message(m) => m.index,
+            Event::Message(m) => m.message.index,
             Event::Presence { index, .. }
             | Event::SessionAttached { index, .. }
             | Event::SessionClosed { index, .. }

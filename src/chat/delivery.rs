@@ -4,13 +4,13 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::command::{Event, StoredMessage};
+use super::command::{Event, MessageEvent};
 use super::names::{fold, is_room_target};
 
 /// What a connection does with one event.
 #[derive(Debug)]
 pub enum Delivery {
-    Message(Arc<StoredMessage>),
+    Message(Arc<MessageEvent>),
     Presence {
         room: String,
         user: String,
@@ -65,7 +65,8 @@ impl DeliveryFilter {
 
     pub fn on_event(&mut self, event: &Event) -> Option<Delivery> {
         match event {
-            Event::Message(m) => {
+            Event::Message(event) => {
+                let m = &event.message;
                 if m.index <= self.last {
                     return None;
                 }
@@ -78,7 +79,7 @@ impl DeliveryFilter {
                     return None;
                 }
                 self.last = m.index;
-                Some(Delivery::Message(m.clone()))
+                Some(Delivery::Message(event.clone()))
             }
             Event::Presence {
                 index,
@@ -126,7 +127,7 @@ mod tests {
     use super::*;
 
     fn msg(index: u64, to: &str, from: &str) -> Event {
-        Event::Message(Arc::new(StoredMessage {
+        Event::Message(MessageEvent::new(crate::chat::command::StoredMessage {
             index,
             to: to.into(),
             from: from.into(),

@@ -5,7 +5,6 @@
 //! on a blocking thread.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
@@ -78,7 +77,7 @@ impl History {
 
     /// Stores messages. Not durable by itself: `flush` makes every earlier write durable, and
     /// the log keeps the entries until a snapshot (which flushes first) covers them.
-    pub fn write(&self, messages: &[Arc<StoredMessage>]) -> Result<(), HistoryError> {
+    pub fn write(&self, messages: &[&StoredMessage]) -> Result<(), HistoryError> {
         if messages.is_empty() {
             return Ok(());
         }
@@ -88,11 +87,10 @@ impl History {
             let mut by_index = txn.open_table(MESSAGES)?;
             let mut by_target = txn.open_table(BY_TARGET)?;
             for msg in messages {
-                let json =
-                    serde_json::to_string(msg.as_ref()).map_err(|e| HistoryError::Corrupt {
-                        index: msg.index,
-                        reason: e.to_string(),
-                    })?;
+                let json = serde_json::to_string(msg).map_err(|e| HistoryError::Corrupt {
+                    index: msg.index,
+                    reason: e.to_string(),
+                })?;
                 by_index.insert(msg.index, json.as_str())?;
                 for key in target_keys(msg) {
                     by_target.insert((key.as_str(), msg.index), ())?;
@@ -222,15 +220,15 @@ fn decode(index: u64, json: &str) -> Result<StoredMessage, HistoryError> {
 mod tests {
     use super::*;
 
-    fn msg(index: u64, to: &str) -> Arc<StoredMessage> {
-        Arc::new(StoredMessage {
+    fn msg(index: u64, to: &str) -> StoredMessage {
+        StoredMessage {
             index,
             to: to.into(),
             from: "alice".into(),
             id: index.to_string(),
             text: "t".into(),
             ts_ms: 0,
-        })
+        }
     }
 
     #[test]
@@ -240,7 +238,7 @@ mod tests {
         let batch: Vec<_> = (1..=10)
             .map(|i| msg(i, if i % 2 == 0 { "#Even" } else { "bob" }))
             .collect();
-        h.write(&batch).unwrap();
+        h.write(&batch.iter().collect::<Vec<_>>()).unwrap();
         let idx = |v: Vec<StoredMessage>| v.into_iter().map(|m| m.index).collect::<Vec<_>>();
         assert_eq!(
             idx(h.page("#even", None, None, 2, 100).unwrap()),

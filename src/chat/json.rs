@@ -672,7 +672,10 @@ async fn deliver_loop(
         };
         let frame = match filter.on_event(&event) {
             None => continue,
-            Some(Delivery::Message(m)) => ServerFrame::Message(m.as_ref().into()).encode(),
+            Some(Delivery::Message(m)) => m
+                .json
+                .get_or_init(|| ServerFrame::Message((&m.message).into()).encode())
+                .clone(),
             Some(Delivery::Presence { room, user, joined }) => ServerFrame::Presence {
                 room: &room,
                 user: &user,

@@ -5,11 +5,10 @@
 //! the same state. Messages themselves are returned as events and stored by `history`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{ChatCommand, ChatResponse, Event, StoredMessage};
+use super::command::{ChatCommand, ChatResponse, Event, MessageEvent, StoredMessage};
 use super::names::{fold, is_room_target};
 
 /// Client message ids remembered per session; a client only re-sends recent, unacknowledged
@@ -300,7 +299,7 @@ impl ChatState {
             session.sent.insert(id.to_string(), index);
             session.last_active_ms = ts;
         }
-        events.push(Event::Message(Arc::new(StoredMessage {
+        events.push(Event::Message(MessageEvent::new(StoredMessage {
             index,
             to: target,
             from,

@@ -60,10 +60,10 @@ impl ChatStore {
                 }));
             }
         }
-        let messages: Vec<Arc<StoredMessage>> = events
+        let messages: Vec<&StoredMessage> = events
             .iter()
             .filter_map(|e| match e {
-                Event::Message(m) => Some(m.clone()),
+                Event::Message(m) => Some(&m.message),
                 _ => None,
             })
             .collect();

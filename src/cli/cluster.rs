@@ -92,28 +92,108 @@ fn existing_or_new_secret(path: &Path) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().simple().to_string())
 }
 
-async fn supervise(args: &ClusterArgs, config: Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("cannot create {}", args.data_dir.display()))?;
-    let config_path = args.data_dir.join("cluster.toml");
-    let text = toml::to_string(&config).context("cannot write the cluster config")?;
-    std::fs::write(&config_path, text)
-        .with_context(|| format!("cannot write {}", config_path.display()))?;
-    let exe = std::env::current_exe().context("cannot find the raftchat executable")?;
+/// Child `node` processes of one generated config, killed when dropped.
+pub struct LocalCluster {
+    exe: PathBuf,
+    config_path: PathBuf,
+    /// Where node logs go; `None` leaves them on this process's stderr.
+    log_dir: Option<PathBuf>,
+    pub config: Config,
+    children: Vec<(u64, Child)>,
+}
 
-    let mut children: Vec<(u64, Child)> = Vec::new();
-    for node in &config.nodes {
-        let child = Command::new(&exe)
+impl LocalCluster {
+    /// Writes `config` to `dir/cluster.toml` and starts every node; with `quiet`, node logs go
+    /// to `dir/node-<id>.log`.
+    pub fn start(config: Config, dir: &Path, quiet: bool) -> anyhow::Result<LocalCluster> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let config_path = dir.join("cluster.toml");
+        let text = toml::to_string(&config).context("cannot write the cluster config")?;
+        std::fs::write(&config_path, text)
+            .with_context(|| format!("cannot write {}", config_path.display()))?;
+        let exe = std::env::current_exe().context("cannot find the raftchat executable")?;
+        let mut cluster = LocalCluster {
+            exe,
+            config_path,
+            log_dir: quiet.then(|| dir.to_path_buf()),
+            config,
+            children: Vec::new(),
+        };
+        let ids: Vec<u64> = cluster.config.nodes.iter().map(|n| n.id).collect();
+        for id in ids {
+            cluster.start_node(id)?;
+        }
+        Ok(cluster)
+    }
+
+    pub fn start_node(&mut self, id: u64) -> anyhow::Result<()> {
+        let mut command = Command::new(&self.exe);
+        if let Some(dir) = &self.log_dir {
+            let path = dir.join(format!("node-{id}.log"));
+            let log = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            command.stderr(log);
+        }
+        let child = command
             .arg("node")
             .arg("--config")
-            .arg(&config_path)
+            .arg(&self.config_path)
             .arg("--id")
-            .arg(node.id.to_string())
+            .arg(id.to_string())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("cannot start node {}", node.id))?;
-        children.push((node.id, child));
+            .with_context(|| format!("cannot start node {id}"))?;
+        self.children.push((id, child));
+        Ok(())
     }
+
+    /// SIGKILLs node `id` and reaps it.
+    pub async fn kill(&mut self, id: u64) {
+        if let Some(pos) = self.children.iter().position(|(i, _)| *i == id) {
+            let (_, mut child) = self.children.remove(pos);
+            let _ = child.kill().await;
+        }
+    }
+
+    /// SIGTERMs every node and waits for it (SIGKILL after 10 s).
+    pub async fn stop(&mut self) {
+        for (_, child) in &self.children {
+            if let Some(pid) = child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+        }
+        for (id, child) in self.children.iter_mut() {
+            if tokio::time::timeout(Duration::from_secs(10), child.wait())
+                .await
+                .is_err()
+            {
+                eprintln!("raftchat: node {id} did not stop in 10 s; killing it");
+                let _ = child.kill().await;
+            }
+        }
+        self.children.clear();
+    }
+
+    /// Nodes that exited by themselves (forgotten once reported).
+    fn reap_exited(&mut self) -> Vec<(u64, std::process::ExitStatus)> {
+        let mut exited = Vec::new();
+        self.children
+            .retain_mut(|(id, child)| match child.try_wait() {
+                Ok(Some(status)) => {
+                    exited.push((*id, status));
+                    false
+                }
+                _ => true,
+            });
+        exited
+    }
+}
+
+async fn supervise(args: &ClusterArgs, config: Config) -> anyhow::Result<()> {
+    let mut cluster = LocalCluster::start(config.clone(), &args.data_dir, false)?;
 
     println!(
         "raftchat cluster: {} nodes, data in {}",
@@ -145,44 +225,22 @@ async fn supervise(args: &ClusterArgs, config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    let mut running = children.len();
     let mut check = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
             _ = check.tick() => {
-                for (id, child) in children.iter_mut() {
-                    if let Ok(Some(status)) = child.try_wait()
-                        && status.code() != Some(-999)
-                    {
-                        eprintln!("raftchat: node {id} exited ({status})");
-                        running -= 1;
-                        // Keep it from being reported again.
-                        *id = 0;
-                    }
+                for (id, status) in cluster.reap_exited() {
+                    eprintln!("raftchat: node {id} exited ({status})");
                 }
-                children.retain(|(id, _)| *id != 0);
-                if running == 0 {
+                if cluster.children.is_empty() {
                     anyhow::bail!("every node exited");
                 }
             }
         }
     }
-    eprintln!("raftchat: stopping {} nodes", children.len());
-    for (_, child) in &children {
-        if let Some(pid) = child.id() {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
-        }
-    }
-    for (id, child) in children.iter_mut() {
-        match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
-            Ok(_) => {}
-            Err(_) => {
-                eprintln!("raftchat: node {id} did not stop in 10 s; killing it");
-                let _ = child.kill().await;
-            }
-        }
-    }
+    eprintln!("raftchat: stopping {} nodes", cluster.children.len());
+    cluster.stop().await;
     Ok(())
 }

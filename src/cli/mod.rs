@@ -1,5 +1,6 @@
-//! The `raftchat` command line: `node`, `cluster`, `status`.
+//! The `raftchat` command line: `node`, `cluster`, `status`, `bench`.
 
+mod bench;
 mod cluster;
 mod status;
 
@@ -39,6 +40,8 @@ enum Command {
     Cluster(cluster::ClusterArgs),
     /// Show every node's role, term, leader, indexes, peer health and clients.
     Status(status::StatusArgs),
+    /// Load-test a cluster (or a local one it starts) and time leader failovers.
+    Bench(bench::BenchArgs),
 }
 
 /// Exit codes: 0 success, 1 runtime failure, 2 bad usage or configuration.
@@ -72,6 +75,7 @@ pub fn main() -> ExitCode {
         }
         Command::Cluster(args) => cluster::run(args),
         Command::Status(args) => run_async(status::run(args)),
+        Command::Bench(args) => run_async(bench::run(args)),
     }
 }
 

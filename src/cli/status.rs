@@ -19,20 +19,26 @@ pub struct StatusArgs {
     json: bool,
 }
 
-async fn fetch(addr: &str) -> anyhow::Result<Value> {
+/// GETs `/status` from a metrics address.
+pub async fn fetch_status(addr: &str, timeout: Duration) -> anyhow::Result<Value> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let uri: hyper::Uri = format!("http://{addr}/status")
         .parse()
         .context("bad address")?;
-    let response = tokio::time::timeout(Duration::from_secs(2), client.get(uri))
+    let response = tokio::time::timeout(timeout, client.get(uri))
         .await
-        .context("no answer within 2 s")??;
+        .with_context(|| format!("no answer within {timeout:?}"))??;
     let body = response.into_body().collect().await?.to_bytes();
     Ok(serde_json::from_slice(&body)?)
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
-    let answers = futures_util::future::join_all(args.servers.iter().map(|s| fetch(s))).await;
+    let answers = futures_util::future::join_all(
+        args.servers
+            .iter()
+            .map(|s| fetch_status(s, Duration::from_secs(2))),
+    )
+    .await;
     if args.json {
         let all: Vec<Value> = answers
             .iter()
