@@ -305,8 +305,9 @@ impl Config {
         if c.write_timeout_ms == 0 {
             return bad("key `chat.write_timeout_ms` must be positive".into());
         }
-        if c.client_queue_events < 16 {
-            return bad("key `chat.client_queue_events` must be at least 16".into());
+        if c.client_queue_events < 1024 {
+            // One applied batch is published at once and may hold hundreds of events.
+            return bad("key `chat.client_queue_events` must be at least 1024".into());
         }
         Ok(())
     }

@@ -299,6 +299,16 @@ impl Client {
         })
     }
 
+    /// Reads and discards everything the server sends on this connection, on a thread, until
+    /// it closes; returns how many lines arrived. Writes stay usable.
+    pub fn drain_in_background(&self) -> std::thread::JoinHandle<usize> {
+        let stream = self.stream.try_clone().expect("clone stream");
+        std::thread::spawn(move || {
+            let _ = stream.set_read_timeout(None);
+            BufReader::new(stream).lines().map_while(Result::ok).count()
+        })
+    }
+
     pub fn send_raw(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.stream.write_all(bytes)
     }

@@ -1,0 +1,121 @@
+//! The raft port's secret, writes without a leader, and slow clients.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+
+#[test]
+fn raft_port_requires_the_secret_and_applies_nothing_without_it() {
+    let cluster = Cluster::start(3, "");
+    let leader = cluster.wait_leader(&[1, 2, 3], T);
+    let mut c = cluster.login(leader, "victim");
+    c.join("#locked");
+    let before = cluster.status(leader).unwrap()["applied_index"]
+        .as_u64()
+        .unwrap();
+    let body = json!({
+        "commands": [{"op": "send", "session": c.session.clone().unwrap(), "id": "forged", "to": "#locked", "text": "forged"}],
+        "timeout_ms": 1000
+    })
+    .to_string();
+    let raft = &cluster.node(leader).raft;
+    for secret_header in ["", "x-raftchat-secret: wrong\r\n"] {
+        let request = format!(
+            "POST /api/write HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{secret_header}x-raftchat-target: {leader}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        let (code, _) = http_raw(raft, &request).unwrap();
+        assert_eq!(code, 401, "with {secret_header:?}");
+        let append = format!(
+            "POST /raft/append HTTP/1.1\r\nHost: x\r\n{secret_header}Content-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+        );
+        assert_eq!(http_raw(raft, &append).unwrap().0, 401);
+    }
+    // Nothing was applied: the room's history is empty and the applied index did not move
+    // because of the forged write.
+    assert!(c.full_history("#locked").is_empty());
+    let after = cluster.status(leader).unwrap()["applied_index"]
+        .as_u64()
+        .unwrap();
+    assert!(after <= before + 1, "applied {before} -> {after}");
+}
+
+#[test]
+fn a_write_without_a_leader_is_answered_unavailable_not_held_forever() {
+    let mut cluster = Cluster::start(3, "[chat]\nwrite_timeout_ms = 1500\n");
+    cluster.wait_leader(&[1, 2, 3], T);
+    let mut c = cluster.login(1, "alone");
+    c.join("#quorum");
+    assert_eq!(c.say("#quorum", "ok", "with quorum")["type"], "ack");
+    cluster.kill(2);
+    cluster.kill(3);
+    let started = Instant::now();
+    let reply = c.say("#quorum", "lost", "without quorum");
+    let waited = started.elapsed();
+    assert_eq!(reply["type"], "error", "{reply}");
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    assert_eq!(reply["id"], "lost");
+    assert!(
+        waited >= Duration::from_millis(1000),
+        "held only {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(10), "held {waited:?}");
+    // /readyz says why.
+    let (code, body) = http_get(&cluster.node(1).metrics, "/readyz").unwrap();
+    assert_eq!(code, 503, "{body}");
+    // The same id goes through once a majority is back, and is stored once.
+    cluster.start_node(2);
+    let acked = wait_for(T, "the retry to be acknowledged", || {
+        let r = c.say("#quorum", "lost", "without quorum");
+        (r["type"] == "ack").then_some(r)
+    });
+    assert!(acked["index"].as_u64().unwrap() > 0);
+    let history = c.full_history("#quorum");
+    let ids: Vec<&str> = history.iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["ok", "lost"]);
+}
+
+#[test]
+fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
+    let cluster = Cluster::start(
+        3,
+        "[chat]\nclient_queue_events = 1024\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\n",
+    );
+    cluster.wait_leader(&[1, 2, 3], T);
+    // The slow client joins and then never reads.
+    let mut slow = cluster.login(1, "sloth");
+    slow.join("#firehose");
+    let mut reader = cluster.login(1, "reader");
+    reader.join("#firehose");
+    let mut writer = cluster.login(2, "firehose");
+    writer.join("#firehose");
+    let _writer_drain = writer.drain_in_background();
+    // Far more than the queue, the connection's frame buffer and the socket buffers hold.
+    let total = 8000;
+    let reading = std::thread::spawn(move || {
+        reader.wait_messages(T, "every message at the reader", |m| m.len() >= total);
+        reader.messages.len()
+    });
+    let text = "y".repeat(4000);
+    for i in 0..total {
+        writer
+            .send(json!({"type": "send", "to": "#firehose", "id": format!("f{i}"), "text": text}))
+            .unwrap();
+    }
+    assert_eq!(reading.join().unwrap(), total, "the reader got everything");
+    // The slow one was cut off with a reason instead of stalling the node.
+    let mut saw_error = false;
+    while let Some(v) = slow.next_reply(Duration::from_secs(5)) {
+        if v["type"] == "error" {
+            assert_eq!(v["code"], "unavailable", "{v}");
+            saw_error = true;
+        }
+    }
+    assert!(saw_error, "the slow client got no disconnect reason");
+    assert!(slow.closed_within(T));
+}
