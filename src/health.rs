@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use crate::config::HealthConfig;
 
@@ -109,13 +110,15 @@ pub async fn run_prober(
                     _ = ticker.tick() => {}
                     _ = shutdown.cancelled() => return,
                 }
+                let span =
+                    tracing::info_span!("health.probe", peer, outcome = tracing::field::Empty);
                 let started = Instant::now();
                 let timeout = Duration::from_millis(config.probe_timeout_ms);
-                let success = matches!(
-                    tokio::time::timeout(timeout, TcpStream::connect(&addr)).await,
-                    Ok(Ok(_))
-                );
+                let connect = tokio::time::timeout(timeout, TcpStream::connect(&addr));
+                let success = matches!(connect.instrument(span.clone()).await, Ok(Ok(_)));
                 let duration = started.elapsed();
+                span.record("outcome", if success { "success" } else { "failure" });
+                drop(span);
                 let transition = table.record(peer, success, config.failures_before_down);
                 match transition {
                     Some(true) => tracing::info!(peer, %addr, "peer is up"),

@@ -132,7 +132,7 @@ fn route_metrics_port(node: &NodeState, req: &Request<Incoming>) -> HttpResponse
         },
         "/status" => json(StatusCode::OK, &node.status_report()),
         _ => {
-            let mut resp = text(StatusCode::OK, node.metrics_text());
+            let mut resp = text(StatusCode::OK, node.metrics.render());
             resp.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

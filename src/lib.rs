@@ -23,5 +23,6 @@ pub mod consensus;
 pub mod disk;
 pub mod health;
 pub mod http;
+pub mod leadership;
 pub mod node;
 pub mod telemetry;

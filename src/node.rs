@@ -1,7 +1,6 @@
 //! One node: opens its data directory, starts consensus, and serves the chat, raft and
 //! metrics ports plus the health prober until SIGINT/SIGTERM.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,7 +14,8 @@ use crate::chat::service::ChatService;
 use crate::chat::store::ChatStore;
 use crate::config::Config;
 use crate::consensus::{self, Consensus, Observers, Role};
-use crate::health::{self, HealthTable};
+use crate::health::{self, HealthTable, ProbeOutcome};
+use crate::telemetry::{self, metrics::Metrics};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -25,6 +25,7 @@ pub struct NodeState {
     pub consensus: Arc<Consensus>,
     pub chat: Arc<ChatService>,
     pub health: Arc<HealthTable>,
+    pub metrics: Arc<Metrics>,
     pub started: Instant,
 }
 
@@ -98,49 +99,41 @@ impl NodeState {
             version: VERSION,
         }
     }
+}
 
-    /// A minimal Prometheus exposition; the full metric set comes with the telemetry module.
-    pub fn metrics_text(&self) -> String {
-        let s = self.consensus.status();
-        let mut out = String::new();
-        let mut gauge = |name: &str, help: &str, value: u64| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
-            );
-        };
-        gauge("raftchat_raft_term", "Current raft term.", s.term);
-        gauge(
-            "raftchat_raft_is_leader",
-            "1 if this node is the leader.",
-            u64::from(s.role == Role::Leader),
-        );
-        gauge(
-            "raftchat_raft_has_leader",
-            "1 if this node knows a leader.",
-            u64::from(s.leader.is_some()),
-        );
-        gauge(
-            "raftchat_raft_leader_id",
-            "Id of the known leader, 0 if none.",
-            s.leader.unwrap_or(0),
-        );
-        gauge(
-            "raftchat_raft_last_log_index",
-            "Last log index.",
-            s.last_log_index,
-        );
-        gauge(
-            "raftchat_raft_applied_index",
-            "Last applied index.",
-            s.applied_index,
-        );
-        let _ = writeln!(
-            out,
-            "# HELP raftchat_build_info Build information.\n# TYPE raftchat_build_info gauge\nraftchat_build_info{{version=\"{VERSION}\",node=\"{}\"}} 1",
-            self.id
-        );
-        out
+/// Consensus internals reporting into the registry.
+fn observers(metrics: &Arc<Metrics>) -> Observers {
+    let sync = metrics.storage_sync_duration.clone();
+    let rpc = metrics.raft_rpc_duration.clone();
+    Observers {
+        storage_sync: Arc::new(move |d: Duration| sync.observe(d.as_secs_f64())),
+        rpc: Arc::new(move |name: &'static str, peer: u64, d: Duration| {
+            if matches!(name, "append" | "vote" | "snapshot" | "forward") {
+                rpc.with_label_values(&[name, &peer.to_string()])
+                    .observe(d.as_secs_f64());
+            }
+        }),
+    }
+}
+
+fn record_probe(metrics: &Metrics, o: &ProbeOutcome) {
+    let peer = o.peer.to_string();
+    let peer = peer.as_str();
+    let result = if o.success { "success" } else { "failure" };
+    metrics.probes.with_label_values(&[peer, result]).inc();
+    metrics
+        .probe_duration
+        .with_label_values(&[peer])
+        .observe(o.duration.as_secs_f64());
+    if let Some(up) = o.transition {
+        metrics
+            .peer_up
+            .with_label_values(&[peer])
+            .set(i64::from(up));
+        metrics
+            .peer_transitions
+            .with_label_values(&[peer, if up { "up" } else { "down" }])
+            .inc();
     }
 }
 
@@ -152,6 +145,13 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 
 /// Runs node `id` of `config` until SIGINT or SIGTERM.
 pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
+    let telemetry = telemetry::init_node(&config.telemetry, id)?;
+    let result = serve(config, id).await;
+    telemetry.shutdown().await;
+    result
+}
+
+async fn serve(config: Config, id: u64) -> anyhow::Result<()> {
     let me = config.node(id)?.clone();
     let data_dir = config.data_dir_for(id);
     std::fs::create_dir_all(&data_dir)
@@ -169,15 +169,17 @@ pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
         config.chat.client_queue_events,
         (config.chat.session_idle_timeout_secs as i64).saturating_mul(1000),
     ));
-    let consensus =
-        Consensus::start(&config, id, &data_dir, store.clone(), Observers::default()).await?;
-
     let peers: Vec<(u64, String)> = config
         .nodes
         .iter()
         .filter(|n| n.id != id)
         .map(|n| (n.id, n.chat.clone()))
         .collect();
+    let peer_ids: Vec<u64> = peers.iter().map(|(p, _)| *p).collect();
+    let metrics = Arc::new(Metrics::new(id, &peer_ids).context("cannot register metrics")?);
+    let consensus =
+        Consensus::start(&config, id, &data_dir, store.clone(), observers(&metrics)).await?;
+
     let health = Arc::new(HealthTable::new(peers.iter().map(|(p, _)| *p)));
     let chat = Arc::new(ChatService::new(
         id,
@@ -185,12 +187,14 @@ pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
         store,
         health.clone(),
         config.chat.clone(),
+        metrics.clone(),
     ));
     let state = Arc::new(NodeState {
         id,
         consensus: consensus.clone(),
         chat: chat.clone(),
         health: health.clone(),
+        metrics: metrics.clone(),
         started: Instant::now(),
     });
 
@@ -211,11 +215,19 @@ pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
         chat.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(crate::leadership::run(
+        consensus.clone(),
+        health.clone(),
+        metrics.clone(),
+        peer_ids,
+        shutdown.clone(),
+    ));
+    let probe_metrics = metrics.clone();
     tasks.spawn(health::run_prober(
         peers,
         config.health.clone(),
         health,
-        Arc::new(|_| {}),
+        Arc::new(move |o: &ProbeOutcome| record_probe(&probe_metrics, o)),
         shutdown.clone(),
     ));
     {

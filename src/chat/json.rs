@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::StoredMessage;
 use super::delivery::{Delivery, DeliveryFilter};
 use super::lines::{Line, RateLimiter, Verdict, read_line};
-use super::service::{Attached, ChatError, ChatService};
+use super::service::{Attached, ChatError, ChatService, Outgoing};
 
 /// Messages a connection may have queued for replication before it stops reading.
 const SEND_QUEUE: usize = 1024;
@@ -39,6 +39,25 @@ pub enum ErrorCode {
     Unavailable,
     NotMember,
     Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::MissingField => "missing_field",
+            ErrorCode::BadName => "bad_name",
+            ErrorCode::LineTooLong => "line_too_long",
+            ErrorCode::NotLoggedIn => "not_logged_in",
+            ErrorCode::NameTaken => "name_taken",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::BadEncoding => "bad_encoding",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::NotMember => "not_member",
+            ErrorCode::Internal => "internal",
+        }
+    }
 }
 
 /// A request that could not be served, as the client will see it.
@@ -308,8 +327,43 @@ enum Outbound {
     Fatal(Bytes),
 }
 
+/// Why a connection ended; the first reason recorded wins.
+#[derive(Default)]
+struct CloseReason(std::sync::OnceLock<&'static str>);
+
+impl CloseReason {
+    fn set(&self, reason: &'static str) {
+        let _ = self.0.set(reason);
+    }
+
+    fn get(&self) -> &'static str {
+        self.0.get().copied().unwrap_or("closed")
+    }
+}
+
+const DIALECT: &str = "json";
+
 /// Serves one JSON-dialect connection until it closes.
 pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
+    let metrics = svc.metrics.clone();
+    metrics.client_connects.with_label_values(&[DIALECT]).inc();
+    let live = metrics.client_connections.with_label_values(&[DIALECT]);
+    live.inc();
+    let reason = Arc::new(CloseReason::default());
+    serve_until_closed(stream, svc, shutdown, reason.clone()).await;
+    live.dec();
+    metrics
+        .client_disconnects
+        .with_label_values(&[DIALECT, reason.get()])
+        .inc();
+}
+
+async fn serve_until_closed(
+    stream: TcpStream,
+    svc: Arc<ChatService>,
+    shutdown: CancellationToken,
+    reason: Arc<CloseReason>,
+) {
     let (read, write) = stream.into_split();
     let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
     let closed = shutdown.child_token();
@@ -320,6 +374,7 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
         closed: closed.clone(),
         attached: None,
         sends: None,
+        reason: reason.clone(),
     };
     let mut reader = BufReader::new(read);
     let mut limiter = RateLimiter::new(
@@ -334,15 +389,26 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
     loop {
         let line = tokio::select! {
             line = read_line(&mut reader, &mut buf, max) => line,
-            _ = closed.cancelled() => break,
+            _ = closed.cancelled() => {
+                if shutdown.is_cancelled() {
+                    reason.set("shutdown");
+                }
+                break;
+            }
             _ = &mut hello_deadline, if conn.attached.is_none() => {
+                reason.set("login_timeout");
                 conn.fatal(ProtocolError::new(ErrorCode::NotLoggedIn, "no hello within the login timeout")).await;
                 break;
             }
         };
         match line {
-            Ok(Line::Eof) | Err(_) => break,
+            Ok(Line::Eof) => break,
+            Err(_) => {
+                reason.set("error");
+                break;
+            }
             Ok(Line::TooLong) => {
+                reason.set("abuse");
                 let e = ProtocolError::new(
                     ErrorCode::LineTooLong,
                     format!("line longer than {max} bytes"),
@@ -353,6 +419,7 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
             Ok(Line::Data) => {}
         }
         let Ok(text) = std::str::from_utf8(&buf) else {
+            reason.set("abuse");
             conn.fatal(ProtocolError::new(
                 ErrorCode::BadEncoding,
                 "line is not valid UTF-8",
@@ -374,6 +441,7 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
                 continue;
             }
             Verdict::Close => {
+                reason.set("abuse");
                 conn.fatal(ProtocolError::new(
                     ErrorCode::RateLimited,
                     "flooding for too long; closing",
@@ -400,9 +468,6 @@ pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: Cancellat
     let _ = writer.await;
 }
 
-/// A message waiting to be replicated: (client id, target, text).
-type Outgoing = (String, String, String);
-
 /// The queue of a connection's messages and the task replicating them in order.
 struct SendPipeline {
     queue: mpsc::Sender<Outgoing>,
@@ -415,6 +480,7 @@ struct Connection {
     closed: CancellationToken,
     attached: Option<Attached>,
     sends: Option<SendPipeline>,
+    reason: Arc<CloseReason>,
 }
 
 impl Connection {
@@ -423,10 +489,12 @@ impl Connection {
     }
 
     async fn reply_error(&self, e: ProtocolError) {
+        self.svc.metrics.bad_request(e.code.as_str());
         self.reply(error_frame(&e)).await;
     }
 
     async fn fatal(&self, e: ProtocolError) {
+        self.svc.metrics.bad_request(e.code.as_str());
         let _ = self.out.send(Outbound::Fatal(error_frame(&e))).await;
     }
 
@@ -576,6 +644,23 @@ impl Connection {
             rooms,
             sub.applied,
         );
+        let metrics = &self.svc.metrics;
+        // A resumed session is a reconnect; its span stays open until the client's first
+        // re-sends are answered, to count how many were duplicates.
+        let reconnect_span = attached.resumed.then(|| {
+            metrics
+                .client_reconnects
+                .with_label_values(&[DIALECT])
+                .inc();
+            tracing::info_span!(
+                "chat.client.reconnect",
+                dialect = DIALECT,
+                session = %attached.session,
+                node = self.svc.node_id,
+                replayed = 0u64,
+                deduplicated = 0u64,
+            )
+        });
         if let Some(after) = resume_from.filter(|_| attached.resumed) {
             let missed = self
                 .svc
@@ -583,6 +668,11 @@ impl Connection {
                 .await?;
             for m in &missed {
                 self.reply(ServerFrame::Message(m.into()).encode()).await;
+            }
+            metrics.replayed_messages.inc_by(missed.len() as u64);
+            metrics.messages_delivered.inc_by(missed.len() as u64);
+            if let Some(span) = &reconnect_span {
+                span.record("replayed", missed.len() as u64);
             }
         }
         filter.advance(sub.applied);
@@ -594,6 +684,7 @@ impl Connection {
             attached.user.clone(),
             self.out.clone(),
             self.closed.clone(),
+            self.reason.clone(),
         ));
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let task = tokio::spawn(send_loop(
@@ -601,6 +692,7 @@ impl Connection {
             attached.session.clone(),
             rx,
             self.out.clone(),
+            reconnect_span,
         ));
         self.sends = Some(SendPipeline { queue: tx, task });
         self.attached = Some(attached);
@@ -609,7 +701,13 @@ impl Connection {
 
     async fn queue_send(&self, id: String, to: String, text: String) {
         if let Some(pipeline) = &self.sends {
-            let _ = pipeline.queue.send((id, to, text)).await;
+            let message = Outgoing {
+                id,
+                to,
+                text,
+                received: std::time::Instant::now(),
+            };
+            let _ = pipeline.queue.send(message).await;
         }
     }
 }
@@ -621,14 +719,23 @@ async fn send_loop(
     session: String,
     mut rx: mpsc::Receiver<Outgoing>,
     out: mpsc::Sender<Outbound>,
+    mut reconnect_span: Option<tracing::Span>,
 ) {
     let mut batch = Vec::with_capacity(SEND_BATCH);
     while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
-        let ids: Vec<String> = batch.iter().map(|(id, _, _)| id.clone()).collect();
+        let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
         let results = svc.send_batch(&session, std::mem::take(&mut batch)).await;
+        let mut duplicates = 0u64;
         for (id, result) in ids.iter().zip(results) {
             let frame = match result {
-                Ok(index) => ServerFrame::Ack { id, index }.encode(),
+                Ok(sent) => {
+                    duplicates += u64::from(sent.duplicate);
+                    ServerFrame::Ack {
+                        id,
+                        index: sent.index,
+                    }
+                    .encode()
+                }
                 Err(e) => {
                     let mut e = ProtocolError::from(e);
                     e.id = Some(id.clone());
@@ -639,11 +746,15 @@ async fn send_loop(
                 return;
             }
         }
+        if let Some(span) = reconnect_span.take() {
+            span.record("deduplicated", duplicates);
+        }
     }
 }
 
 /// Pushes this connection's applied events, in index order. A client that falls further
 /// behind than the event queue is disconnected; it can resume where it left off.
+#[allow(clippy::too_many_arguments)]
 async fn deliver_loop(
     svc: Arc<ChatService>,
     mut events: broadcast::Receiver<Arc<super::command::Event>>,
@@ -652,7 +763,9 @@ async fn deliver_loop(
     user: String,
     out: mpsc::Sender<Outbound>,
     closed: CancellationToken,
+    reason: Arc<CloseReason>,
 ) {
+    let metrics = svc.metrics.clone();
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
@@ -661,6 +774,7 @@ async fn deliver_loop(
         let event = match event {
             Ok(e) => e,
             Err(broadcast::error::RecvError::Lagged(n)) => {
+                reason.set("slow");
                 let e = ProtocolError::new(
                     ErrorCode::Unavailable,
                     format!("client too slow: fell {n} events behind; resume to continue"),
@@ -672,18 +786,21 @@ async fn deliver_loop(
         };
         let frame = match filter.on_event(&event) {
             None => continue,
-            Some(Delivery::Message(m)) => m
-                .json
-                .get_or_init(|| ServerFrame::Message((&m.message).into()).encode())
-                .clone(),
+            Some(Delivery::Message(m)) => {
+                metrics.messages_delivered.inc();
+                m.json
+                    .get_or_init(|| ServerFrame::Message((&m.message).into()).encode())
+                    .clone()
+            }
             Some(Delivery::Presence { room, user, joined }) => ServerFrame::Presence {
                 room: &room,
                 user: &user,
                 state: if joined { "joined" } else { "left" },
             }
             .encode(),
-            Some(Delivery::Close(reason)) => {
-                let e = ProtocolError::new(ErrorCode::NameTaken, reason);
+            Some(Delivery::Close(why)) => {
+                reason.set("replaced");
+                let e = ProtocolError::new(ErrorCode::NameTaken, why);
                 let _ = out.send(Outbound::Fatal(error_frame(&e))).await;
                 return;
             }
@@ -697,6 +814,7 @@ async fn deliver_loop(
                 filter.set_rooms(rooms);
                 match svc.missed(&session, &user, filter.last(), upto).await {
                     Ok(missed) => {
+                        metrics.messages_delivered.inc_by(missed.len() as u64);
                         for m in &missed {
                             if out
                                 .send(Outbound::Frame(ServerFrame::Message(m.into()).encode()))

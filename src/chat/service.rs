@@ -11,6 +11,7 @@ use super::store::ChatStore;
 use crate::config::ChatConfig;
 use crate::consensus::{Consensus, WriteError};
 use crate::health::HealthTable;
+use crate::telemetry::{self, metrics::Metrics};
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ChatError {
@@ -50,6 +51,23 @@ pub struct Attached {
     pub attachment: u64,
 }
 
+/// A chat message a client sent, waiting to be replicated.
+#[derive(Debug)]
+pub struct Outgoing {
+    pub id: String,
+    pub to: String,
+    pub text: String,
+    /// When this node received it (for the commit latency histogram).
+    pub received: std::time::Instant,
+}
+
+/// An acknowledged message: its log index, and whether it was a re-send of a stored one.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    pub index: u64,
+    pub duplicate: bool,
+}
+
 /// One member of the cluster as clients see it.
 #[derive(Debug, Clone)]
 pub struct NodeView {
@@ -64,6 +82,7 @@ pub struct ChatService {
     pub store: Arc<ChatStore>,
     pub health: Arc<HealthTable>,
     pub config: ChatConfig,
+    pub metrics: Arc<Metrics>,
     /// Sessions with a live connection on this node: session → attachment index.
     live: Mutex<HashMap<String, u64>>,
     /// True once the cluster knows that this node's connections from before its restart are
@@ -82,6 +101,7 @@ impl ChatService {
         store: Arc<ChatStore>,
         health: Arc<HealthTable>,
         config: ChatConfig,
+        metrics: Arc<Metrics>,
     ) -> ChatService {
         ChatService {
             node_id,
@@ -89,6 +109,7 @@ impl ChatService {
             store,
             health,
             config,
+            metrics,
             live: Mutex::new(HashMap::new()),
             released: tokio::sync::watch::channel(false).0,
         }
@@ -271,28 +292,48 @@ impl ChatService {
         }
     }
 
-    /// Sends messages `(id, to, text)` of one session, in order, as consecutive log entries.
-    /// Each gets its log index (the original one for a re-sent id) or an error.
+    /// Sends messages of one session, in order, as consecutive log entries. Each gets its
+    /// log index (the original one for a re-sent id) or an error. Every message is traced as a
+    /// `chat.send` span, which the leader continues when the write is forwarded.
     pub async fn send_batch(
         &self,
         session: &str,
-        messages: Vec<(String, String, String)>,
-    ) -> Vec<Result<u64, ChatError>> {
+        messages: Vec<Outgoing>,
+    ) -> Vec<Result<Sent, ChatError>> {
+        let spans: Vec<tracing::Span> = messages
+            .iter()
+            .map(|m| tracing::info_span!("chat.send", id = %m.id, to = %m.to, node = self.node_id))
+            .collect();
+        let traceparents = spans.iter().map(telemetry::traceparent).collect();
+        let received: Vec<std::time::Instant> = messages.iter().map(|m| m.received).collect();
         let commands = messages
             .into_iter()
-            .map(|(id, to, text)| ChatCommand::Send {
+            .map(|m| ChatCommand::Send {
                 session: session.to_string(),
-                id,
-                to,
-                text,
+                id: m.id,
+                to: m.to,
+                text: m.text,
             })
             .collect();
-        self.consensus
-            .write_batch(commands)
-            .await
+        let results = self
+            .consensus
+            .write_batch_traced(commands, traceparents)
+            .await;
+        drop(spans);
+        results
             .into_iter()
-            .map(|r| match r?.response {
-                ChatResponse::Sent { index, .. } => Ok(index),
+            .zip(received)
+            .map(|(r, received)| match r?.response {
+                ChatResponse::Sent { index, duplicate } => {
+                    self.metrics.messages_committed.inc();
+                    self.metrics
+                        .message_commit_duration
+                        .observe(received.elapsed().as_secs_f64());
+                    if duplicate {
+                        self.metrics.resends_deduplicated.inc();
+                    }
+                    Ok(Sent { index, duplicate })
+                }
                 ChatResponse::NotMember { room } => Err(ChatError::NotMember(room)),
                 ChatResponse::NoSuchUser { user } => Err(ChatError::NoSuchUser(user)),
                 ChatResponse::UnknownSession => Err(ChatError::UnknownSession),

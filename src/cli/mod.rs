@@ -70,7 +70,6 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            crate::telemetry::init_logging(config.telemetry.log_format);
             run_async(crate::node::run(config, id))
         }
         Command::Cluster(args) => cluster::run(args),

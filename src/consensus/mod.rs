@@ -103,6 +103,9 @@ pub struct RaftStatus {
 #[derive(Serialize, Deserialize)]
 struct ForwardRequest {
     commands: Vec<ChatCommand>,
+    /// W3C trace context of each command, when traced.
+    #[serde(default)]
+    traceparents: Vec<Option<String>>,
     timeout_ms: u64,
 }
 
@@ -132,6 +135,10 @@ impl ItemResult {
 
 pub struct Consensus {
     id: u64,
+    /// When each leader was last heard from (its last AppendEntries), for failover timing.
+    contacts: std::sync::Mutex<BTreeMap<u64, Instant>>,
+    /// When a leadership transfer was last announced to (or started by) this node.
+    transfer_announced: std::sync::Mutex<Option<Instant>>,
     raft: RaftHandle,
     rpc: RpcClient,
     members: BTreeMap<u64, NodeAddr>,
@@ -237,6 +244,8 @@ impl Consensus {
         }
         Ok(Arc::new(Consensus {
             id,
+            contacts: std::sync::Mutex::new(BTreeMap::new()),
+            transfer_announced: std::sync::Mutex::new(None),
             raft,
             rpc,
             members,
@@ -312,6 +321,44 @@ impl Consensus {
         }
     }
 
+    /// A handle that wakes when openraft's view changes.
+    pub fn watch(&self) -> StatusWatch {
+        StatusWatch {
+            rx: self.raft.metrics(),
+        }
+    }
+
+    pub(crate) fn note_contact(&self, leader: u64) {
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(leader, Instant::now());
+    }
+
+    /// When `leader` was last heard from (its last AppendEntries to this node).
+    pub fn last_contact(&self, leader: u64) -> Option<Instant> {
+        self.contacts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&leader)
+            .copied()
+    }
+
+    pub(crate) fn note_transfer(&self) {
+        *self
+            .transfer_announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// When a planned leadership transfer was last announced, if ever.
+    pub fn transfer_announced(&self) -> Option<Instant> {
+        *self
+            .transfer_announced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Waits until openraft's metrics change (or `timeout` passes).
     pub async fn status_changed(&self, timeout: Duration) {
         let mut rx = self.raft.metrics();
@@ -335,6 +382,17 @@ impl Consensus {
         &self,
         commands: Vec<ChatCommand>,
     ) -> Vec<Result<Committed, WriteError>> {
+        let traces = vec![None; commands.len()];
+        self.write_batch_traced(commands, traces).await
+    }
+
+    /// `write_batch` with a W3C `traceparent` per command, carried to the leader when the
+    /// batch is forwarded.
+    pub async fn write_batch_traced(
+        &self,
+        commands: Vec<ChatCommand>,
+        traceparents: Vec<Option<String>>,
+    ) -> Vec<Result<Committed, WriteError>> {
         let deadline = Instant::now() + self.write_timeout;
         let mut results: Vec<Option<Result<Committed, WriteError>>> = vec![None; commands.len()];
         let mut last_problem = String::from("no leader elected");
@@ -353,10 +411,14 @@ impl Consensus {
                 break;
             }
             let batch: Vec<ChatCommand> = pending.iter().map(|i| commands[*i].clone()).collect();
+            let batch_traces: Vec<Option<String>> = pending
+                .iter()
+                .map(|i| traceparents.get(*i).cloned().flatten())
+                .collect();
             let outcome = match self.status().leader {
                 Some(leader) if leader == self.id => self.write_local(batch, remaining).await,
                 Some(leader) => {
-                    let outcome = self.forward(leader, batch, remaining).await;
+                    let outcome = self.forward(leader, batch, batch_traces, remaining).await;
                     if let Ok(items) = &outcome
                         && let Some(top) = items.iter().filter_map(|r| r.committed_index()).max()
                     {
@@ -453,6 +515,7 @@ impl Consensus {
         &self,
         leader: u64,
         commands: Vec<ChatCommand>,
+        traceparents: Vec<Option<String>>,
         timeout: Duration,
     ) -> Result<Vec<ItemResult>, LocalWrite> {
         let addr = self
@@ -464,11 +527,20 @@ impl Consensus {
             .find(|(id, _)| **id == leader)
             .map(|(_, n)| n.raft.clone())
             .ok_or_else(|| LocalWrite::Retry(format!("leader {leader} has no known address")))?;
+        // The header carries the first message's context for HTTP-level tracing; the body
+        // carries one per message.
+        let headers: Vec<(&str, String)> = traceparents
+            .iter()
+            .flatten()
+            .next()
+            .map(|tp| ("traceparent", tp.clone()))
+            .into_iter()
+            .collect();
         let request = ForwardRequest {
             commands,
+            traceparents,
             timeout_ms: timeout.as_millis() as u64,
         };
-        let headers: [(&str, String); 0] = [];
         let waiter = self.raft.wait(None);
         let leader_changed = waiter.metrics(|m| m.current_leader != Some(leader), "leader changed");
         let call = self.rpc.post::<_, ForwardAnswer>(
@@ -509,6 +581,7 @@ impl Consensus {
             && let Some((&to, _)) = status.replication_lag.iter().min_by_key(|(_, lag)| **lag)
         {
             tracing::info!(to, "handing leadership over before shutdown");
+            self.note_transfer();
             if self.raft.trigger().transfer_leader(to).await.is_ok() {
                 let handed = self
                     .raft
@@ -525,6 +598,18 @@ impl Consensus {
             tracing::warn!(error = %e, "raft shutdown");
         }
         transferred
+    }
+}
+
+/// Wakes when openraft's view of the cluster changes.
+pub struct StatusWatch {
+    rx: openraft::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
+}
+
+impl StatusWatch {
+    /// Returns when something changed; `false` once raft has shut down.
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
     }
 }
 

@@ -75,8 +75,15 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
     };
     let raft = &consensus.raft;
     match path.as_str() {
-        "/raft/append" => match decode(&body) {
-            Ok(req) => http::json(StatusCode::OK, &raft.append_entries(req).await),
+        "/raft/append" => match decode::<openraft::raft::AppendEntriesRequest<TypeConfig>>(&body) {
+            Ok(req) => {
+                let leader = req.vote.leader_id.node_id;
+                let res = raft.append_entries(req).await;
+                if res.as_ref().is_ok_and(|r| r.is_success()) {
+                    consensus.note_contact(leader);
+                }
+                http::json(StatusCode::OK, &res)
+            }
             Err(reason) => bad_request(reason),
         },
         "/raft/vote" => match decode(&body) {
@@ -99,6 +106,7 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
         },
         "/raft/transfer-leader" => match decode(&body) {
             Ok(req) => {
+                consensus.note_transfer();
                 let res: Result<TransferLeaderResponse<TypeConfig>, RaftError<TypeConfig>> = raft
                     .handle_transfer_leader(req)
                     .await
@@ -111,6 +119,18 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             Ok(req) => {
                 let timeout = Duration::from_millis(req.timeout_ms.clamp(1, 60_000));
                 let count = req.commands.len();
+                // Continue each message's trace from the follower that received it.
+                let spans: Vec<tracing::Span> = req
+                    .traceparents
+                    .iter()
+                    .flatten()
+                    .map(|tp| {
+                        let span =
+                            tracing::info_span!("chat.send", node = consensus.id, forwarded = true);
+                        crate::telemetry::set_remote_parent(&span, tp);
+                        span
+                    })
+                    .collect();
                 let answer = if consensus.status().leader != Some(consensus.id) {
                     ForwardAnswer::NotLeader
                 } else {
@@ -124,6 +144,7 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
                         ),
                     }
                 };
+                drop(spans);
                 http::json(StatusCode::OK, &answer)
             }
             Err(reason) => bad_request(reason),

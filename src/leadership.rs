@@ -1,0 +1,363 @@
+//! The one place that turns raft's view into leadership events: leader changed, leader lost,
+//! failover completed. It also keeps the raft gauges current.
+//!
+//! A leader counts as lost when this node knows none, or when the health prober marks the
+//! known leader down (openraft keeps naming a dead leader until its own election timer fires).
+//! A failover is a new leader after a loss, never the first election; its duration runs from
+//! the last message this node got from the lost leader to knowing the new one. A change that
+//! follows an announced leadership transfer is planned, not a failover.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::consensus::{Consensus, RaftStatus, Role};
+use crate::health::HealthTable;
+use crate::telemetry::metrics::Metrics;
+
+/// A transfer announced this recently explains the next leader change.
+const TRANSFER_WINDOW: Duration = Duration::from_secs(5);
+/// How often leaderless time and the leader's health are re-checked without raft news.
+const TICK: Duration = Duration::from_millis(50);
+
+/// What happened, for logs, metrics and spans.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeadershipEvent {
+    Changed {
+        term: u64,
+        previous: Option<u64>,
+        new: u64,
+    },
+    Lost {
+        previous: u64,
+    },
+    Failover {
+        previous: Option<u64>,
+        new: u64,
+        duration: Duration,
+    },
+    PlannedTransfer {
+        previous: Option<u64>,
+        new: u64,
+    },
+}
+
+/// The tracker's memory between observations.
+#[derive(Default)]
+pub struct Tracker {
+    /// The healthy leader this node follows, with the term it was adopted in.
+    current: Option<(u64, u64)>,
+    /// A leader was known before (so the next change is not the first election).
+    had_leader: bool,
+    /// When the lost leader was last heard from.
+    lost_since: Option<Instant>,
+    lost_leader: Option<u64>,
+    last_observed: Option<Instant>,
+}
+
+impl Tracker {
+    /// Feeds one observation; returns the events it implies. `is_up` is the health
+    /// prober's verdict on a peer; `last_contact` when a leader was last heard from;
+    /// `transfer` when a planned transfer was last announced.
+    pub fn observe(
+        &mut self,
+        me: u64,
+        status: &RaftStatus,
+        now: Instant,
+        is_up: impl Fn(u64) -> bool,
+        last_contact: impl Fn(u64) -> Option<Instant>,
+        transfer: Option<Instant>,
+    ) -> (Vec<LeadershipEvent>, Duration) {
+        let leaderless_for = match (self.current, self.last_observed) {
+            (None, Some(last)) => now.saturating_duration_since(last),
+            _ => Duration::ZERO,
+        };
+        self.last_observed = Some(now);
+        let effective = status.leader.filter(|l| *l == me || is_up(*l));
+        let mut events = Vec::new();
+        let changed = match (self.current, effective) {
+            (Some((old, term)), Some(new)) => old != new || status.term > term && new != me,
+            (None, Some(_)) => true,
+            (Some(_), None) => {
+                let (previous, _) = self.current.take().unwrap_or_default();
+                self.lost_leader = Some(previous);
+                self.lost_since = Some(last_contact(previous).unwrap_or(now).min(now));
+                events.push(LeadershipEvent::Lost { previous });
+                false
+            }
+            (None, None) => false,
+        };
+        if changed && let Some(new) = effective {
+            let previous = self.current.map(|(l, _)| l).or(self.lost_leader);
+            events.push(LeadershipEvent::Changed {
+                term: status.term,
+                previous,
+                new,
+            });
+            if self.had_leader {
+                let planned =
+                    transfer.is_some_and(|t| now.saturating_duration_since(t) < TRANSFER_WINDOW);
+                if planned {
+                    events.push(LeadershipEvent::PlannedTransfer { previous, new });
+                } else {
+                    let since = self
+                        .lost_since
+                        .or_else(|| previous.and_then(&last_contact))
+                        .unwrap_or(now)
+                        .min(now);
+                    events.push(LeadershipEvent::Failover {
+                        previous,
+                        new,
+                        duration: now.saturating_duration_since(since),
+                    });
+                }
+            }
+            self.current = Some((new, status.term));
+            self.had_leader = true;
+            self.lost_since = None;
+            self.lost_leader = None;
+        }
+        (events, leaderless_for)
+    }
+
+    pub fn has_leader(&self) -> Option<u64> {
+        self.current.map(|(l, _)| l)
+    }
+}
+
+/// Runs the tracker until `shutdown`, publishing metrics, logs and spans.
+pub async fn run(
+    consensus: Arc<Consensus>,
+    health: Arc<HealthTable>,
+    metrics: Arc<Metrics>,
+    peers: Vec<u64>,
+    shutdown: CancellationToken,
+) {
+    let me = consensus.id();
+    let mut tracker = Tracker::default();
+    let mut watch = consensus.watch();
+    let mut tick = tokio::time::interval(TICK);
+    loop {
+        tokio::select! {
+            alive = watch.changed() => if !alive { return },
+            _ = tick.tick() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let status = consensus.status();
+        let (events, leaderless) = tracker.observe(
+            me,
+            &status,
+            Instant::now(),
+            |p| health.is_up(p),
+            |l| consensus.last_contact(l),
+            consensus.transfer_announced(),
+        );
+        publish_gauges(&metrics, &status, tracker.has_leader(), &peers);
+        if !leaderless.is_zero() {
+            metrics.leaderless_seconds.inc_by(leaderless.as_secs_f64());
+        }
+        for event in events {
+            report(&metrics, &event);
+        }
+    }
+}
+
+fn publish_gauges(metrics: &Metrics, status: &RaftStatus, leader: Option<u64>, peers: &[u64]) {
+    metrics.raft_term.set(status.term as i64);
+    metrics
+        .raft_is_leader
+        .set(i64::from(status.role == Role::Leader));
+    metrics.raft_has_leader.set(i64::from(leader.is_some()));
+    metrics.raft_leader_id.set(leader.unwrap_or(0) as i64);
+    metrics
+        .raft_last_log_index
+        .set(status.last_log_index as i64);
+    metrics.raft_applied_index.set(status.applied_index as i64);
+    for peer in peers {
+        let lag = status.replication_lag.get(peer).copied().unwrap_or(0);
+        metrics
+            .raft_replication_lag
+            .with_label_values(&[&peer.to_string()])
+            .set(lag as i64);
+    }
+}
+
+fn report(metrics: &Metrics, event: &LeadershipEvent) {
+    let id = |l: &Option<u64>| l.unwrap_or(0);
+    match event {
+        LeadershipEvent::Changed {
+            term,
+            previous,
+            new,
+        } => {
+            metrics.raft_leader_changes.inc();
+            let span =
+                tracing::info_span!("raft.leader_change", term, previous = id(previous), new);
+            span.in_scope(|| tracing::info!(term, previous = id(previous), new, "leader changed"));
+        }
+        LeadershipEvent::Lost { previous } => {
+            tracing::warn!(previous, "leader lost");
+        }
+        LeadershipEvent::Failover {
+            previous,
+            new,
+            duration,
+        } => {
+            metrics.failovers.inc();
+            metrics.failover_duration.observe(duration.as_secs_f64());
+            let ms = duration.as_secs_f64() * 1000.0;
+            let span = tracing::info_span!(
+                "raft.failover",
+                previous = id(previous),
+                new,
+                duration_ms = ms
+            );
+            span.in_scope(|| {
+                tracing::info!(
+                    previous = id(previous),
+                    new,
+                    duration_ms = ms,
+                    "failover completed"
+                )
+            });
+        }
+        LeadershipEvent::PlannedTransfer { previous, new } => {
+            metrics
+                .raft_leader_transfers
+                .with_label_values(&["planned"])
+                .inc();
+            tracing::info!(
+                previous = id(previous),
+                new,
+                "leadership handed over as planned"
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn status(leader: Option<u64>, term: u64) -> RaftStatus {
+        RaftStatus {
+            id: 1,
+            role: Role::Follower,
+            term,
+            leader,
+            commit_index: 0,
+            applied_index: 0,
+            last_log_index: 0,
+            snapshot_index: 0,
+            replication_lag: BTreeMap::new(),
+            leader_lease_valid: false,
+            fatal: None,
+        }
+    }
+
+    #[test]
+    fn first_election_is_a_change_not_a_failover() {
+        let mut t = Tracker::default();
+        let now = Instant::now();
+        let (events, _) = t.observe(1, &status(Some(2), 1), now, |_| true, |_| None, None);
+        assert_eq!(
+            events,
+            vec![LeadershipEvent::Changed {
+                term: 1,
+                previous: None,
+                new: 2
+            }]
+        );
+    }
+
+    #[test]
+    fn failover_is_timed_from_the_last_contact_with_the_old_leader() {
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        t.observe(1, &status(Some(2), 1), t0, |_| true, |_| None, None);
+        let contact = t0 + Duration::from_millis(100);
+        // The old leader is replaced directly (no leaderless observation in between).
+        let now = t0 + Duration::from_millis(500);
+        let (events, _) = t.observe(
+            1,
+            &status(Some(3), 2),
+            now,
+            |_| true,
+            |l| (l == 2).then_some(contact),
+            None,
+        );
+        assert!(events.contains(&LeadershipEvent::Failover {
+            previous: Some(2),
+            new: 3,
+            duration: Duration::from_millis(400)
+        }));
+    }
+
+    #[test]
+    fn a_leader_marked_down_is_lost_and_leaderless_time_counts() {
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        t.observe(1, &status(Some(2), 1), t0, |_| true, |_| None, None);
+        let (events, _) = t.observe(
+            1,
+            &status(Some(2), 1),
+            t0 + Duration::from_secs(1),
+            |p| p != 2,
+            |_| None,
+            None,
+        );
+        assert_eq!(events, vec![LeadershipEvent::Lost { previous: 2 }]);
+        let (_, leaderless) = t.observe(
+            1,
+            &status(None, 2),
+            t0 + Duration::from_secs(2),
+            |p| p != 2,
+            |_| None,
+            None,
+        );
+        assert_eq!(leaderless, Duration::from_secs(1));
+        let (events, _) = t.observe(
+            1,
+            &status(Some(3), 2),
+            t0 + Duration::from_secs(3),
+            |p| p != 2,
+            |_| None,
+            None,
+        );
+        assert!(matches!(
+            events[1],
+            LeadershipEvent::Failover {
+                previous: Some(2),
+                new: 3,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn an_announced_transfer_is_planned() {
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        t.observe(1, &status(Some(2), 1), t0, |_| true, |_| None, None);
+        let (events, _) = t.observe(
+            1,
+            &status(Some(3), 2),
+            t0 + Duration::from_secs(1),
+            |_| true,
+            |_| None,
+            Some(t0),
+        );
+        assert!(events.contains(&LeadershipEvent::PlannedTransfer {
+            previous: Some(2),
+            new: 3
+        }));
+        assert!(
+            !events
+                .iter()
+                .any(|e| matches!(e, LeadershipEvent::Failover { .. }))
+        );
+    }
+}
