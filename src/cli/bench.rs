@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// Kill the local cluster's leader this many times and time each recovery.
     #[arg(long, default_value_t = 0)]
     failovers: usize,
+    /// Export the local cluster's spans over OTLP to a sink inside the bench (measures the
+    /// cost of tracing).
+    #[arg(long)]
+    otlp: bool,
 }
 
 #[derive(Default)]
@@ -84,8 +88,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         bail!("flag `--size` must be at least 32 bytes");
     }
     let mut local = None;
+    let sink = if args.otlp {
+        if !args.servers.is_empty() {
+            bail!("flag `--otlp` needs a local cluster: leave out `--servers`");
+        }
+        Some(OtlpSink::start().await?)
+    } else {
+        None
+    };
     let servers = if args.servers.is_empty() {
-        let (cluster, dir) = start_local(&args).await?;
+        let endpoint = sink.as_ref().map(|s| s.endpoint.clone());
+        let (cluster, dir) = start_local(&args, endpoint).await?;
         let servers = cluster
             .config
             .nodes
@@ -122,6 +135,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
             json!(sorted.last().copied().unwrap_or(0.0)),
         );
     }
+    if let Some((cluster, _)) = &local
+        && let Some(p99) = probe_p99_ms(cluster).await
+    {
+        report.insert("probe_p99_ms".into(), json!(p99));
+    }
+    if let Some(sink) = &sink {
+        report.insert(
+            "otlp_exports".into(),
+            json!(sink.requests.load(Ordering::Relaxed)),
+        );
+        report.insert(
+            "otlp_bytes".into(),
+            json!(sink.bytes.load(Ordering::Relaxed)),
+        );
+    }
     if let Some((mut cluster, dir)) = local {
         cluster.stop().await;
         let _ = std::fs::remove_dir_all(&dir);
@@ -138,7 +166,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
-async fn start_local(args: &BenchArgs) -> anyhow::Result<(LocalCluster, PathBuf)> {
+async fn start_local(
+    args: &BenchArgs,
+    otlp_endpoint: Option<String>,
+) -> anyhow::Result<(LocalCluster, PathBuf)> {
     let base = match &args.config {
         Some(path) => config::load(Some(path), &FlagOverrides::default())?,
         None => Config::default(),
@@ -167,6 +198,9 @@ async fn start_local(args: &BenchArgs) -> anyhow::Result<(LocalCluster, PathBuf)
         secret: uuid::Uuid::new_v4().simple().to_string(),
         ..base
     };
+    if otlp_endpoint.is_some() {
+        config.telemetry.otlp_endpoint = otlp_endpoint;
+    }
     if args.config.is_none() {
         // A load generator is a flood by design: measure the cluster, not the limiter.
         config.chat.rate_limit_per_sec = 1_000_000;
@@ -539,6 +573,94 @@ async fn load(
     );
     out.insert("reconnects".into(), json!(0));
     Ok(out)
+}
+
+/// An OTLP/HTTP endpoint that accepts every export and counts it.
+struct OtlpSink {
+    endpoint: String,
+    requests: Arc<AtomicU64>,
+    bytes: Arc<AtomicU64>,
+}
+
+impl OtlpSink {
+    async fn start() -> anyhow::Result<OtlpSink> {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let endpoint = format!("http://{}", listener.local_addr()?);
+        let requests = Arc::new(AtomicU64::new(0));
+        let bytes = Arc::new(AtomicU64::new(0));
+        let (r, b) = (requests.clone(), bytes.clone());
+        let handler = move |req: hyper::Request<hyper::body::Incoming>| {
+            let (r, b) = (r.clone(), b.clone());
+            async move {
+                let body = req
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|c| c.to_bytes().len())
+                    .unwrap_or(0);
+                r.fetch_add(1, Ordering::Relaxed);
+                b.fetch_add(body as u64, Ordering::Relaxed);
+                crate::http::text(hyper::StatusCode::OK, "")
+            }
+        };
+        tokio::spawn(crate::http::serve(
+            listener,
+            handler,
+            tokio_util::sync::CancellationToken::new(),
+        ));
+        Ok(OtlpSink {
+            endpoint,
+            requests,
+            bytes,
+        })
+    }
+}
+
+/// The p99 of every node's health probe durations, interpolated from the histogram buckets
+/// as Prometheus' `histogram_quantile` does.
+async fn probe_p99_ms(cluster: &LocalCluster) -> Option<f64> {
+    let mut buckets: std::collections::BTreeMap<u64, f64> = std::collections::BTreeMap::new();
+    let mut infinite = 0.0;
+    for node in &cluster.config.nodes {
+        let text = super::status::fetch_text(&node.metrics, "/metrics", Duration::from_secs(2))
+            .await
+            .ok()?;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix("raftchat_health_probe_duration_seconds_bucket{")
+            else {
+                continue;
+            };
+            let (labels, value) = rest.rsplit_once("} ")?;
+            let count: f64 = value.trim().parse().ok()?;
+            let le = labels.split("le=\"").nth(1)?.split('"').next()?;
+            if le == "+Inf" {
+                infinite += count;
+            } else {
+                let bound: f64 = le.parse().ok()?;
+                *buckets.entry((bound * 1e9) as u64).or_default() += count;
+            }
+        }
+    }
+    if infinite == 0.0 {
+        return None;
+    }
+    let rank = 0.99 * infinite;
+    let mut lower = (0.0, 0.0);
+    for (bound_ns, count) in &buckets {
+        let bound = *bound_ns as f64 / 1e9;
+        if *count >= rank {
+            let (lo_bound, lo_count) = lower;
+            let fraction = if count > &lo_count {
+                (rank - lo_count) / (count - lo_count)
+            } else {
+                1.0
+            };
+            return Some((lo_bound + (bound - lo_bound) * fraction) * 1000.0);
+        }
+        lower = (bound, *count);
+    }
+    Some(lower.0 * 1000.0)
 }
 
 /// The sequence number in a frame's `id` (`{client}-{seq}`).

@@ -19,17 +19,24 @@ pub struct StatusArgs {
     json: bool,
 }
 
-/// GETs `/status` from a metrics address.
-pub async fn fetch_status(addr: &str, timeout: Duration) -> anyhow::Result<Value> {
+/// GETs `path` from a metrics address as text.
+pub async fn fetch_text(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<String> {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let uri: hyper::Uri = format!("http://{addr}/status")
+    let uri: hyper::Uri = format!("http://{addr}{path}")
         .parse()
         .context("bad address")?;
     let response = tokio::time::timeout(timeout, client.get(uri))
         .await
         .with_context(|| format!("no answer within {timeout:?}"))??;
     let body = response.into_body().collect().await?.to_bytes();
-    Ok(serde_json::from_slice(&body)?)
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// GETs `/status` from a metrics address.
+pub async fn fetch_status(addr: &str, timeout: Duration) -> anyhow::Result<Value> {
+    Ok(serde_json::from_str(
+        &fetch_text(addr, "/status", timeout).await?,
+    )?)
 }
 
 pub async fn run(args: StatusArgs) -> anyhow::Result<()> {

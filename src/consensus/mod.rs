@@ -202,6 +202,9 @@ impl Consensus {
             snapshot_policy: SnapshotPolicy::LogsSinceLast(r.snapshot_every_entries),
             max_in_snapshot_log_to_keep: r.keep_entries_after_snapshot,
             purge_batch_size: 256,
+            // A node that starts late or comes back from a pause must not depose a healthy
+            // leader: it first asks whether it could win.
+            enable_pre_vote: Some(true),
             max_payload_entries: 512,
             install_snapshot_timeout: 60_000,
             ..Default::default()

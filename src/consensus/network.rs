@@ -205,6 +205,15 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .await
     }
 
+    async fn pre_vote(
+        &mut self,
+        req: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.call("vote", "/raft/pre-vote", &req, option.soft_ttl())
+            .await
+    }
+
     async fn full_snapshot(
         &mut self,
         vote: Vote,

@@ -90,6 +90,10 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             Ok(req) => http::json(StatusCode::OK, &raft.vote(req).await),
             Err(reason) => bad_request(reason),
         },
+        "/raft/pre-vote" => match decode(&body) {
+            Ok(req) => http::json(StatusCode::OK, &raft.pre_vote(req).await),
+            Err(reason) => bad_request(reason),
+        },
         "/raft/snapshot" => match decode::<SnapshotRequest>(&body) {
             Ok(req) => {
                 let snapshot = Snapshot {

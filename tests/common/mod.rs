@@ -116,6 +116,8 @@ impl Cluster {
             .arg(&self.config)
             .args(["--id", &id.to_string()])
             .env("RUST_LOG", "info,openraft=warn")
+            // Export spans quickly so tests need not wait for the default 5 s batch.
+            .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

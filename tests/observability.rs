@@ -1,0 +1,356 @@
+//! Metrics, health endpoints and OpenTelemetry spans, against real node processes.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use prometheus_parse::{Scrape, Value};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Every family SPEC section 6 names, with its type.
+const FAMILIES: &[(&str, &str)] = &[
+    ("raftchat_health_probes_total", "counter"),
+    ("raftchat_health_probe_duration_seconds", "histogram"),
+    ("raftchat_peer_up", "gauge"),
+    ("raftchat_peer_transitions_total", "counter"),
+    ("raftchat_raft_term", "gauge"),
+    ("raftchat_raft_is_leader", "gauge"),
+    ("raftchat_raft_has_leader", "gauge"),
+    ("raftchat_raft_leader_id", "gauge"),
+    ("raftchat_raft_leader_changes_total", "counter"),
+    ("raftchat_raft_last_log_index", "gauge"),
+    ("raftchat_raft_applied_index", "gauge"),
+    ("raftchat_raft_replication_lag_entries", "gauge"),
+    ("raftchat_raft_leader_transfers_total", "counter"),
+    ("raftchat_raft_rpc_duration_seconds", "histogram"),
+    ("raftchat_storage_sync_duration_seconds", "histogram"),
+    ("raftchat_failovers_total", "counter"),
+    ("raftchat_failover_duration_seconds", "histogram"),
+    ("raftchat_leaderless_seconds_total", "counter"),
+    ("raftchat_client_connections", "gauge"),
+    ("raftchat_client_connects_total", "counter"),
+    ("raftchat_client_reconnects_total", "counter"),
+    ("raftchat_client_disconnects_total", "counter"),
+    ("raftchat_client_resends_deduplicated_total", "counter"),
+    ("raftchat_client_replayed_messages_total", "counter"),
+    ("raftchat_messages_committed_total", "counter"),
+    ("raftchat_message_commit_duration_seconds", "histogram"),
+    ("raftchat_messages_delivered_total", "counter"),
+    ("raftchat_bad_requests_total", "counter"),
+    ("raftchat_build_info", "gauge"),
+    ("process_resident_memory_bytes", "gauge"),
+];
+
+fn scrape(cluster: &Cluster, id: u64) -> Option<Scrape> {
+    let (code, body) = http_get(&cluster.node(id).metrics, "/metrics").ok()?;
+    if code != 200 {
+        return None;
+    }
+    Scrape::parse(body.lines().map(|l| Ok(l.to_string()))).ok()
+}
+
+/// The value of a counter or gauge sample (summed over series matching `labels`).
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Counter(_) => "counter",
+        Value::Gauge(_) => "gauge",
+        Value::Histogram(_) => "histogram",
+        Value::Summary(_) => "summary",
+        Value::Untyped(_) => "untyped",
+    }
+}
+
+#[test]
+fn metrics_follow_health_leadership_failover_and_reconnects() {
+    let mut cluster = Cluster::start(
+        3,
+        "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 200\n",
+    );
+    let leader = cluster.wait_leader(&[1, 2, 3], T);
+
+    // Every SPEC family, with its type, on every node; one leader, all know it.
+    let scrapes: Vec<Scrape> = (1..=3)
+        .map(|id| {
+            wait_for(T, "has_leader on every node", || {
+                let s = scrape(&cluster, id)?;
+                (value(&s, "raftchat_raft_has_leader", &[]) == 1.0).then_some(s)
+            })
+        })
+        .collect();
+    for (i, s) in scrapes.iter().enumerate() {
+        for (family, want) in FAMILIES {
+            let sample = s.samples.iter().find(|x| x.metric == *family);
+            let sample = sample.unwrap_or_else(|| panic!("node {}: {family} missing", i + 1));
+            assert_eq!(
+                kind(&sample.value),
+                *want,
+                "node {}: type of {family}",
+                i + 1
+            );
+        }
+    }
+    let leaders: Vec<f64> = scrapes
+        .iter()
+        .map(|s| value(s, "raftchat_raft_is_leader", &[]))
+        .collect();
+    assert_eq!(
+        leaders.iter().filter(|v| **v == 1.0).count(),
+        1,
+        "{leaders:?}"
+    );
+
+    // A resumed session on another node counts as a reconnect there.
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    let (a, b) = (survivors[0], survivors[1]);
+    let mut c = cluster.login(a, "roamer");
+    c.join("#obs");
+    let session = c.session.clone().unwrap();
+    drop(c);
+    let reconnects = |id| {
+        value(
+            &scrape(&cluster, id).unwrap(),
+            "raftchat_client_reconnects_total",
+            &[("dialect", "json")],
+        )
+    };
+    let before = reconnects(b);
+    wait_for(T, "resume on another node", || {
+        let mut c = Client::try_connect(&cluster.node(b).chat)?;
+        let w = c.request(
+            json!({"type": "hello", "user": "roamer", "session": session, "resume_from": 0}),
+        )?;
+        (w["type"] == "welcome").then_some(())
+    });
+    assert_eq!(reconnects(b), before + 1.0);
+
+    // Kill the leader: survivors see it down, a leader change and a timed failover.
+    let counters = |id| {
+        let s = scrape(&cluster, id).unwrap();
+        (
+            value(&s, "raftchat_raft_leader_changes_total", &[]),
+            value(&s, "raftchat_failovers_total", &[]),
+            value(&s, "raftchat_failover_duration_seconds_count", &[]),
+        )
+    };
+    let before: BTreeMap<u64, (f64, f64, f64)> =
+        survivors.iter().map(|id| (*id, counters(*id))).collect();
+    cluster.kill(leader);
+    let killed = leader.to_string();
+    for id in &survivors {
+        wait_for(
+            Duration::from_secs(10),
+            "the survivors to see the leader down and a failover",
+            || {
+                let s = scrape(&cluster, *id)?;
+                let (changes, failovers, timed) = before[id];
+                let ok = value(&s, "raftchat_peer_up", &[("peer", &killed)]) == 0.0
+                    && value(&s, "raftchat_raft_leader_changes_total", &[]) > changes
+                    && value(&s, "raftchat_failovers_total", &[]) > failovers
+                    && value(&s, "raftchat_failover_duration_seconds_count", &[]) > timed
+                    && value(
+                        &s,
+                        "raftchat_peer_transitions_total",
+                        &[("peer", &killed), ("to", "down")],
+                    ) >= 1.0;
+                ok.then_some(())
+            },
+        );
+    }
+
+    // A node cut off from the majority is not ready, and is again once it heals.
+    cluster.wait_leader(&survivors, T);
+    wait_for(T, "ready before the cut", || {
+        (http_get(&cluster.node(a).metrics, "/readyz").ok()?.0 == 200).then_some(())
+    });
+    cluster.pause(b);
+    wait_for(T, "/readyz 503 without a majority", || {
+        let (code, body) = http_get(&cluster.node(a).metrics, "/readyz").ok()?;
+        (code == 503 && body.contains("not ready")).then_some(())
+    });
+    cluster.resume(b);
+    wait_for(T, "/readyz 200 after healing", || {
+        (http_get(&cluster.node(a).metrics, "/readyz").ok()?.0 == 200).then_some(())
+    });
+}
+
+#[test]
+fn metrics_port_answers_bad_requests_and_stays_up() {
+    let cluster = Cluster::start(1, "");
+    cluster.wait_leader(&[1], T);
+    let addr = &cluster.node(1).metrics;
+    assert_eq!(http_get(addr, "/nope").unwrap().0, 404);
+    let post =
+        "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+    assert_eq!(http_raw(addr, post).unwrap().0, 405);
+    let huge = format!(
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    assert_eq!(http_raw(addr, &huge).unwrap().0, 431);
+    let (code, body) = http_get(addr, "/healthz").unwrap();
+    assert_eq!((code, body.trim()), (200, "ok"));
+    let (code, body) = http_get(addr, "/status").unwrap();
+    assert_eq!(code, 200);
+    let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+    for key in [
+        "id",
+        "role",
+        "term",
+        "leader",
+        "commit_index",
+        "applied_index",
+        "peers",
+        "clients",
+        "version",
+    ] {
+        assert!(status.get(key).is_some(), "/status lacks {key}: {status}");
+    }
+}
+
+/// One exported span: (span name, trace id, node id from the resource).
+type SpanSeen = (String, Vec<u8>, i64);
+
+/// A minimal OTLP/HTTP receiver: decodes every `ExportTraceServiceRequest` it is sent.
+fn otlp_receiver() -> (String, Arc<Mutex<Vec<SpanSeen>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
+    use prost::Message;
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let spans: Arc<Mutex<Vec<SpanSeen>>> = Arc::default();
+    let sink = spans.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let sink = sink.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut stream = stream;
+                loop {
+                    let mut headers = HashMap::new();
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    loop {
+                        let mut h = String::new();
+                        if reader.read_line(&mut h).unwrap_or(0) == 0 || h.trim().is_empty() {
+                            break;
+                        }
+                        if let Some((k, v)) = h.split_once(':') {
+                            headers.insert(k.trim().to_lowercase(), v.trim().to_string());
+                        }
+                    }
+                    let len: usize = headers
+                        .get("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
+                        let mut seen = sink.lock().unwrap();
+                        for rs in req.resource_spans {
+                            let node = rs
+                                .resource
+                                .iter()
+                                .flat_map(|r| r.attributes.iter())
+                                .find(|kv| kv.key == "raftchat.node.id")
+                                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+                                    AnyValue::IntValue(i) => Some(*i),
+                                    _ => None,
+                                })
+                                .unwrap_or(0);
+                            for ss in rs.scope_spans {
+                                for span in ss.spans {
+                                    seen.push((span.name, span.trace_id, node));
+                                }
+                            }
+                        }
+                    }
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (addr, spans)
+}
+
+#[test]
+fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
+    let (collector, spans) = otlp_receiver();
+    let mut cluster = Cluster::start(
+        3,
+        &format!(
+            "[health]\nprobe_interval_ms = 200\n[telemetry]\notlp_endpoint = \"http://{collector}\"\n"
+        ),
+    );
+    let leader = cluster.wait_leader(&[1, 2, 3], T);
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let mut c = cluster.login(follower, "tracer");
+    c.join("#traced");
+    assert_eq!(c.say("#traced", "t1", "follow me")["type"], "ack");
+    wait_for(T, "chat.send spans from two nodes in one trace", || {
+        let seen = spans.lock().unwrap();
+        let mut nodes_by_trace: HashMap<&Vec<u8>, BTreeSet<i64>> = HashMap::new();
+        for (name, trace, node) in seen.iter() {
+            if name == "chat.send" {
+                nodes_by_trace.entry(trace).or_default().insert(*node);
+            }
+        }
+        nodes_by_trace
+            .values()
+            .any(|nodes| nodes.contains(&(follower as i64)) && nodes.contains(&(leader as i64)))
+            .then_some(())
+    });
+
+    let session = c.session.clone().unwrap();
+    drop(c);
+    cluster.kill(leader);
+    let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+    cluster.wait_leader(&survivors, T);
+    let other = *survivors.iter().find(|id| **id != follower).unwrap();
+    wait_for(T, "resume on another node", || {
+        let mut c = Client::try_connect(&cluster.node(other).chat)?;
+        let w = c.request(
+            json!({"type": "hello", "user": "tracer", "session": session, "resume_from": 0}),
+        )?;
+        (w["type"] == "welcome").then_some(())
+    });
+    wait_for(
+        T,
+        "probe, leader change, failover and reconnect spans",
+        || {
+            let seen = spans.lock().unwrap();
+            let names: BTreeSet<&str> = seen.iter().map(|(n, _, _)| n.as_str()).collect();
+            [
+                "health.probe",
+                "raft.leader_change",
+                "raft.failover",
+                "chat.client.reconnect",
+            ]
+            .iter()
+            .all(|n| names.contains(n))
+            .then_some(())
+        },
+    );
+}
