@@ -265,6 +265,8 @@ pub enum ServerFrame<'a> {
         leader: Option<u64>,
         commit_index: u64,
         nodes: Vec<NodeInfo>,
+        /// How many missed messages follow this welcome (a resumed session's replay).
+        replayed: usize,
     },
     Joined {
         room: &'a str,
@@ -629,12 +631,22 @@ impl Connection {
                 healthy: n.healthy,
             })
             .collect();
+        let metrics = &self.svc.metrics;
+        let missed = match resume_from.filter(|_| attached.resumed) {
+            Some(after) => {
+                self.svc
+                    .missed(&attached.session, &attached.user, after, sub.applied)
+                    .await?
+            }
+            None => Vec::new(),
+        };
         let welcome = ServerFrame::Welcome {
             session: &attached.session,
             node: self.svc.node_id,
             leader: status.leader,
             commit_index: status.commit_index.max(sub.applied),
             nodes,
+            replayed: missed.len(),
         };
         self.reply(welcome.encode()).await;
         let mut filter = DeliveryFilter::new(
@@ -644,7 +656,6 @@ impl Connection {
             rooms,
             sub.applied,
         );
-        let metrics = &self.svc.metrics;
         // A resumed session is a reconnect; its span stays open until the client's first
         // re-sends are answered, to count how many were duplicates.
         let reconnect_span = attached.resumed.then(|| {
@@ -657,24 +668,15 @@ impl Connection {
                 dialect = DIALECT,
                 session = %attached.session,
                 node = self.svc.node_id,
-                replayed = 0u64,
+                replayed = missed.len() as u64,
                 deduplicated = 0u64,
             )
         });
-        if let Some(after) = resume_from.filter(|_| attached.resumed) {
-            let missed = self
-                .svc
-                .missed(&attached.session, &attached.user, after, sub.applied)
-                .await?;
-            for m in &missed {
-                self.reply(ServerFrame::Message(m.into()).encode()).await;
-            }
-            metrics.replayed_messages.inc_by(missed.len() as u64);
-            metrics.messages_delivered.inc_by(missed.len() as u64);
-            if let Some(span) = &reconnect_span {
-                span.record("replayed", missed.len() as u64);
-            }
+        for m in &missed {
+            self.reply(ServerFrame::Message(m.into()).encode()).await;
         }
+        metrics.replayed_messages.inc_by(missed.len() as u64);
+        metrics.messages_delivered.inc_by(missed.len() as u64);
         filter.advance(sub.applied);
         tokio::spawn(deliver_loop(
             self.svc.clone(),

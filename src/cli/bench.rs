@@ -12,17 +12,17 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::cluster::LocalCluster;
 use super::status::fetch_status;
-use crate::client;
+use crate::client::{Client, ClientConfig, Event};
 use crate::config::{self, Config, FlagOverrides, NodeConfig};
 
 #[derive(clap::Args)]
@@ -67,6 +67,9 @@ pub struct BenchArgs {
 struct Counters {
     sent: AtomicU64,
     acked: AtomicU64,
+    /// Sends the cluster refused for good (not counted as lost).
+    refused: AtomicU64,
+    /// Refusals, lost connections and failed attempts.
     errors: AtomicU64,
 }
 
@@ -290,238 +293,106 @@ async fn wait_caught_up(cluster: &LocalCluster, timeout: Duration) -> anyhow::Re
     }
 }
 
+/// Per-run state shared by every bench client.
+struct Shared {
+    counters: Counters,
+    latencies: std::sync::Mutex<Latencies>,
+    /// Per sender: which sequence numbers were acknowledged.
+    acked_seqs: Vec<std::sync::Mutex<Vec<bool>>>,
+    /// Per client: the node it is connected to (for delivery latency across nodes).
+    node_of: Vec<AtomicU64>,
+    reconnects: AtomicU64,
+    epoch: Instant,
+}
+
 async fn load(
     args: &BenchArgs,
     servers: &[String],
 ) -> anyhow::Result<serde_json::Map<String, Value>> {
-    let counters = Arc::new(Counters::default());
-    let latencies = Arc::new(Mutex::new(Latencies {
-        ack: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-        delivery: Histogram::new_with_bounds(1, 60_000_000, 3)?,
-    }));
-    let epoch = Instant::now();
-    let run = format!("{:x}", std::process::id());
-    let stop = Arc::new(AtomicBool::new(false));
     let clients = args.clients;
-
-    // Log everyone in first, so every client sees every message.
-    let mut sessions = Vec::new();
-    for i in 0..clients {
-        let server = servers[i % servers.len()].clone();
-        let user = format!("bench{run}x{i}");
-        let (reader, writer, welcome) =
-            client::login(&server, &user, &args.room, Duration::from_secs(30))
-                .await
-                .with_context(|| format!("client {i} could not log in"))?;
-        let node = welcome["node"].as_u64().unwrap_or(0);
-        sessions.push((reader, writer, node));
-    }
-    let nodes_of: Arc<Vec<u64>> = Arc::new(sessions.iter().map(|s| s.2).collect());
-    // Per sender: which sequence numbers were acknowledged.
-    let acked_seqs: Arc<Vec<std::sync::Mutex<Vec<bool>>>> = Arc::new(
-        (0..clients)
+    let shared = Arc::new(Shared {
+        counters: Counters::default(),
+        latencies: std::sync::Mutex::new(Latencies {
+            ack: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+            delivery: Histogram::new_with_bounds(1, 60_000_000, 3)?,
+        }),
+        acked_seqs: (0..clients)
             .map(|_| std::sync::Mutex::new(Vec::new()))
             .collect(),
-    );
-    let in_flight_total = Arc::new(AtomicU64::new(0));
-    eprintln!(
-        "bench: {clients} clients logged in over {} servers",
-        servers.len()
-    );
-
-    let started = Instant::now();
+        node_of: (0..clients).map(|_| AtomicU64::new(0)).collect(),
+        reconnects: AtomicU64::new(0),
+        epoch: Instant::now(),
+    });
+    let run = format!("{:x}", std::process::id());
+    // 0: logging in, 1: sending, 2: draining.
+    let phase = Arc::new(AtomicU64::new(0));
+    let ready = Arc::new(Semaphore::new(0));
     let mut tasks = Vec::new();
     let mut receivers = Vec::new();
-    for (i, (mut reader, mut writer, node)) in sessions.into_iter().enumerate() {
-        let window = Arc::new(Semaphore::new(args.window));
-        // seq → (first send, send time in µs since epoch).
-        let in_flight: Arc<std::sync::Mutex<HashMap<u64, (Instant, u64)>>> = Arc::default();
-        let (retry_tx, mut retry_rx) = tokio::sync::mpsc::unbounded_channel::<u64>();
+    for i in 0..clients {
+        // Round-robin over the servers: client i starts at server i.
+        let mut order: Vec<String> = servers.to_vec();
+        order.rotate_left(i % servers.len());
+        let mut config = ClientConfig::new(order, &format!("bench{run}x{i}"));
+        config.rooms = vec![args.room.clone()];
         let received = Arc::new(std::sync::Mutex::new(Received {
             counts: vec![Vec::new(); clients],
         }));
         receivers.push(received.clone());
-        // Sender: new messages while the run lasts, re-sends (same id) until acknowledged.
-        {
-            let window = window.clone();
-            let in_flight = in_flight.clone();
-            let in_flight_total = in_flight_total.clone();
-            let counters = counters.clone();
-            let stop = stop.clone();
-            let size = args.size;
-            let room = args.room.clone();
-            tasks.push(tokio::spawn(async move {
-                let mut next_seq = 0u64;
-                let sent_us_of = |seq: u64| {
-                    in_flight
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get(&seq)
-                        .map_or(0, |(_, us)| *us)
-                };
-                loop {
-                    let retry = if stop.load(Ordering::Relaxed) {
-                        // The run is over: only re-sends are left.
-                        match tokio::time::timeout(Duration::from_millis(50), retry_rx.recv()).await
-                        {
-                            Ok(Some(seq)) => Some(seq),
-                            Ok(None) => break,
-                            Err(_) => continue,
-                        }
-                    } else {
-                        tokio::select! {
-                            biased;
-                            Some(seq) = retry_rx.recv() => Some(seq),
-                            permit = window.clone().acquire_owned() => match permit {
-                                Ok(p) => {
-                                    p.forget();
-                                    None
-                                }
-                                Err(_) => break,
-                            },
-                        }
-                    };
-                    let seq = match retry {
-                        Some(seq) => {
-                            // Refused (rate limit, no leader): give the cluster a moment.
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                            seq
-                        }
-                        None => {
-                            let seq = next_seq;
-                            next_seq += 1;
-                            let sent_us = epoch.elapsed().as_micros() as u64;
-                            in_flight
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .insert(seq, (Instant::now(), sent_us));
-                            in_flight_total.fetch_add(1, Ordering::Relaxed);
-                            counters.sent.fetch_add(1, Ordering::Relaxed);
-                            seq
-                        }
-                    };
-                    if !send_one(&mut writer, &room, i, seq, sent_us_of(seq), size).await {
-                        counters.errors.fetch_add(1, Ordering::Relaxed);
-                        break;
-                    }
-                }
-                writer
-            }));
-        }
-        // Receiver.
-        {
-            let counters = counters.clone();
-            let latencies = latencies.clone();
-            let nodes_of = nodes_of.clone();
-            let acked_seqs = acked_seqs.clone();
-            let in_flight_total = in_flight_total.clone();
-            tokio::spawn(async move {
-                while let Ok(Some(frame)) = reader.next().await {
-                    match frame["type"].as_str() {
-                        Some("ack") => {
-                            let Some(seq) = seq_of(&frame) else { continue };
-                            let sent = in_flight
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .remove(&seq);
-                            let Some((sent, _)) = sent else { continue };
-                            in_flight_total.fetch_sub(1, Ordering::Relaxed);
-                            let us = sent.elapsed().as_micros() as u64;
-                            let _ = latencies.lock().await.ack.record(us.max(1));
-                            counters.acked.fetch_add(1, Ordering::Relaxed);
-                            {
-                                let mut flags =
-                                    acked_seqs[i].lock().unwrap_or_else(|p| p.into_inner());
-                                let seq = seq as usize;
-                                if flags.len() <= seq {
-                                    flags.resize(seq + 1, false);
-                                }
-                                flags[seq] = true;
-                            }
-                            window.add_permits(1);
-                        }
-                        Some("error") => {
-                            counters.errors.fetch_add(1, Ordering::Relaxed);
-                            let retryable = matches!(
-                                frame["code"].as_str(),
-                                Some("unavailable" | "rate_limited")
-                            );
-                            let Some(seq) = seq_of(&frame) else { continue };
-                            if retryable {
-                                let _ = retry_tx.send(seq);
-                                continue;
-                            }
-                            // Refused for good: stop waiting for it.
-                            let forgotten = in_flight
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .remove(&seq)
-                                .is_some();
-                            if forgotten {
-                                in_flight_total.fetch_sub(1, Ordering::Relaxed);
-                                window.add_permits(1);
-                            }
-                        }
-                        Some("message") => {
-                            let text = frame["text"].as_str().unwrap_or("");
-                            let mut parts = text.splitn(4, ' ');
-                            let sender = parts.next().and_then(|p| p.parse::<usize>().ok());
-                            let seq = parts.next().and_then(|p| p.parse::<usize>().ok());
-                            let sent_us = parts.next().and_then(|p| p.parse::<u64>().ok());
-                            if let (Some(sender), Some(seq), Some(sent_us)) = (sender, seq, sent_us)
-                                && sender < clients
-                            {
-                                {
-                                    let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
-                                    let counts = &mut r.counts[sender];
-                                    if counts.len() <= seq {
-                                        counts.resize(seq + 1, 0);
-                                    }
-                                    counts[seq] = counts[seq].saturating_add(1);
-                                }
-                                if nodes_of[sender] != node {
-                                    let now_us = epoch.elapsed().as_micros() as u64;
-                                    let _ = latencies
-                                        .lock()
-                                        .await
-                                        .delivery
-                                        .record(now_us.saturating_sub(sent_us).max(1));
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-            });
-        }
+        tasks.push(tokio::spawn(bench_client(
+            i,
+            config,
+            args.room.clone(),
+            args.size,
+            args.window,
+            shared.clone(),
+            received,
+            phase.clone(),
+            ready.clone(),
+        )));
     }
-
-    // Progress once a second.
+    // Everyone logged in and joined before anyone sends, so every client sees every message.
+    let login =
+        tokio::time::timeout(Duration::from_secs(60), ready.acquire_many(clients as u32)).await;
+    if login.is_err() {
+        bail!("not every client could log in within 60 s");
+    }
+    eprintln!(
+        "bench: {clients} clients logged in over {} servers",
+        servers.len()
+    );
+    let counters = &shared.counters;
+    let started = Instant::now();
+    phase.store(1, Ordering::SeqCst);
     let mut last = 0;
     for second in 1..=args.duration {
         tokio::time::sleep_until((started + Duration::from_secs(second)).into()).await;
         let acked = counters.acked.load(Ordering::Relaxed);
         eprintln!(
-            "bench: {second:>3}s  acked {acked:>9}  ({:>7}/s)  errors {}",
+            "bench: {second:>3}s  acked {acked:>9}  ({:>7}/s)  errors {}  reconnects {}",
             acked - last,
-            counters.errors.load(Ordering::Relaxed)
+            counters.errors.load(Ordering::Relaxed),
+            shared.reconnects.load(Ordering::Relaxed)
         );
         last = acked;
     }
-    stop.store(true, Ordering::Relaxed);
+    phase.store(2, Ordering::SeqCst);
     let elapsed_at_stop = started.elapsed();
     let acked_at_stop = counters.acked.load(Ordering::Relaxed);
     // Wait for the in-flight acks, then for every acked message to reach every client.
     let deadline = Instant::now() + Duration::from_secs(15);
-    while in_flight_total.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+    while counters.acked.load(Ordering::Relaxed) + counters.refused.load(Ordering::Relaxed)
+        < counters.sent.load(Ordering::Relaxed)
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let complete = |receivers: &[Arc<std::sync::Mutex<Received>>]| {
+    let complete = || {
         let mut lost = 0u64;
         let mut duplicated = 0u64;
-        for r in receivers {
+        for r in &receivers {
             let r = r.lock().unwrap_or_else(|p| p.into_inner());
-            for (sender, flags) in acked_seqs.iter().enumerate() {
+            for (sender, flags) in shared.acked_seqs.iter().enumerate() {
                 let flags = flags.lock().unwrap_or_else(|p| p.into_inner());
                 let counts = &r.counts[sender];
                 for (seq, acked) in flags.iter().enumerate() {
@@ -536,7 +407,7 @@ async fn load(
         (lost, duplicated)
     };
     let (lost, duplicated) = loop {
-        let (lost, duplicated) = complete(&receivers);
+        let (lost, duplicated) = complete();
         if lost == 0 || Instant::now() > deadline {
             break (lost, duplicated);
         }
@@ -546,7 +417,7 @@ async fn load(
         t.abort();
     }
 
-    let l = latencies.lock().await;
+    let l = shared.latencies.lock().unwrap_or_else(|p| p.into_inner());
     let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
     let mut out = serde_json::Map::new();
     let throughput = acked_at_stop as f64 / elapsed_at_stop.as_secs_f64();
@@ -571,8 +442,125 @@ async fn load(
         "errors".into(),
         json!(counters.errors.load(Ordering::Relaxed)),
     );
-    out.insert("reconnects".into(), json!(0));
+    out.insert(
+        "reconnects".into(),
+        json!(shared.reconnects.load(Ordering::Relaxed)),
+    );
     Ok(out)
+}
+
+/// One bench client: logs in, then keeps `window` messages in flight while the run lasts,
+/// and records every message it receives.
+#[allow(clippy::too_many_arguments)]
+async fn bench_client(
+    i: usize,
+    config: ClientConfig,
+    room: String,
+    size: usize,
+    window: usize,
+    shared: Arc<Shared>,
+    received: Arc<std::sync::Mutex<Received>>,
+    phase: Arc<AtomicU64>,
+    ready: Arc<Semaphore>,
+) {
+    let clients = shared.acked_seqs.len();
+    let mut client = Client::start(config);
+    // seq → when it was first sent.
+    let mut in_flight: HashMap<u64, Instant> = HashMap::new();
+    let mut next_seq = 0u64;
+    let mut joined = false;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    loop {
+        // Top up the window while the run lasts.
+        while joined && phase.load(Ordering::Relaxed) == 1 && in_flight.len() < window {
+            let seq = next_seq;
+            next_seq += 1;
+            let sent_us = shared.epoch.elapsed().as_micros() as u64;
+            let head = format!("{i} {seq} {sent_us} ");
+            let text = format!("{head}{}", "x".repeat(size.saturating_sub(head.len())));
+            client.send_with_id(&format!("{i}-{seq}"), &room, &text);
+            in_flight.insert(seq, Instant::now());
+            shared.counters.sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let event = tokio::select! {
+            e = client.next_event() => e,
+            _ = tick.tick() => continue,
+        };
+        let Some(event) = event else { return };
+        match event {
+            Event::Connected { node, .. } => shared.node_of[i].store(node, Ordering::Relaxed),
+            Event::Reconnected(r) => {
+                shared.node_of[i].store(r.to_node, Ordering::Relaxed);
+                shared.reconnects.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Joined { .. } if !joined => {
+                joined = true;
+                ready.add_permits(1);
+            }
+            Event::Acked { id, .. } => {
+                let Some(seq) = id.split_once('-').and_then(|(_, s)| s.parse::<u64>().ok()) else {
+                    continue;
+                };
+                if let Some(sent) = in_flight.remove(&seq) {
+                    let us = sent.elapsed().as_micros() as u64;
+                    if let Ok(mut l) = shared.latencies.lock() {
+                        let _ = l.ack.record(us.max(1));
+                    }
+                    shared.counters.acked.fetch_add(1, Ordering::Relaxed);
+                    let mut flags = shared.acked_seqs[i]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    let seq = seq as usize;
+                    if flags.len() <= seq {
+                        flags.resize(seq + 1, false);
+                    }
+                    flags[seq] = true;
+                }
+            }
+            Event::Refused { id, .. } => {
+                shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+                if let Some(seq) =
+                    id.and_then(|id| id.split_once('-').and_then(|(_, s)| s.parse::<u64>().ok()))
+                    && in_flight.remove(&seq).is_some()
+                {
+                    shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            Event::Disconnected { .. } | Event::Retrying { .. } => {
+                shared.counters.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Failed(reason) => {
+                eprintln!("bench: client {i} gave up: {reason}");
+                return;
+            }
+            Event::Message(m) => {
+                let mut parts = m.text.splitn(4, ' ');
+                let sender = parts.next().and_then(|p| p.parse::<usize>().ok());
+                let seq = parts.next().and_then(|p| p.parse::<usize>().ok());
+                let sent_us = parts.next().and_then(|p| p.parse::<u64>().ok());
+                if let (Some(sender), Some(seq), Some(sent_us)) = (sender, seq, sent_us)
+                    && sender < clients
+                {
+                    {
+                        let mut r = received.lock().unwrap_or_else(|p| p.into_inner());
+                        let counts = &mut r.counts[sender];
+                        if counts.len() <= seq {
+                            counts.resize(seq + 1, 0);
+                        }
+                        counts[seq] = counts[seq].saturating_add(1);
+                    }
+                    let mine = shared.node_of[i].load(Ordering::Relaxed);
+                    if shared.node_of[sender].load(Ordering::Relaxed) != mine {
+                        let now_us = shared.epoch.elapsed().as_micros() as u64;
+                        if let Ok(mut l) = shared.latencies.lock() {
+                            let _ = l.delivery.record(now_us.saturating_sub(sent_us).max(1));
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
 }
 
 /// An OTLP/HTTP endpoint that accepts every export and counts it.
@@ -661,26 +649,6 @@ async fn probe_p99_ms(cluster: &LocalCluster) -> Option<f64> {
         lower = (bound, *count);
     }
     Some(lower.0 * 1000.0)
-}
-
-/// The sequence number in a frame's `id` (`{client}-{seq}`).
-fn seq_of(frame: &Value) -> Option<u64> {
-    frame["id"].as_str()?.split_once('-')?.1.parse().ok()
-}
-
-/// Sends message `seq` of client `client`; false when the connection is gone.
-async fn send_one(
-    writer: &mut client::FrameWriter,
-    room: &str,
-    client: usize,
-    seq: u64,
-    sent_us: u64,
-    size: usize,
-) -> bool {
-    let head = format!("{client} {seq} {sent_us} ");
-    let text = format!("{head}{}", "x".repeat(size.saturating_sub(head.len())));
-    let frame = json!({"type": "send", "to": room, "id": format!("{client}-{seq}"), "text": text});
-    writer.send(&frame).await.is_ok()
 }
 
 fn print_report(args: &BenchArgs, report: &serde_json::Map<String, Value>) {

@@ -1,6 +1,7 @@
-//! The `raftchat` command line: `node`, `cluster`, `status`, `bench`.
+//! The `raftchat` command line: `node`, `cluster`, `status`, `chat`, `bench`.
 
 mod bench;
+mod chat;
 mod cluster;
 mod status;
 
@@ -40,6 +41,8 @@ enum Command {
     Cluster(cluster::ClusterArgs),
     /// Show every node's role, term, leader, indexes, peer health and clients.
     Status(status::StatusArgs),
+    /// Chat from the terminal (or a pipeline); reconnects by itself.
+    Chat(chat::ChatArgs),
     /// Load-test a cluster (or a local one it starts) and time leader failovers.
     Bench(bench::BenchArgs),
 }
@@ -75,6 +78,7 @@ pub fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(args),
         Command::Status(args) => run_async(status::run(args)),
         Command::Bench(args) => run_async(bench::run(args)),
+        Command::Chat(args) => chat::run(args),
     }
 }
 

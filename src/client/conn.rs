@@ -1,4 +1,4 @@
-//! The client side of the JSON dialect: one connection, split into a reading and a writing
+//! One JSON-dialect connection, split into a reading and a writing
 //! half so that sends can be pipelined while acks and messages stream in.
 
 use std::io;

@@ -1,0 +1,655 @@
+//! The reconnecting client library (JSON dialect), used by `raftchat chat`, `raftchat bench`
+//! and the tests (SPEC section 4).
+//!
+//! A background task owns the connection. It connects to the first reachable server, learns
+//! the cluster from `welcome.nodes`, and when the connection is lost or goes silent (no frame
+//! within the read deadline although it pings) it reconnects, healthy nodes first, with
+//! exponential backoff and jitter (the first retry at once). It resumes its session from the
+//! last message index it delivered, re-sends every unacknowledged message with its original
+//! id, and hands each message to the application once, in index order.
+
+pub mod conn;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+pub use conn::{ClientError, FrameReader, FrameWriter, connect, login};
+
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Chat addresses to try first, in order.
+    pub servers: Vec<String>,
+    pub user: String,
+    /// Rooms to be in; joined on the first connection (and again if the session is lost).
+    pub rooms: Vec<String>,
+    /// Ping this often when nothing else is sent.
+    pub ping_interval: Duration,
+    /// A connection that sends nothing for this long is dead.
+    pub read_timeout: Duration,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Give up after this many failed connection attempts in a row (`None`: never).
+    pub max_attempts: Option<u32>,
+}
+
+impl ClientConfig {
+    pub fn new(servers: Vec<String>, user: &str) -> ClientConfig {
+        ClientConfig {
+            servers,
+            user: user.to_string(),
+            rooms: Vec::new(),
+            ping_interval: Duration::from_millis(500),
+            read_timeout: Duration::from_millis(2000),
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+            max_attempts: None,
+        }
+    }
+}
+
+/// A committed chat message as the application receives it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub index: u64,
+    pub to: String,
+    pub from: String,
+    pub id: String,
+    pub text: String,
+    pub ts: String,
+}
+
+/// What a reconnect looked like, for logs and metrics.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reconnect {
+    pub from_node: Option<u64>,
+    pub to_node: u64,
+    pub downtime: Duration,
+    pub replayed: usize,
+    pub resent: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The first connection.
+    Connected {
+        node: u64,
+        server: String,
+        session: String,
+    },
+    Reconnected(Reconnect),
+    /// The connection was lost; the client is reconnecting.
+    Disconnected {
+        node: Option<u64>,
+        reason: String,
+    },
+    /// A connection attempt failed; the next comes after `retry_in`.
+    Retrying {
+        attempt: u32,
+        error: String,
+        retry_in: Duration,
+    },
+    Message(Message),
+    Presence {
+        room: String,
+        user: String,
+        joined: bool,
+    },
+    Acked {
+        id: String,
+        index: u64,
+    },
+    Joined {
+        room: String,
+        members: Vec<String>,
+    },
+    Left {
+        room: String,
+    },
+    Members {
+        room: String,
+        users: Vec<String>,
+    },
+    History {
+        room: String,
+        messages: Vec<Message>,
+    },
+    /// The server refused a request (with the message id when it was a send).
+    Refused {
+        code: String,
+        message: String,
+        id: Option<String>,
+    },
+    /// The client stopped for good (attempts exhausted, name taken).
+    Failed(String),
+}
+
+enum Command {
+    Send {
+        id: String,
+        to: String,
+        text: String,
+    },
+    Join(String),
+    Leave(String),
+    Who(String),
+    History {
+        room: String,
+        limit: usize,
+    },
+}
+
+/// The application's handle: commands in, events out.
+pub struct Client {
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::UnboundedReceiver<Event>,
+    unacked: Arc<AtomicUsize>,
+    id_prefix: String,
+    next_id: u64,
+}
+
+impl Client {
+    /// Starts the client; it connects in the background (watch for `Event::Connected`).
+    pub fn start(config: ClientConfig) -> Client {
+        let (commands, command_rx) = mpsc::unbounded_channel();
+        let (event_tx, events) = mpsc::unbounded_channel();
+        let unacked = Arc::new(AtomicUsize::new(0));
+        let driver = Driver {
+            known: config
+                .servers
+                .iter()
+                .map(|s| (None, s.clone(), true))
+                .collect(),
+            config,
+            events: event_tx,
+            unacked_count: unacked.clone(),
+            session: None,
+            last_index: 0,
+            unacked: VecDeque::new(),
+            rooms: BTreeSet::new(),
+            node: None,
+        };
+        tokio::spawn(driver.run(command_rx));
+        Client {
+            commands,
+            events,
+            unacked,
+            id_prefix: format!("{:x}", rand::rng().random::<u32>()),
+            next_id: 0,
+        }
+    }
+
+    /// Queues a message; returns its id. It is sent (and re-sent after reconnects) until
+    /// acknowledged.
+    pub fn send(&mut self, to: &str, text: &str) -> String {
+        self.next_id += 1;
+        let id = format!("{}-{}", self.id_prefix, self.next_id);
+        self.send_with_id(&id, to, text);
+        id
+    }
+
+    pub fn send_with_id(&mut self, id: &str, to: &str, text: &str) {
+        self.unacked.fetch_add(1, Ordering::SeqCst);
+        let _ = self.commands.send(Command::Send {
+            id: id.to_string(),
+            to: to.to_string(),
+            text: text.to_string(),
+        });
+    }
+
+    pub fn join(&self, room: &str) {
+        let _ = self.commands.send(Command::Join(room.to_string()));
+    }
+
+    pub fn leave(&self, room: &str) {
+        let _ = self.commands.send(Command::Leave(room.to_string()));
+    }
+
+    pub fn who(&self, room: &str) {
+        let _ = self.commands.send(Command::Who(room.to_string()));
+    }
+
+    pub fn history(&self, room: &str, limit: usize) {
+        let _ = self.commands.send(Command::History {
+            room: room.to_string(),
+            limit,
+        });
+    }
+
+    /// Messages sent but not yet acknowledged.
+    pub fn unacked(&self) -> usize {
+        self.unacked.load(Ordering::SeqCst)
+    }
+
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+}
+
+struct Pending {
+    id: String,
+    to: String,
+    text: String,
+}
+
+struct Driver {
+    config: ClientConfig,
+    events: mpsc::UnboundedSender<Event>,
+    unacked_count: Arc<AtomicUsize>,
+    /// (node id once known, chat address, healthy as last reported).
+    known: Vec<(Option<u64>, String, bool)>,
+    session: Option<String>,
+    /// Highest message index handed to the application.
+    last_index: u64,
+    /// Sent or queued, not yet acknowledged, in send order.
+    unacked: VecDeque<Pending>,
+    rooms: BTreeSet<String>,
+    node: Option<u64>,
+}
+
+/// How a connection ended.
+enum Ended {
+    Lost(String),
+    /// The application dropped its handle.
+    Closed,
+    /// Nothing can fix it by reconnecting.
+    Fatal(String),
+}
+
+impl Driver {
+    fn emit(&self, event: Event) {
+        let _ = self.events.send(event);
+    }
+
+    /// Servers to try, healthy ones first, starting after the one that just failed.
+    fn candidates(&self) -> Vec<String> {
+        let start = self
+            .node
+            .and_then(|n| self.known.iter().position(|(id, _, _)| *id == Some(n)))
+            .map_or(0, |p| p + 1);
+        let mut ordered: Vec<&(Option<u64>, String, bool)> = self
+            .known
+            .iter()
+            .cycle()
+            .skip(start)
+            .take(self.known.len())
+            .collect();
+        ordered.sort_by_key(|(id, _, healthy)| (!healthy, *id == self.node && self.node.is_some()));
+        ordered
+            .into_iter()
+            .map(|(_, addr, _)| addr.clone())
+            .collect()
+    }
+
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut attempt: u32 = 0;
+        let mut lost_at: Option<Instant> = None;
+        let mut first = true;
+        loop {
+            let mut connected = None;
+            let mut last_error = String::from("no servers");
+            for server in self.candidates() {
+                match self.open(&server).await {
+                    Ok(c) => {
+                        connected = Some((server, c));
+                        break;
+                    }
+                    Err(e) => last_error = e,
+                }
+            }
+            let Some((server, (mut reader, mut writer, welcome))) = connected else {
+                attempt += 1;
+                if self.config.max_attempts.is_some_and(|max| attempt >= max) {
+                    self.emit(Event::Failed(format!(
+                        "gave up after {attempt} attempts: {last_error}"
+                    )));
+                    return;
+                }
+                let delay = backoff(
+                    attempt,
+                    self.config.backoff_initial,
+                    self.config.backoff_max,
+                );
+                self.emit(Event::Retrying {
+                    attempt,
+                    error: last_error,
+                    retry_in: delay,
+                });
+                // Keep taking commands while waiting, so nothing the app sends is lost.
+                let wake = tokio::time::sleep(delay);
+                tokio::pin!(wake);
+                loop {
+                    tokio::select! {
+                        _ = &mut wake => break,
+                        cmd = commands.recv() => match cmd {
+                            Some(cmd) => self.queue(cmd),
+                            None => return,
+                        },
+                    }
+                }
+                continue;
+            };
+            attempt = 0;
+            let from_node = self.node;
+            let node = welcome["node"].as_u64().unwrap_or(0);
+            self.node = Some(node);
+            self.learn_nodes(&welcome);
+            let replayed = welcome["replayed"].as_u64().unwrap_or(0) as usize;
+            let resent = self.unacked.len();
+            self.session = welcome["session"].as_str().map(String::from);
+            if first {
+                self.emit(Event::Connected {
+                    node,
+                    server: server.clone(),
+                    session: self.session.clone().unwrap_or_default(),
+                });
+                first = false;
+            } else {
+                self.emit(Event::Reconnected(Reconnect {
+                    from_node,
+                    to_node: node,
+                    downtime: lost_at.map_or(Duration::ZERO, |t| t.elapsed()),
+                    replayed,
+                    resent,
+                }));
+            }
+            match self.serve(&mut reader, &mut writer, &mut commands).await {
+                Ended::Lost(reason) => {
+                    lost_at = Some(Instant::now());
+                    self.emit(Event::Disconnected {
+                        node: self.node,
+                        reason,
+                    });
+                }
+                Ended::Closed => return,
+                Ended::Fatal(reason) => {
+                    self.emit(Event::Failed(reason));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Connects and says hello (resuming the session when there is one).
+    async fn open(&mut self, server: &str) -> Result<(FrameReader, FrameWriter, Value), String> {
+        let connecting = async {
+            let (mut reader, mut writer) = connect(server).await.map_err(|e| e.to_string())?;
+            let mut hello = json!({"type": "hello", "user": self.config.user});
+            if let Some(session) = &self.session {
+                hello["session"] = json!(session);
+                hello["resume_from"] = json!(self.last_index);
+            }
+            writer.send(&hello).await.map_err(|e| e.to_string())?;
+            let welcome = reader
+                .reply("welcome", self.config.read_timeout * 4)
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((reader, writer, welcome))
+        };
+        tokio::time::timeout(self.config.read_timeout * 5, connecting)
+            .await
+            .map_err(|_| format!("{server}: no welcome in time"))?
+    }
+
+    fn learn_nodes(&mut self, welcome: &Value) {
+        let Some(nodes) = welcome["nodes"].as_array() else {
+            return;
+        };
+        let learned: Vec<(Option<u64>, String, bool)> = nodes
+            .iter()
+            .filter_map(|n| {
+                Some((
+                    n["id"].as_u64(),
+                    n["chat"].as_str()?.to_string(),
+                    n["healthy"].as_bool().unwrap_or(true),
+                ))
+            })
+            .collect();
+        if !learned.is_empty() {
+            self.known = learned;
+        }
+    }
+
+    fn queue(&mut self, cmd: Command) {
+        match cmd {
+            Command::Send { id, to, text } => self.unacked.push_back(Pending { id, to, text }),
+            Command::Join(room) => {
+                self.rooms.insert(room);
+            }
+            Command::Leave(room) => {
+                self.rooms.remove(&room);
+            }
+            Command::Who(_) | Command::History { .. } => {}
+        }
+    }
+
+    fn send_frame(pending: &Pending) -> Value {
+        json!({"type": "send", "to": pending.to, "id": pending.id, "text": pending.text})
+    }
+
+    /// Runs one connection until it ends.
+    async fn serve(
+        &mut self,
+        reader: &mut FrameReader,
+        writer: &mut FrameWriter,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+    ) -> Ended {
+        let lost = |e: ClientError| Ended::Lost(e.to_string());
+        // A new session has no rooms, and a join asked for while disconnected was never sent:
+        // join them all (joining a room again is harmless).
+        self.rooms.extend(self.config.rooms.iter().cloned());
+        for room in &self.rooms {
+            if let Err(e) = writer.feed(&json!({"type": "join", "room": room})).await {
+                return lost(e);
+            }
+        }
+        for pending in &self.unacked {
+            if let Err(e) = writer.feed(&Self::send_frame(pending)).await {
+                return lost(e);
+            }
+        }
+        if let Err(e) = writer.flush().await {
+            return lost(e);
+        }
+        let mut ping = tokio::time::interval(self.config.ping_interval);
+        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heard = Instant::now();
+        let mut retry_unavailable: Option<tokio::time::Instant> = None;
+        loop {
+            let deadline = last_heard + self.config.read_timeout;
+            let retry_at = retry_unavailable
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                frame = tokio::time::timeout_at(deadline.into(), reader.next()) => {
+                    let frame = match frame {
+                        Err(_) => return Ended::Lost(format!("no answer for {:?}", self.config.read_timeout)),
+                        Ok(Err(e)) => return lost(e),
+                        Ok(Ok(None)) => return Ended::Lost("the server closed the connection".into()),
+                        Ok(Ok(Some(frame))) => frame,
+                    };
+                    last_heard = Instant::now();
+                    if let Some(ended) = self.on_frame(frame, &mut retry_unavailable) {
+                        return ended;
+                    }
+                }
+                cmd = commands.recv() => {
+                    let Some(cmd) = cmd else { return Ended::Closed };
+                    // Batch whatever else is queued into the same write.
+                    let mut next = Some(cmd);
+                    while let Some(cmd) = next {
+                        let frame = command_frame(&cmd);
+                        self.queue(cmd);
+                        if let Err(e) = writer.feed(&frame).await {
+                            return lost(e);
+                        }
+                        next = commands.try_recv().ok();
+                    }
+                    if let Err(e) = writer.flush().await {
+                        return lost(e);
+                    }
+                }
+                _ = ping.tick() => {
+                    if let Err(e) = writer.send(&json!({"type": "ping"})).await {
+                        return lost(e);
+                    }
+                }
+                _ = tokio::time::sleep_until(retry_at), if retry_unavailable.is_some() => {
+                    // The cluster had no leader in time: try the unacknowledged again.
+                    retry_unavailable = None;
+                    for pending in &self.unacked {
+                        if let Err(e) = writer.feed(&Self::send_frame(pending)).await {
+                            return lost(e);
+                        }
+                    }
+                    if let Err(e) = writer.flush().await {
+                        return lost(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one frame; `Some` ends the connection.
+    fn on_frame(
+        &mut self,
+        frame: Value,
+        retry_unavailable: &mut Option<tokio::time::Instant>,
+    ) -> Option<Ended> {
+        let text = |k: &str| frame[k].as_str().unwrap_or("").to_string();
+        match frame["type"].as_str() {
+            Some("message") => {
+                let index = frame["index"].as_u64().unwrap_or(0);
+                // Replays and re-sends can repeat what was delivered: index order decides.
+                if index > self.last_index {
+                    self.last_index = index;
+                    self.emit(Event::Message(parse_message(&frame)));
+                }
+            }
+            Some("ack") => {
+                let id = text("id");
+                if let Some(pos) = self.unacked.iter().position(|p| p.id == id) {
+                    self.unacked.remove(pos);
+                    self.unacked_count.fetch_sub(1, Ordering::SeqCst);
+                    self.emit(Event::Acked {
+                        id,
+                        index: frame["index"].as_u64().unwrap_or(0),
+                    });
+                }
+            }
+            Some("presence") => self.emit(Event::Presence {
+                room: text("room"),
+                user: text("user"),
+                joined: frame["state"] == "joined",
+            }),
+            Some("joined") => self.emit(Event::Joined {
+                room: text("room"),
+                members: strings(&frame["members"]),
+            }),
+            Some("left") => self.emit(Event::Left { room: text("room") }),
+            Some("members") => self.emit(Event::Members {
+                room: text("room"),
+                users: strings(&frame["users"]),
+            }),
+            Some("history") => self.emit(Event::History {
+                room: text("room"),
+                messages: frame["messages"]
+                    .as_array()
+                    .map(|ms| ms.iter().map(parse_message).collect())
+                    .unwrap_or_default(),
+            }),
+            Some("error") => {
+                let code = text("code");
+                let id = frame["id"].as_str().map(String::from);
+                match (code.as_str(), &id) {
+                    // No leader in time: keep it and try again shortly.
+                    ("unavailable" | "rate_limited", Some(_)) => {
+                        retry_unavailable.get_or_insert_with(|| {
+                            tokio::time::Instant::now() + Duration::from_millis(200)
+                        });
+                        return None;
+                    }
+                    // The connection is being closed for a reason a new one fixes.
+                    ("unavailable", None) => return Some(Ended::Lost(text("message"))),
+                    ("name_taken", None) => return Some(Ended::Fatal(text("message"))),
+                    (_, Some(id)) => {
+                        if let Some(pos) = self.unacked.iter().position(|p| &p.id == id) {
+                            self.unacked.remove(pos);
+                            self.unacked_count.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    _ => {}
+                }
+                self.emit(Event::Refused {
+                    code,
+                    message: text("message"),
+                    id,
+                });
+            }
+            _ => {}
+        }
+        None
+    }
+}
+
+fn command_frame(cmd: &Command) -> Value {
+    match cmd {
+        Command::Send { id, to, text } => json!({"type": "send", "to": to, "id": id, "text": text}),
+        Command::Join(room) => json!({"type": "join", "room": room}),
+        Command::Leave(room) => json!({"type": "leave", "room": room}),
+        Command::Who(room) => json!({"type": "who", "room": room}),
+        Command::History { room, limit } => {
+            json!({"type": "history", "room": room, "limit": limit})
+        }
+    }
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|s| s.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn parse_message(v: &Value) -> Message {
+    let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+    Message {
+        index: v["index"].as_u64().unwrap_or(0),
+        to: s("to"),
+        from: s("from"),
+        id: s("id"),
+        text: s("text"),
+        ts: s("ts"),
+    }
+}
+
+/// Exponential backoff with full jitter: attempt 1 waits up to `initial`, doubling to `max`.
+pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
+    let cap = exp.min(max);
+    let jitter = rand::rng().random_range(0.5..=1.0);
+    cap.mul_f64(jitter)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
+        assert!(backoff(1, i, m) <= i);
+        assert!(backoff(3, i, m) <= Duration::from_millis(400));
+        assert!(backoff(3, i, m) >= Duration::from_millis(200));
+        for n in 10..40 {
+            assert!(backoff(n, i, m) <= m);
+        }
+    }
+}
