@@ -21,6 +21,39 @@ const TRANSFER_WINDOW: Duration = Duration::from_secs(5);
 /// How often leaderless time and the leader's health are re-checked without raft news.
 const TICK: Duration = Duration::from_millis(50);
 
+/// The leader this node can count on: itself while it holds its lease, or a peer that
+/// `alive` vouches for. openraft alone is not enough: with Pre-Vote a cut-off follower keeps
+/// naming its old leader, and a TCP probe cannot tell a paused peer from a live one.
+pub fn effective_leader(status: &RaftStatus, alive: impl Fn(u64) -> bool) -> Option<u64> {
+    match status.leader {
+        Some(l) if l == status.id => status.leader_lease_valid.then_some(l),
+        Some(l) => alive(l).then_some(l),
+        None => None,
+    }
+}
+
+/// Whether a peer leader is alive: the health prober sees it up and it was heard from within
+/// `stale_after` (leaders send heartbeats every `raft.heartbeat_ms`).
+pub struct LeaderLiveness {
+    pub consensus: Arc<Consensus>,
+    pub health: Arc<HealthTable>,
+    pub stale_after: Duration,
+}
+
+impl LeaderLiveness {
+    pub fn alive(&self, leader: u64) -> bool {
+        self.health.is_up(leader)
+            && self
+                .consensus
+                .last_contact(leader)
+                .is_some_and(|t| t.elapsed() < self.stale_after)
+    }
+
+    pub fn leader(&self, status: &RaftStatus) -> Option<u64> {
+        effective_leader(status, |l| self.alive(l))
+    }
+}
+
 /// What happened, for logs, metrics and spans.
 #[derive(Debug, Clone, PartialEq)]
 pub enum LeadershipEvent {
@@ -57,24 +90,24 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Feeds one observation; returns the events it implies. `is_up` is the health
-    /// prober's verdict on a peer; `last_contact` when a leader was last heard from;
-    /// `transfer` when a planned transfer was last announced.
+    /// Feeds one observation; returns the events it implies. `alive` says whether a peer
+    /// leader is alive; `last_contact` when a leader was last heard from; `transfer` when a
+    /// planned transfer was last announced.
     pub fn observe(
         &mut self,
-        me: u64,
         status: &RaftStatus,
         now: Instant,
-        is_up: impl Fn(u64) -> bool,
+        alive: impl Fn(u64) -> bool,
         last_contact: impl Fn(u64) -> Option<Instant>,
         transfer: Option<Instant>,
     ) -> (Vec<LeadershipEvent>, Duration) {
+        let me = status.id;
         let leaderless_for = match (self.current, self.last_observed) {
             (None, Some(last)) => now.saturating_duration_since(last),
             _ => Duration::ZERO,
         };
         self.last_observed = Some(now);
-        let effective = status.leader.filter(|l| *l == me || is_up(*l));
+        let effective = effective_leader(status, alive);
         let mut events = Vec::new();
         let changed = match (self.current, effective) {
             (Some((old, term)), Some(new)) => old != new || status.term > term && new != me,
@@ -128,13 +161,12 @@ impl Tracker {
 
 /// Runs the tracker until `shutdown`, publishing metrics, logs and spans.
 pub async fn run(
-    consensus: Arc<Consensus>,
-    health: Arc<HealthTable>,
+    liveness: LeaderLiveness,
     metrics: Arc<Metrics>,
     peers: Vec<u64>,
     shutdown: CancellationToken,
 ) {
-    let me = consensus.id();
+    let consensus = liveness.consensus.clone();
     let mut tracker = Tracker::default();
     let mut watch = consensus.watch();
     let mut tick = tokio::time::interval(TICK);
@@ -146,10 +178,9 @@ pub async fn run(
         }
         let status = consensus.status();
         let (events, leaderless) = tracker.observe(
-            me,
             &status,
             Instant::now(),
-            |p| health.is_up(p),
+            |l| liveness.alive(l),
             |l| consensus.last_contact(l),
             consensus.transfer_announced(),
         );
@@ -253,7 +284,7 @@ mod tests {
             last_log_index: 0,
             snapshot_index: 0,
             replication_lag: BTreeMap::new(),
-            leader_lease_valid: false,
+            leader_lease_valid: true,
             fatal: None,
         }
     }
@@ -262,7 +293,7 @@ mod tests {
     fn first_election_is_a_change_not_a_failover() {
         let mut t = Tracker::default();
         let now = Instant::now();
-        let (events, _) = t.observe(1, &status(Some(2), 1), now, |_| true, |_| None, None);
+        let (events, _) = t.observe(&status(Some(2), 1), now, |_| true, |_| None, None);
         assert_eq!(
             events,
             vec![LeadershipEvent::Changed {
@@ -277,12 +308,11 @@ mod tests {
     fn failover_is_timed_from_the_last_contact_with_the_old_leader() {
         let mut t = Tracker::default();
         let t0 = Instant::now();
-        t.observe(1, &status(Some(2), 1), t0, |_| true, |_| None, None);
+        t.observe(&status(Some(2), 1), t0, |_| true, |_| None, None);
         let contact = t0 + Duration::from_millis(100);
         // The old leader is replaced directly (no leaderless observation in between).
         let now = t0 + Duration::from_millis(500);
         let (events, _) = t.observe(
-            1,
             &status(Some(3), 2),
             now,
             |_| true,
@@ -300,9 +330,8 @@ mod tests {
     fn a_leader_marked_down_is_lost_and_leaderless_time_counts() {
         let mut t = Tracker::default();
         let t0 = Instant::now();
-        t.observe(1, &status(Some(2), 1), t0, |_| true, |_| None, None);
+        t.observe(&status(Some(2), 1), t0, |_| true, |_| None, None);
         let (events, _) = t.observe(
-            1,
             &status(Some(2), 1),
             t0 + Duration::from_secs(1),
             |p| p != 2,
@@ -311,7 +340,6 @@ mod tests {
         );
         assert_eq!(events, vec![LeadershipEvent::Lost { previous: 2 }]);
         let (_, leaderless) = t.observe(
-            1,
             &status(None, 2),
             t0 + Duration::from_secs(2),
             |p| p != 2,
@@ -320,7 +348,6 @@ mod tests {
         );
         assert_eq!(leaderless, Duration::from_secs(1));
         let (events, _) = t.observe(
-            1,
             &status(Some(3), 2),
             t0 + Duration::from_secs(3),
             |p| p != 2,
@@ -341,9 +368,8 @@ mod tests {
     fn an_announced_transfer_is_planned() {
         let mut t = Tracker::default();
         let t0 = Instant::now();
-        t.observe(1, &status(Some(2), 1), t0, |_| true, |_| None, None);
+        t.observe(&status(Some(2), 1), t0, |_| true, |_| None, None);
         let (events, _) = t.observe(
-            1,
             &status(Some(3), 2),
             t0 + Duration::from_secs(1),
             |_| true,

@@ -15,6 +15,7 @@ use crate::chat::store::ChatStore;
 use crate::config::Config;
 use crate::consensus::{self, Consensus, Observers, Role};
 use crate::health::{self, HealthTable, ProbeOutcome};
+use crate::leadership::LeaderLiveness;
 use crate::telemetry::{self, metrics::Metrics};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -26,6 +27,7 @@ pub struct NodeState {
     pub chat: Arc<ChatService>,
     pub health: Arc<HealthTable>,
     pub metrics: Arc<Metrics>,
+    pub liveness: LeaderLiveness,
     pub started: Instant,
 }
 
@@ -58,12 +60,14 @@ impl NodeState {
         if let Some(fatal) = s.fatal {
             return Err(format!("raft stopped: {fatal}"));
         }
-        match s.leader {
-            None => return Err("no leader known".into()),
-            Some(l) if l == self.id && !s.leader_lease_valid => {
-                return Err("this leader has not heard from a majority within its lease".into());
-            }
-            Some(_) => {}
+        if self.liveness.leader(&s).is_none() {
+            return Err(match s.leader {
+                None => "no leader known".into(),
+                Some(l) if l == self.id => {
+                    "this leader has not heard from a majority within its lease".into()
+                }
+                Some(l) => format!("leader {l} has not been heard from recently"),
+            });
         }
         if s.applied_index < s.commit_index {
             return Err(format!(
@@ -98,6 +102,20 @@ impl NodeState {
             clients: self.chat.live_connections(),
             version: VERSION,
         }
+    }
+}
+
+/// A peer leader counts as alive while the prober sees it up and it was heard from within
+/// two election timeouts (it heartbeats every `raft.heartbeat_ms`).
+fn liveness(
+    consensus: &Arc<Consensus>,
+    health: &Arc<HealthTable>,
+    config: &Config,
+) -> LeaderLiveness {
+    LeaderLiveness {
+        consensus: consensus.clone(),
+        health: health.clone(),
+        stale_after: Duration::from_millis(config.raft.election_timeout_max_ms * 2),
     }
 }
 
@@ -195,6 +213,7 @@ async fn serve(config: Config, id: u64) -> anyhow::Result<()> {
         chat: chat.clone(),
         health: health.clone(),
         metrics: metrics.clone(),
+        liveness: liveness(&consensus, &health, &config),
         started: Instant::now(),
     });
 
@@ -216,8 +235,7 @@ async fn serve(config: Config, id: u64) -> anyhow::Result<()> {
         shutdown.clone(),
     ));
     tasks.spawn(crate::leadership::run(
-        consensus.clone(),
-        health.clone(),
+        liveness(&consensus, &health, &config),
         metrics.clone(),
         peer_ids,
         shutdown.clone(),

@@ -66,8 +66,10 @@ fn a_write_without_a_leader_is_answered_unavailable_not_held_forever() {
     );
     assert!(waited < Duration::from_secs(10), "held {waited:?}");
     // /readyz says why.
-    let (code, body) = http_get(&cluster.node(1).metrics, "/readyz").unwrap();
-    assert_eq!(code, 503, "{body}");
+    wait_for(T, "/readyz to turn 503", || {
+        let (code, body) = http_get(&cluster.node(1).metrics, "/readyz").ok()?;
+        (code == 503 && body.contains("not ready")).then_some(())
+    });
     // The same id goes through once a majority is back, and is stored once.
     cluster.start_node(2);
     let acked = wait_for(T, "the retry to be acknowledged", || {

@@ -57,6 +57,10 @@ pub struct BenchArgs {
     /// Kill the local cluster's leader this many times and time each recovery.
     #[arg(long, default_value_t = 0)]
     failovers: usize,
+    /// Connect one client to the local cluster's leader, SIGKILL that node this many times,
+    /// and time how long the client takes to resume its session elsewhere.
+    #[arg(long, default_value_t = 0)]
+    client_failovers: usize,
     /// Export the local cluster's spans over OTLP to a sink inside the bench (measures the
     /// cost of tracing).
     #[arg(long)]
@@ -111,8 +115,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         local = Some((cluster, dir));
         servers
     } else {
-        if args.failovers > 0 {
-            bail!("flag `--failovers` needs a local cluster: leave out `--servers`");
+        if args.failovers > 0 || args.client_failovers > 0 {
+            bail!(
+                "flags `--failovers` and `--client-failovers` need a local cluster: leave out `--servers`"
+            );
         }
         args.servers.clone()
     };
@@ -135,6 +141,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         report.insert(
             "failover_max_ms".into(),
+            json!(sorted.last().copied().unwrap_or(0.0)),
+        );
+    }
+    if args.client_failovers > 0
+        && let Some((cluster, _)) = local.as_mut()
+    {
+        let times = client_failovers(cluster, args.client_failovers).await?;
+        let mut sorted = times.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        report.insert("client_downtime_ms".into(), json!(times));
+        report.insert(
+            "client_downtime_median_ms".into(),
+            json!(percentile(&sorted, 50.0)),
+        );
+        report.insert(
+            "client_downtime_max_ms".into(),
             json!(sorted.last().copied().unwrap_or(0.0)),
         );
     }
@@ -268,6 +290,56 @@ async fn failovers(cluster: &mut LocalCluster, rounds: usize) -> anyhow::Result<
             "bench: failover {round}/{rounds}: leader {leader} killed, {new_leader} leads after {ms:.0} ms"
         );
         times.push(ms);
+        cluster.start_node(leader)?;
+    }
+    Ok(times)
+}
+
+/// Kills the node a client is connected to (the leader's, the worst case) `rounds` times and
+/// times how long the client takes from the kill to a resumed session on another node.
+async fn client_failovers(cluster: &mut LocalCluster, rounds: usize) -> anyhow::Result<Vec<f64>> {
+    let mut times = Vec::new();
+    for round in 1..=rounds {
+        let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
+        wait_caught_up(cluster, Duration::from_secs(30)).await?;
+        let mut servers: Vec<(u64, String)> = cluster
+            .config
+            .nodes
+            .iter()
+            .map(|n| (n.id, n.chat.clone()))
+            .collect();
+        servers.sort_by_key(|(id, _)| *id != leader);
+        let mut config = ClientConfig::new(
+            servers.into_iter().map(|(_, s)| s).collect(),
+            &format!("downtime{round}"),
+        );
+        config.rooms = vec!["#downtime".into()];
+        let mut client = Client::start(config);
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), client.next_event()).await {
+                Ok(Some(Event::Joined { .. })) => break,
+                Ok(Some(Event::Failed(e))) => bail!("downtime client: {e}"),
+                Ok(Some(_)) => {}
+                _ => bail!("downtime client did not join in 30 s"),
+            }
+        }
+        let killed_at = Instant::now();
+        cluster.kill(leader).await;
+        let downtime = loop {
+            match tokio::time::timeout(Duration::from_secs(30), client.next_event()).await {
+                Ok(Some(Event::Reconnected(r))) => break (r, killed_at.elapsed()),
+                Ok(Some(Event::Failed(e))) => bail!("downtime client: {e}"),
+                Ok(Some(_)) => {}
+                _ => bail!("the client did not reconnect in 30 s"),
+            }
+        };
+        let ms = downtime.1.as_secs_f64() * 1000.0;
+        eprintln!(
+            "bench: client failover {round}/{rounds}: node {leader} killed, resumed on node {} after {ms:.0} ms",
+            downtime.0.to_node
+        );
+        times.push(ms);
+        drop(client);
         cluster.start_node(leader)?;
     }
     Ok(times)

@@ -305,10 +305,13 @@ impl Consensus {
                     .collect()
             })
             .unwrap_or_default();
+        // A lone voter is its own quorum.
+        let alone = m.membership_config.membership().voter_ids().count() <= 1;
         let leader_lease_valid = m.state == ServerState::Leader
-            && m.last_quorum_acked
-                .as_ref()
-                .is_some_and(|acked| acked.elapsed() < self.lease);
+            && (alone
+                || m.last_quorum_acked
+                    .as_ref()
+                    .is_some_and(|acked| acked.elapsed() < self.lease));
         RaftStatus {
             id: self.id,
             role,
