@@ -86,6 +86,12 @@ pub struct ChatConfig {
     pub hello_timeout_ms: u64,
     /// Events a client may fall behind by before it is disconnected (it can resume).
     pub client_queue_events: usize,
+    /// IRC: ping a client that has been quiet this long...
+    pub irc_ping_interval_ms: u64,
+    /// ...and drop it when it has not answered this long after the ping.
+    pub irc_ping_timeout_ms: u64,
+    /// IRC: the message of the day (none: 422).
+    pub motd: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -152,6 +158,9 @@ impl Default for ChatConfig {
             session_idle_timeout_secs: 24 * 3600,
             hello_timeout_ms: 30_000,
             client_queue_events: 8_192,
+            irc_ping_interval_ms: 60_000,
+            irc_ping_timeout_ms: 120_000,
+            motd: Some("Welcome to raftchat: every message is replicated by Raft.".into()),
         }
     }
 }

@@ -114,6 +114,9 @@ pub struct StoredMessage {
 pub struct MessageEvent {
     pub message: StoredMessage,
     pub json: OnceLock<Bytes>,
+    /// The IRC line without tags, and with `time`/`msgid` tags.
+    pub irc: OnceLock<Bytes>,
+    pub irc_tagged: OnceLock<Bytes>,
 }
 
 impl MessageEvent {
@@ -121,6 +124,8 @@ impl MessageEvent {
         Arc::new(MessageEvent {
             message,
             json: OnceLock::new(),
+            irc: OnceLock::new(),
+            irc_tagged: OnceLock::new(),
         })
     }
 }

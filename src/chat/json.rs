@@ -6,13 +6,13 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::command::StoredMessage;
+use super::conn::{CloseReason, Outbound, write_loop};
 use super::delivery::{Delivery, DeliveryFilter};
 use super::lines::{Line, RateLimiter, Verdict, read_line};
 use super::service::{Attached, ChatError, ChatService, Outgoing};
@@ -322,27 +322,6 @@ fn error_frame(e: &ProtocolError) -> Bytes {
     .encode()
 }
 
-/// What goes to the socket writer.
-enum Outbound {
-    Frame(Bytes),
-    /// Write this error, then close.
-    Fatal(Bytes),
-}
-
-/// Why a connection ended; the first reason recorded wins.
-#[derive(Default)]
-struct CloseReason(std::sync::OnceLock<&'static str>);
-
-impl CloseReason {
-    fn set(&self, reason: &'static str) {
-        let _ = self.0.set(reason);
-    }
-
-    fn get(&self) -> &'static str {
-        self.0.get().copied().unwrap_or("closed")
-    }
-}
-
 const DIALECT: &str = "json";
 
 /// Serves one JSON-dialect connection until it closes.
@@ -532,7 +511,7 @@ impl Connection {
                 Ok(())
             }
             ClientRequest::Join { room } => match self.svc.join(&session, &room).await {
-                Ok((room, members)) => {
+                Ok((room, members, _)) => {
                     self.reply(
                         ServerFrame::Joined {
                             room: &room,
@@ -609,7 +588,7 @@ impl Connection {
         token: Option<&str>,
         resume_from: Option<u64>,
     ) -> Result<(), ProtocolError> {
-        let attached = self.svc.attach(user, token).await?;
+        let attached = self.svc.attach(user, token, false).await?;
         self.svc.register(&attached);
         // Subscribe before reading state: every event above `sub.applied` will arrive.
         let sub = self.svc.store.subscribe();
@@ -837,40 +816,6 @@ async fn deliver_loop(
             return;
         }
     }
-}
-
-async fn write_loop(
-    write: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Outbound>,
-    closed: CancellationToken,
-) {
-    let mut writer = BufWriter::new(write);
-    loop {
-        let item = tokio::select! {
-            item = rx.recv() => item,
-            _ = closed.cancelled() => {
-                // Drain what is already queued (the last acks or an error), then stop.
-                rx.try_recv().ok()
-            }
-        };
-        let Some(item) = item else { break };
-        let (bytes, last) = match item {
-            Outbound::Frame(b) => (b, false),
-            Outbound::Fatal(b) => (b, true),
-        };
-        if writer.write_all(&bytes).await.is_err() {
-            break;
-        }
-        if (last || rx.is_empty()) && writer.flush().await.is_err() {
-            break;
-        }
-        if last {
-            closed.cancel();
-            break;
-        }
-    }
-    let _ = writer.flush().await;
-    let _ = writer.shutdown().await;
 }
 
 #[cfg(test)]

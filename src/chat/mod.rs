@@ -2,6 +2,7 @@
 //! events to this node's connections.
 
 pub mod command;
+pub mod conn;
 pub mod delivery;
 pub mod history;
 pub mod json;

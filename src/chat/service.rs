@@ -145,7 +145,9 @@ impl ChatService {
     /// Opens a session for `user`, or resumes `token` if it is that user's session.
     /// A name held by a connection that is gone (its node is down, or it was on this node and
     /// closed) is taken over; a name held by a live connection is refused.
-    pub async fn attach(&self, user: &str, token: Option<&str>) -> Result<Attached, ChatError> {
+    /// With `adopt_orphan` (IRC, which has no session tokens) a returning name resumes the
+    /// session it left behind instead of replacing it, keeping its rooms.
+    pub async fn attach(&self, user: &str, token: Option<&str>, adopt_orphan: bool) -> Result<Attached, ChatError> {
         if !is_valid_user(user) {
             return Err(ChatError::BadName(format!("invalid user name: {user:?}")));
         }
@@ -166,20 +168,18 @@ impl ChatService {
                     .session(t)
                     .is_some_and(|s| fold(&s.user) == fold(user))
             });
-            match resumable {
-                Some(t) => (t.to_string(), None),
-                None => {
-                    let replaces = state.holder_of(user).and_then(|(holder, s)| {
-                        let a = s.attached?;
-                        let gone = if a.node == self.node_id {
-                            self.live().get(holder) != Some(&a.index)
-                        } else {
-                            !self.health.is_up(a.node)
-                        };
-                        gone.then(|| holder.to_string())
-                    });
-                    (uuid::Uuid::new_v4().simple().to_string(), replaces)
-                }
+            let orphan = state.holder_of(user).and_then(|(holder, s)| {
+                let gone = match s.attached {
+                    None => true,
+                    Some(a) if a.node == self.node_id => self.live().get(holder) != Some(&a.index),
+                    Some(a) => !self.health.is_up(a.node),
+                };
+                gone.then(|| holder.to_string())
+            });
+            match (resumable, orphan) {
+                (Some(t), _) => (t.to_string(), None),
+                (None, Some(holder)) if adopt_orphan => (holder, None),
+                (None, replaces) => (uuid::Uuid::new_v4().simple().to_string(), replaces),
             }
         };
         let done = self
@@ -238,11 +238,8 @@ impl ChatService {
         self.live().len()
     }
 
-    pub async fn join(
-        &self,
-        session: &str,
-        room: &str,
-    ) -> Result<(String, Vec<String>), ChatError> {
+    /// Joins `room`; returns its name, its members and the log index of the join.
+    pub async fn join(&self, session: &str, room: &str) -> Result<(String, Vec<String>, u64), ChatError> {
         if !is_valid_room(room) {
             return Err(ChatError::BadName(format!("invalid room name: {room:?}")));
         }
@@ -254,7 +251,7 @@ impl ChatService {
             })
             .await?;
         match done.response {
-            ChatResponse::Joined { room, members } => Ok((room, members)),
+            ChatResponse::Joined { room, members } => Ok((room, members, done.index)),
             ChatResponse::UnknownSession => Err(ChatError::UnknownSession),
             other => Err(unexpected(other)),
         }
@@ -393,6 +390,11 @@ impl ChatService {
             .await
             .map_err(|e| ChatError::Internal(e.to_string()))?
             .map_err(|e| ChatError::Internal(e.to_string()))
+    }
+
+    /// Every room with its member count.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        self.store.state().rooms()
     }
 
     pub fn who(&self, room: &str) -> Result<Vec<String>, ChatError> {

@@ -397,6 +397,11 @@ impl ChatState {
         self.rooms.get(&fold(room)).map(|r| r.name.as_str())
     }
 
+    /// Every room's name and member count.
+    pub fn rooms(&self) -> Vec<(String, usize)> {
+        self.rooms.values().map(|r| (r.name.clone(), r.members.len())).collect()
+    }
+
     pub fn session_count(&self) -> usize {
         self.sessions.len()
     }
