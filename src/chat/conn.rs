@@ -63,4 +63,3 @@ pub async fn write_loop(
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
 }
-

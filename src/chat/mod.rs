@@ -5,6 +5,7 @@ pub mod command;
 pub mod conn;
 pub mod delivery;
 pub mod history;
+pub mod irc;
 pub mod json;
 pub mod lines;
 pub mod names;

@@ -9,8 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::json;
 use super::service::ChatService;
+use super::{irc, json};
 
 pub async fn serve_chat_port(
     listener: TcpListener,
@@ -63,13 +63,6 @@ async fn serve_connection(stream: TcpStream, svc: Arc<ChatService>, shutdown: Ca
         // Closed without a byte (a health probe), silent past the login timeout, or broken.
         Ok(Ok(0)) | Err(_) | Ok(Err(_)) => {}
         Ok(Ok(_)) if first[0] == b'{' => json::serve(stream, svc, shutdown).await,
-        Ok(Ok(_)) => irc_not_available(stream).await,
+        Ok(Ok(_)) => irc::serve(stream, svc, shutdown).await,
     }
-}
-
-async fn irc_not_available(mut stream: TcpStream) {
-    let _ = stream
-        .write_all(b"ERROR :This raftchat node speaks the JSON dialect only (first byte '{')\r\n")
-        .await;
-    let _ = stream.shutdown().await;
 }

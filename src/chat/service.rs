@@ -147,7 +147,12 @@ impl ChatService {
     /// closed) is taken over; a name held by a live connection is refused.
     /// With `adopt_orphan` (IRC, which has no session tokens) a returning name resumes the
     /// session it left behind instead of replacing it, keeping its rooms.
-    pub async fn attach(&self, user: &str, token: Option<&str>, adopt_orphan: bool) -> Result<Attached, ChatError> {
+    pub async fn attach(
+        &self,
+        user: &str,
+        token: Option<&str>,
+        adopt_orphan: bool,
+    ) -> Result<Attached, ChatError> {
         if !is_valid_user(user) {
             return Err(ChatError::BadName(format!("invalid user name: {user:?}")));
         }
@@ -239,7 +244,11 @@ impl ChatService {
     }
 
     /// Joins `room`; returns its name, its members and the log index of the join.
-    pub async fn join(&self, session: &str, room: &str) -> Result<(String, Vec<String>, u64), ChatError> {
+    pub async fn join(
+        &self,
+        session: &str,
+        room: &str,
+    ) -> Result<(String, Vec<String>, u64), ChatError> {
         if !is_valid_room(room) {
             return Err(ChatError::BadName(format!("invalid room name: {room:?}")));
         }

@@ -399,7 +399,10 @@ impl ChatState {
 
     /// Every room's name and member count.
     pub fn rooms(&self) -> Vec<(String, usize)> {
-        self.rooms.values().map(|r| (r.name.clone(), r.members.len())).collect()
+        self.rooms
+            .values()
+            .map(|r| (r.name.clone(), r.members.len()))
+            .collect()
     }
 
     pub fn session_count(&self) -> usize {

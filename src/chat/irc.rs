@@ -1,0 +1,973 @@
+//! The IRC dialect (SPEC 3b): an RFC 2812 subset with IRCv3 `server-time`, `message-tags`
+//! and `echo-message`, enough for irssi, weechat and ii.
+//!
+//! Be strict in what is sent: tags only to clients that negotiated them, full
+//! `nick!user@host` sources, `PING :token` with the colon, the trailing parameter always
+//! `:`-prefixed. A nick that returns after its connection died resumes the session it left
+//! (its channels included), and JOIN replays the channel's last `chat.history_on_join`
+//! messages, so a client that reconnects after a failover sees what it missed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::BufReader;
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::command::{Event, StoredMessage};
+use super::conn::{CloseReason, Outbound, write_loop};
+use super::delivery::{Delivery, DeliveryFilter};
+use super::json::rfc3339;
+use super::lines::{Line, RateLimiter, Verdict, read_line};
+use super::names::{fold, is_room_target, is_valid_room, is_valid_user};
+use super::service::{Attached, ChatError, ChatService, Outgoing};
+use crate::node::VERSION;
+
+const DIALECT: &str = "irc";
+const SERVER: &str = "raftchat";
+/// A line's tags may take 8191 bytes; the rest, CRLF included, 512.
+const MAX_TAGS: usize = 8191;
+const MAX_BODY: usize = 510;
+const SEND_QUEUE: usize = 1024;
+const SEND_BATCH: usize = 256;
+const OUT_QUEUE: usize = 1024;
+/// Capabilities offered in `CAP LS`.
+const CAPS: [&str; 3] = ["server-time", "message-tags", "echo-message"];
+
+/// One parsed client line.
+#[derive(Debug, PartialEq)]
+pub struct IrcLine {
+    pub command: String,
+    pub params: Vec<String>,
+}
+
+/// Splits a line into command and parameters (tags and source are dropped). `None` for a
+/// line with no command.
+pub fn parse(line: &str) -> Option<IrcLine> {
+    let mut rest = line.trim_start();
+    if let Some(tagged) = rest.strip_prefix('@') {
+        rest = tagged.split_once(' ').map_or("", |(_, r)| r).trim_start();
+    }
+    if let Some(sourced) = rest.strip_prefix(':') {
+        rest = sourced.split_once(' ').map_or("", |(_, r)| r).trim_start();
+    }
+    let (command, mut rest) = match rest.split_once(' ') {
+        Some((c, r)) => (c, r),
+        None => (rest, ""),
+    };
+    if command.is_empty() {
+        return None;
+    }
+    let mut params = Vec::new();
+    loop {
+        rest = rest.trim_start_matches(' ');
+        if rest.is_empty() {
+            break;
+        }
+        if let Some(trailing) = rest.strip_prefix(':') {
+            params.push(trailing.to_string());
+            break;
+        }
+        match rest.split_once(' ') {
+            Some((p, r)) => {
+                params.push(p.to_string());
+                rest = r;
+            }
+            None => {
+                params.push(rest.to_string());
+                break;
+            }
+        }
+    }
+    Some(IrcLine {
+        command: command.to_ascii_uppercase(),
+        params,
+    })
+}
+
+/// The negotiated capabilities.
+#[derive(Debug, Default, Clone, Copy)]
+struct Caps {
+    server_time: bool,
+    message_tags: bool,
+    echo: bool,
+}
+
+/// Text safe for one IRC line: no CR or LF, cut to fit the 512-byte limit.
+fn line_safe(text: &str, budget: usize) -> String {
+    let mut clean: String = text
+        .chars()
+        .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
+        .collect();
+    if clean.len() > budget {
+        let mut cut = budget;
+        while !clean.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        clean.truncate(cut);
+    }
+    clean
+}
+
+fn source(nick: &str) -> String {
+    format!("{nick}!{nick}@{SERVER}")
+}
+
+/// `:from!from@raftchat PRIVMSG target :text`, with `time`/`msgid` tags when `tagged`, and
+/// an `[HH:MM:SS]` prefix on the text when `stamp` (replays to clients without server-time).
+fn privmsg(m: &StoredMessage, tagged: bool, stamp: bool) -> Bytes {
+    let head = format!(":{} PRIVMSG {} :", source(&m.from), m.to);
+    let ts = rfc3339(m.ts_ms);
+    let text = if stamp {
+        format!("[{}] {}", ts.get(11..19).unwrap_or(""), m.text)
+    } else {
+        m.text.clone()
+    };
+    let body = format!(
+        "{head}{}",
+        line_safe(&text, MAX_BODY.saturating_sub(head.len()))
+    );
+    let line = if tagged {
+        format!("@time={ts};msgid={} {body}\r\n", m.index)
+    } else {
+        format!("{body}\r\n")
+    };
+    Bytes::from(line)
+}
+
+fn raw(line: String) -> Bytes {
+    Bytes::from(format!("{line}\r\n"))
+}
+
+/// Serves one IRC connection until it closes.
+pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
+    let metrics = svc.metrics.clone();
+    metrics.client_connects.with_label_values(&[DIALECT]).inc();
+    let live = metrics.client_connections.with_label_values(&[DIALECT]);
+    live.inc();
+    let reason = Arc::new(CloseReason::default());
+    serve_until_closed(stream, svc, shutdown, reason.clone()).await;
+    live.dec();
+    metrics
+        .client_disconnects
+        .with_label_values(&[DIALECT, reason.get()])
+        .inc();
+}
+
+async fn serve_until_closed(
+    stream: TcpStream,
+    svc: Arc<ChatService>,
+    shutdown: CancellationToken,
+    reason: Arc<CloseReason>,
+) {
+    let (read, write) = stream.into_split();
+    let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
+    let closed = shutdown.child_token();
+    let writer = tokio::spawn(write_loop(write, out_rx, closed.clone()));
+    let mut conn = IrcConn {
+        svc: svc.clone(),
+        out: out_tx,
+        closed: closed.clone(),
+        reason: reason.clone(),
+        caps: Caps::default(),
+        negotiating: false,
+        nick: None,
+        user_given: false,
+        attached: None,
+        sends: None,
+        next_id: 0,
+        conn_id: format!("{:x}", rand::random::<u32>()),
+    };
+    let mut reader = BufReader::new(read);
+    let mut limiter = RateLimiter::new(
+        svc.config.rate_limit_per_sec,
+        svc.config.rate_limit_burst,
+        Duration::from_millis(svc.config.rate_limit_grace_ms),
+    );
+    let mut buf = Vec::new();
+    let login_deadline = tokio::time::sleep(Duration::from_millis(svc.config.hello_timeout_ms));
+    tokio::pin!(login_deadline);
+    let ping_interval = Duration::from_millis(svc.config.irc_ping_interval_ms);
+    let ping_timeout = Duration::from_millis(svc.config.irc_ping_timeout_ms);
+    let mut last_heard = Instant::now();
+    let mut ping_sent: Option<Instant> = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(
+        ping_interval.as_millis().clamp(10, 1000) as u64,
+    ));
+    loop {
+        let line = tokio::select! {
+            line = read_line(&mut reader, &mut buf, MAX_TAGS + 1 + MAX_BODY) => line,
+            _ = closed.cancelled() => {
+                if shutdown.is_cancelled() {
+                    reason.set("shutdown");
+                }
+                break;
+            }
+            _ = &mut login_deadline, if conn.attached.is_none() => {
+                reason.set("login_timeout");
+                conn.fatal("Registration timeout").await;
+                break;
+            }
+            _ = tick.tick() => {
+                match ping_sent {
+                    Some(at) if at.elapsed() >= ping_timeout => {
+                        reason.set("login_timeout");
+                        conn.fatal(&format!("Ping timeout: {} seconds", ping_timeout.as_secs())).await;
+                        break;
+                    }
+                    None if last_heard.elapsed() >= ping_interval => {
+                        conn.send(raw(format!("PING :{SERVER}"))).await;
+                        ping_sent = Some(Instant::now());
+                    }
+                    _ => {}
+                }
+                continue;
+            }
+        };
+        match line {
+            Ok(Line::Eof) => break,
+            Err(_) => {
+                reason.set("error");
+                break;
+            }
+            Ok(Line::TooLong) => {
+                conn.numeric("417", &[], "Input line was too long").await;
+                conn.svc.metrics.bad_request("line_too_long");
+                continue;
+            }
+            Ok(Line::Data) => {}
+        }
+        last_heard = Instant::now();
+        ping_sent = None;
+        // IRC has no single encoding; decode what is not UTF-8 lossily rather than fail.
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        let body_len = if text.starts_with('@') {
+            text.split_once(' ').map_or(0, |(_, r)| r.len())
+        } else {
+            text.len()
+        };
+        if body_len > MAX_BODY {
+            conn.numeric("417", &[], "Input line was too long").await;
+            conn.svc.metrics.bad_request("line_too_long");
+            continue;
+        }
+        let Some(line) = parse(&text) else { continue };
+        match limiter.check() {
+            Verdict::Allow => {}
+            Verdict::Reject => {
+                conn.svc.metrics.bad_request("rate_limited");
+                conn.notice("You are sending too fast; slow down").await;
+                continue;
+            }
+            Verdict::Close => {
+                reason.set("abuse");
+                conn.svc.metrics.bad_request("rate_limited");
+                conn.fatal("Excess Flood").await;
+                break;
+            }
+        }
+        if !conn.handle(line).await {
+            break;
+        }
+    }
+    closed.cancel();
+    if let Some((queue, task)) = conn.sends.take() {
+        drop(queue);
+        let _ = task.await;
+    }
+    if let Some(attached) = &conn.attached {
+        svc.unregister(attached);
+    }
+    drop(conn);
+    let _ = writer.await;
+}
+
+struct IrcConn {
+    svc: Arc<ChatService>,
+    out: mpsc::Sender<Outbound>,
+    closed: CancellationToken,
+    reason: Arc<CloseReason>,
+    caps: Caps,
+    /// CAP LS/REQ was seen and CAP END not yet: registration waits.
+    negotiating: bool,
+    nick: Option<String>,
+    user_given: bool,
+    attached: Option<Attached>,
+    sends: Option<(mpsc::Sender<Outgoing>, tokio::task::JoinHandle<()>)>,
+    next_id: u64,
+    conn_id: String,
+}
+
+impl IrcConn {
+    fn me(&self) -> &str {
+        self.nick.as_deref().unwrap_or("*")
+    }
+
+    async fn send(&self, line: Bytes) {
+        let _ = self.out.send(Outbound::Frame(line)).await;
+    }
+
+    /// `:raftchat <code> <me> <params…> :<trailing>`
+    async fn numeric(&self, code: &str, params: &[&str], trailing: &str) {
+        let mut line = format!(":{SERVER} {code} {}", self.me());
+        for p in params {
+            line.push(' ');
+            line.push_str(p);
+        }
+        line.push_str(" :");
+        line.push_str(trailing);
+        self.send(raw(line)).await;
+    }
+
+    async fn notice(&self, text: &str) {
+        self.send(raw(format!(":{SERVER} NOTICE {} :{text}", self.me())))
+            .await;
+    }
+
+    async fn fatal(&self, why: &str) {
+        let _ = self
+            .out
+            .send(Outbound::Fatal(raw(format!("ERROR :Closing link: {why}"))))
+            .await;
+    }
+
+    async fn need_params(&self, line: &IrcLine, n: usize) -> bool {
+        if line.params.len() < n || line.params.iter().take(n).any(|p| p.is_empty()) {
+            self.svc.metrics.bad_request("missing_field");
+            self.numeric("461", &[&line.command], "Not enough parameters")
+                .await;
+            return false;
+        }
+        true
+    }
+
+    /// Handles one line; `false` closes the connection.
+    async fn handle(&mut self, line: IrcLine) -> bool {
+        let registered = self.attached.is_some();
+        match line.command.as_str() {
+            "CAP" => self.cap(&line).await,
+            "PASS" if registered => self.numeric("462", &[], "You may not reregister").await,
+            "PASS" => {}
+            "NICK" => self.nick(&line).await,
+            "USER" if registered => self.numeric("462", &[], "You may not reregister").await,
+            "USER" => {
+                if self.need_params(&line, 4).await {
+                    self.user_given = true;
+                    self.try_register().await;
+                }
+            }
+            "PING" => match line.params.first() {
+                Some(token) => {
+                    self.send(raw(format!(":{SERVER} PONG {SERVER} :{token}")))
+                        .await
+                }
+                None => self.numeric("409", &[], "No origin specified").await,
+            },
+            "PONG" => {}
+            "QUIT" => {
+                self.reason.set("closed");
+                self.fatal("Quit").await;
+                return false;
+            }
+            _ if !registered => {
+                self.svc.metrics.bad_request("not_logged_in");
+                self.numeric("451", &[], "You have not registered").await;
+            }
+            "JOIN" => self.join(&line).await,
+            "PART" => self.part(&line).await,
+            "PRIVMSG" | "NOTICE" => self.privmsg(&line).await,
+            "NAMES" => match line.params.first() {
+                Some(rooms) => {
+                    for room in rooms.split(',') {
+                        self.names(room).await;
+                    }
+                }
+                None => self.numeric("366", &["*"], "End of /NAMES list").await,
+            },
+            "TOPIC" => {
+                if self.need_params(&line, 1).await {
+                    let room = &line.params[0];
+                    if self.svc.store.state().room_name(room).is_some() {
+                        self.numeric("331", &[room], "No topic is set").await;
+                    } else {
+                        self.numeric("403", &[room], "No such channel").await;
+                    }
+                }
+            }
+            "LIST" => {
+                self.numeric("321", &["Channel"], "Users  Name").await;
+                for (room, members) in self.svc.rooms() {
+                    self.numeric("322", &[&room, &members.to_string()], "")
+                        .await;
+                }
+                self.numeric("323", &[], "End of /LIST").await;
+            }
+            "WHO" => self.who(&line).await,
+            "MOTD" => self.motd().await,
+            "MODE" => {
+                if self.need_params(&line, 1).await {
+                    let target = &line.params[0];
+                    if is_room_target(target) {
+                        self.numeric("324", &[target, "+nt"], "").await;
+                    } else if fold(target) == fold(self.me()) {
+                        self.send(raw(format!(":{SERVER} 221 {} +i", self.me())))
+                            .await;
+                    }
+                }
+            }
+            _ => {
+                self.svc.metrics.bad_request("unknown_type");
+                self.numeric("421", &[&line.command], "Unknown command")
+                    .await;
+            }
+        }
+        true
+    }
+
+    async fn cap(&mut self, line: &IrcLine) {
+        let sub = line
+            .params
+            .first()
+            .map(|s| s.to_ascii_uppercase())
+            .unwrap_or_default();
+        match sub.as_str() {
+            "LS" => {
+                if self.attached.is_none() {
+                    self.negotiating = true;
+                }
+                self.send(raw(format!(
+                    ":{SERVER} CAP {} LS :{}",
+                    self.me(),
+                    CAPS.join(" ")
+                )))
+                .await;
+            }
+            "LIST" => {
+                let mut on = Vec::new();
+                if self.caps.server_time {
+                    on.push("server-time");
+                }
+                if self.caps.message_tags {
+                    on.push("message-tags");
+                }
+                if self.caps.echo {
+                    on.push("echo-message");
+                }
+                self.send(raw(format!(
+                    ":{SERVER} CAP {} LIST :{}",
+                    self.me(),
+                    on.join(" ")
+                )))
+                .await;
+            }
+            "REQ" => {
+                if self.attached.is_none() {
+                    self.negotiating = true;
+                }
+                let wanted = line.params.get(1).cloned().unwrap_or_default();
+                let all_known = wanted
+                    .split_whitespace()
+                    .all(|c| CAPS.contains(&c.trim_start_matches('-')));
+                if all_known {
+                    for cap in wanted.split_whitespace() {
+                        let (on, name) = match cap.strip_prefix('-') {
+                            Some(n) => (false, n),
+                            None => (true, cap),
+                        };
+                        match name {
+                            "server-time" => self.caps.server_time = on,
+                            "message-tags" => self.caps.message_tags = on,
+                            _ => self.caps.echo = on,
+                        }
+                    }
+                    self.send(raw(format!(":{SERVER} CAP {} ACK :{wanted}", self.me())))
+                        .await;
+                } else {
+                    self.send(raw(format!(":{SERVER} CAP {} NAK :{wanted}", self.me())))
+                        .await;
+                }
+            }
+            "END" => {
+                self.negotiating = false;
+                self.try_register().await;
+            }
+            _ => self.numeric("410", &[&sub], "Invalid CAP command").await,
+        }
+    }
+
+    async fn nick(&mut self, line: &IrcLine) {
+        let Some(nick) = line.params.first().filter(|n| !n.is_empty()) else {
+            self.svc.metrics.bad_request("missing_field");
+            self.numeric("431", &[], "No nickname given").await;
+            return;
+        };
+        if !is_valid_user(nick) {
+            self.svc.metrics.bad_request("bad_name");
+            self.numeric("432", &[nick], "Erroneous nickname").await;
+            return;
+        }
+        if let Some(a) = &self.attached {
+            if fold(nick) != fold(&a.user) {
+                self.notice("Changing nicks is not supported; reconnect with the new nick")
+                    .await;
+            }
+            return;
+        }
+        self.nick = Some(nick.clone());
+        self.try_register().await;
+    }
+
+    /// Registers once NICK and USER are in and CAP negotiation (if any) has ended.
+    async fn try_register(&mut self) {
+        if self.attached.is_some() || self.negotiating || !self.user_given {
+            return;
+        }
+        let Some(nick) = self.nick.clone() else {
+            return;
+        };
+        let attached = match self.svc.attach(&nick, None, true).await {
+            Ok(a) => a,
+            Err(ChatError::NameTaken(_)) => {
+                self.nick = None;
+                self.send(raw(format!(
+                    ":{SERVER} 433 * {nick} :Nickname is already in use"
+                )))
+                .await;
+                return;
+            }
+            Err(ChatError::BadName(_)) => {
+                self.nick = None;
+                self.numeric("432", &[&nick], "Erroneous nickname").await;
+                return;
+            }
+            Err(e) => {
+                self.fatal(&format!("cannot register now: {e}")).await;
+                self.closed.cancel();
+                return;
+            }
+        };
+        self.svc.register(&attached);
+        self.nick = Some(attached.user.clone());
+        let me = attached.user.clone();
+        self.numeric(
+            "001",
+            &[],
+            &format!("Welcome to the raftchat Network, {}", source(&me)),
+        )
+        .await;
+        self.numeric(
+            "002",
+            &[],
+            &format!("Your host is {SERVER}, running version {VERSION}"),
+        )
+        .await;
+        self.numeric("003", &[], "This server was created with Raft")
+            .await;
+        self.send(raw(format!(":{SERVER} 004 {me} {SERVER} {VERSION} i nt")))
+            .await;
+        self.numeric(
+            "005",
+            &[
+                "NETWORK=raftchat",
+                "CASEMAPPING=ascii",
+                "CHANTYPES=#",
+                "NICKLEN=30",
+                "CHANNELLEN=50",
+                "PREFIX=()",
+                "CHANMODES=,,,nt",
+            ],
+            "are supported by this server",
+        )
+        .await;
+        self.motd().await;
+        let sub = self.svc.store.subscribe();
+        let rooms: Vec<String> = self
+            .svc
+            .store
+            .state()
+            .session(&attached.session)
+            .map(|s| s.rooms.iter().cloned().collect())
+            .unwrap_or_default();
+        if attached.resumed {
+            self.svc
+                .metrics
+                .client_reconnects
+                .with_label_values(&[DIALECT])
+                .inc();
+            let _span = tracing::info_span!(
+                "chat.client.reconnect",
+                dialect = DIALECT,
+                session = %attached.session,
+                node = self.svc.node_id,
+                replayed = 0u64,
+                deduplicated = 0u64,
+            );
+        }
+        let filter = DeliveryFilter::new(
+            attached.session.clone(),
+            attached.attachment,
+            &me,
+            rooms,
+            sub.applied,
+        );
+        tokio::spawn(deliver_loop(
+            self.svc.clone(),
+            sub.events,
+            filter,
+            attached.session.clone(),
+            me,
+            self.caps,
+            self.out.clone(),
+            self.closed.clone(),
+            self.reason.clone(),
+        ));
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let task = tokio::spawn(send_loop(
+            self.svc.clone(),
+            attached.session.clone(),
+            rx,
+            self.out.clone(),
+            self.nick.clone().unwrap_or_default(),
+        ));
+        self.sends = Some((tx, task));
+        self.attached = Some(attached);
+    }
+
+    async fn motd(&self) {
+        match &self.svc.config.motd {
+            Some(motd) => {
+                self.numeric("375", &[], &format!("- {SERVER} Message of the day -"))
+                    .await;
+                for line in motd.lines() {
+                    self.numeric("372", &[], &format!("- {line}")).await;
+                }
+                self.numeric("376", &[], "End of /MOTD command.").await;
+            }
+            None => self.numeric("422", &[], "MOTD File is missing").await,
+        }
+    }
+
+    fn session(&self) -> &str {
+        self.attached.as_ref().map_or("", |a| a.session.as_str())
+    }
+
+    async fn join(&mut self, line: &IrcLine) {
+        if !self.need_params(line, 1).await {
+            return;
+        }
+        let tagged = self.caps.server_time;
+        for room in line.params[0].split(',').filter(|r| !r.is_empty()) {
+            if !is_valid_room(room) {
+                self.svc.metrics.bad_request("bad_name");
+                self.numeric("403", &[room], "No such channel").await;
+                continue;
+            }
+            let session = self.session().to_string();
+            match self.svc.join(&session, room).await {
+                Ok((name, members, index)) => {
+                    let me = self.me().to_string();
+                    self.send(raw(format!(":{} JOIN {name}", source(&me))))
+                        .await;
+                    self.numeric("331", &[&name], "No topic is set").await;
+                    self.names_reply(&name, &members).await;
+                    // What was said before this join (and is not delivered live).
+                    let limit = self.svc.config.history_on_join;
+                    if limit > 0
+                        && let Ok((_, history)) = self
+                            .svc
+                            .history(&session, &name, Some(index), None, limit)
+                            .await
+                    {
+                        for m in &history {
+                            self.send(privmsg(m, tagged, !tagged)).await;
+                        }
+                    }
+                }
+                Err(e) => self.chat_error(&e, room).await,
+            }
+        }
+    }
+
+    async fn part(&mut self, line: &IrcLine) {
+        if !self.need_params(line, 1).await {
+            return;
+        }
+        for room in line.params[0].split(',').filter(|r| !r.is_empty()) {
+            let session = self.session().to_string();
+            let member = self
+                .svc
+                .store
+                .state()
+                .session(&session)
+                .is_some_and(|s| s.rooms.contains(&fold(room)));
+            if !member {
+                self.numeric("442", &[room], "You're not on that channel")
+                    .await;
+                continue;
+            }
+            match self.svc.leave(&session, room).await {
+                Ok(name) => {
+                    let me = self.me().to_string();
+                    self.send(raw(format!(":{} PART {name}", source(&me))))
+                        .await;
+                }
+                Err(e) => self.chat_error(&e, room).await,
+            }
+        }
+    }
+
+    async fn privmsg(&mut self, line: &IrcLine) {
+        if !self.need_params(line, 2).await {
+            return;
+        }
+        for target in line.params[0].split(',').filter(|t| !t.is_empty()) {
+            if let Err(e) = ChatService::check_target(target) {
+                self.chat_error(&e, target).await;
+                continue;
+            }
+            self.next_id += 1;
+            let message = Outgoing {
+                id: format!("irc-{}-{}", self.conn_id, self.next_id),
+                to: target.to_string(),
+                text: line.params[1].clone(),
+                received: Instant::now(),
+            };
+            if let Some((queue, _)) = &self.sends {
+                let _ = queue.send(message).await;
+            }
+        }
+    }
+
+    async fn names(&self, room: &str) {
+        match self.svc.who(room) {
+            Ok(members) if !members.is_empty() => {
+                let name = self
+                    .svc
+                    .store
+                    .state()
+                    .room_name(room)
+                    .unwrap_or(room)
+                    .to_string();
+                self.names_reply(&name, &members).await;
+            }
+            _ => self.numeric("366", &[room], "End of /NAMES list").await,
+        }
+    }
+
+    async fn names_reply(&self, room: &str, members: &[String]) {
+        self.numeric("353", &["=", room], &members.join(" ")).await;
+        self.numeric("366", &[room], "End of /NAMES list").await;
+    }
+
+    async fn who(&self, line: &IrcLine) {
+        let mask = line.params.first().cloned().unwrap_or_else(|| "*".into());
+        let users: Vec<String> = if is_room_target(&mask) {
+            self.svc.who(&mask).unwrap_or_default()
+        } else {
+            self.svc
+                .store
+                .state()
+                .holder_of(&mask)
+                .map(|(_, s)| vec![s.user.clone()])
+                .unwrap_or_default()
+        };
+        let channel = if is_room_target(&mask) {
+            mask.as_str()
+        } else {
+            "*"
+        };
+        for user in &users {
+            self.numeric(
+                "352",
+                &[channel, user, SERVER, SERVER, user, "H"],
+                &format!("0 {user}"),
+            )
+            .await;
+        }
+        self.numeric("315", &[&mask], "End of /WHO list").await;
+    }
+
+    async fn chat_error(&self, e: &ChatError, target: &str) {
+        let (code, reason) = match e {
+            ChatError::BadName(_) if is_room_target(target) => ("403", "bad_name"),
+            ChatError::BadName(_) | ChatError::NoSuchUser(_) => ("401", "bad_name"),
+            ChatError::NotMember(_) => ("404", "not_member"),
+            _ => {
+                self.notice(&format!("{target}: {e}")).await;
+                return;
+            }
+        };
+        self.svc.metrics.bad_request(reason);
+        let text = match code {
+            "403" => "No such channel",
+            "401" => "No such nick/channel",
+            _ => "Cannot send to channel",
+        };
+        self.numeric(code, &[target], text).await;
+    }
+}
+
+/// Replicates a connection's messages in order; refusals come back as numerics.
+async fn send_loop(
+    svc: Arc<ChatService>,
+    session: String,
+    mut rx: mpsc::Receiver<Outgoing>,
+    out: mpsc::Sender<Outbound>,
+    nick: String,
+) {
+    let mut batch = Vec::with_capacity(SEND_BATCH);
+    while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
+        let targets: Vec<String> = batch.iter().map(|m| m.to.clone()).collect();
+        let results = svc.send_batch(&session, std::mem::take(&mut batch)).await;
+        for (target, result) in targets.iter().zip(results) {
+            let line = match result {
+                Ok(_) => continue,
+                Err(ChatError::NotMember(_)) => {
+                    svc.metrics.bad_request("not_member");
+                    format!(":{SERVER} 404 {nick} {target} :Cannot send to channel")
+                }
+                Err(ChatError::NoSuchUser(_)) => {
+                    svc.metrics.bad_request("bad_name");
+                    format!(":{SERVER} 401 {nick} {target} :No such nick/channel")
+                }
+                Err(e) => format!(":{SERVER} NOTICE {nick} :{target}: not delivered: {e}"),
+            };
+            if out.send(Outbound::Frame(raw(line))).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Pushes this connection's applied events as IRC lines, in index order.
+#[allow(clippy::too_many_arguments)]
+async fn deliver_loop(
+    svc: Arc<ChatService>,
+    mut events: broadcast::Receiver<Arc<Event>>,
+    mut filter: DeliveryFilter,
+    session: String,
+    me: String,
+    caps: Caps,
+    out: mpsc::Sender<Outbound>,
+    closed: CancellationToken,
+    reason: Arc<CloseReason>,
+) {
+    let metrics = svc.metrics.clone();
+    let tagged = caps.server_time || caps.message_tags;
+    let me_key = fold(&me);
+    loop {
+        let event = tokio::select! {
+            e = events.recv() => e,
+            _ = closed.cancelled() => return,
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                reason.set("slow");
+                let _ = out
+                    .send(Outbound::Fatal(raw(
+                        "ERROR :Closing link: client too slow".into()
+                    )))
+                    .await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let line = match filter.on_event(&event) {
+            None => continue,
+            Some(Delivery::Message(m)) => {
+                // Without echo-message a client prints its own lines itself.
+                if !caps.echo && fold(&m.message.from) == me_key {
+                    continue;
+                }
+                metrics.messages_delivered.inc();
+                let cache = if tagged { &m.irc_tagged } else { &m.irc };
+                cache
+                    .get_or_init(|| privmsg(&m.message, tagged, false))
+                    .clone()
+            }
+            Some(Delivery::Presence { room, user, joined }) => {
+                let verb = if joined { "JOIN" } else { "PART" };
+                raw(format!(":{} {verb} {room}", source(&user)))
+            }
+            Some(Delivery::Close(why)) => {
+                reason.set("replaced");
+                let _ = out
+                    .send(Outbound::Fatal(raw(format!("ERROR :Closing link: {why}"))))
+                    .await;
+                return;
+            }
+            Some(Delivery::Resync { upto }) => {
+                let rooms: Vec<String> = svc
+                    .store
+                    .state()
+                    .session(&session)
+                    .map(|s| s.rooms.iter().cloned().collect())
+                    .unwrap_or_default();
+                filter.set_rooms(rooms);
+                if let Ok(missed) = svc.missed(&session, &me, filter.last(), upto).await {
+                    for m in missed
+                        .iter()
+                        .filter(|m| caps.echo || fold(&m.from) != me_key)
+                    {
+                        if out
+                            .send(Outbound::Frame(privmsg(m, tagged, !tagged)))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                }
+                filter.advance(upto);
+                continue;
+            }
+        };
+        if out.send(Outbound::Frame(line)).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tags_source_and_trailing() {
+        let l = parse("@label=x :nick!u@h PRIVMSG #chan :hello there").unwrap();
+        assert_eq!(l.command, "PRIVMSG");
+        assert_eq!(l.params, vec!["#chan", "hello there"]);
+        let l = parse("user alice 0 * :Alice Liddell").unwrap();
+        assert_eq!(l.command, "USER");
+        assert_eq!(l.params, vec!["alice", "0", "*", "Alice Liddell"]);
+        assert_eq!(parse("PING").unwrap().params, Vec::<String>::new());
+        assert_eq!(parse("JOIN  #a,#b").unwrap().params, vec!["#a,#b"]);
+        assert!(parse("   ").is_none());
+    }
+
+    #[test]
+    fn relayed_lines_are_single_and_bounded() {
+        let m = StoredMessage {
+            index: 7,
+            to: "#r".into(),
+            from: "alice".into(),
+            id: "1".into(),
+            text: format!("two\nlines {}", "x".repeat(2000)),
+            ts_ms: 0,
+        };
+        let plain = privmsg(&m, false, false);
+        let text = std::str::from_utf8(&plain).unwrap();
+        assert!(text.starts_with(":alice!alice@raftchat PRIVMSG #r :two lines"));
+        assert!(text.len() <= 512);
+        assert_eq!(text.matches("\r\n").count(), 1);
+        let tagged = privmsg(&m, true, false);
+        assert!(
+            std::str::from_utf8(&tagged)
+                .unwrap()
+                .starts_with("@time=1970-01-01T00:00:00.000Z;msgid=7 :alice!")
+        );
+    }
+}
