@@ -27,6 +27,9 @@ pub struct Config {
     pub secret: String,
     /// Data directory; `{id}` is replaced by the node id.
     pub data_dir: String,
+    /// Listen on this host (e.g. `0.0.0.0`) with the ports of this node's addresses, while
+    /// peers and clients use the addresses as written (names in containers and Kubernetes).
+    pub bind_host: Option<String>,
     pub nodes: Vec<NodeConfig>,
     pub raft: RaftConfig,
     pub health: HealthConfig,
@@ -114,6 +117,7 @@ impl Default for Config {
         Config {
             secret: "change-me".into(),
             data_dir: "data/node-{id}".into(),
+            bind_host: None,
             nodes: Vec::new(),
             raft: RaftConfig::default(),
             health: HealthConfig::default(),
@@ -171,6 +175,23 @@ impl Default for TelemetryConfig {
             otlp_endpoint: None,
             log_format: LogFormat::Text,
         }
+    }
+}
+
+/// `host:port` with a non-empty host and a port number (IP addresses and names alike).
+fn is_host_port(addr: &str) -> bool {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return true;
+    }
+    match addr.rsplit_once(':') {
+        Some((host, port)) => {
+            !host.is_empty()
+                && port.parse::<u16>().is_ok()
+                && host
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        }
+        None => false,
     }
 }
 
@@ -256,9 +277,9 @@ impl Config {
                 ("raft", &node.raft),
                 ("metrics", &node.metrics),
             ] {
-                if addr.parse::<SocketAddr>().is_err() {
+                if !is_host_port(addr) {
                     return bad(format!(
-                        "key `nodes.{key}` of node {}: `{addr}` is not an IP:port address",
+                        "key `nodes.{key}` of node {}: `{addr}` is not a host:port address",
                         node.id
                     ));
                 }
@@ -330,6 +351,15 @@ impl Config {
                 known.join(", ")
             ))
         })
+    }
+
+    /// Where node `id` listens for `addr` (one of its addresses): `bind_host` with the
+    /// address's port when set, else the address itself.
+    pub fn listen_addr(&self, addr: &str) -> String {
+        match (&self.bind_host, addr.rsplit_once(':')) {
+            (Some(host), Some((_, port))) => format!("{host}:{port}"),
+            _ => addr.to_string(),
+        }
     }
 
     /// The data directory of node `id`, with `{id}` substituted.
@@ -424,6 +454,19 @@ metrics = "127.0.0.1:3"
                 .data_dir,
             "from-file"
         );
+    }
+
+    #[test]
+    fn names_are_addresses_too() {
+        assert!(is_host_port("raftchat-0.raftchat:7001"));
+        assert!(is_host_port("127.0.0.1:7001"));
+        assert!(is_host_port("[::1]:7001"));
+        assert!(!is_host_port("raftchat-0"));
+        assert!(!is_host_port(":7001"));
+        assert!(!is_host_port("host:99999"));
+        let mut cfg = Config::localhost_cluster(1, 7000);
+        cfg.bind_host = Some("0.0.0.0".into());
+        assert_eq!(cfg.listen_addr("node1:7001"), "0.0.0.0:7001");
     }
 
     #[test]

@@ -175,9 +175,9 @@ async fn serve(config: Config, id: u64) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("cannot create the data directory {}", data_dir.display()))?;
 
-    let chat_listener = bind(&me.chat, "chat").await?;
-    let raft_listener = bind(&me.raft, "raft").await?;
-    let metrics_listener = bind(&me.metrics, "metrics").await?;
+    let chat_listener = bind(&config.listen_addr(&me.chat), "chat").await?;
+    let raft_listener = bind(&config.listen_addr(&me.raft), "raft").await?;
+    let metrics_listener = bind(&config.listen_addr(&me.metrics), "metrics").await?;
 
     let history_path = data_dir.join("chat-history.redb");
     let history = History::open(&history_path)

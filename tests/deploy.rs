@@ -1,0 +1,424 @@
+//! The operator files, proven with the real tools: promtool, a real Prometheus scraping a
+//! live cluster, the dashboard's every query, and the Kubernetes manifests.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn repo(path: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+fn tool(name: &str) -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|p| {
+        std::env::split_paths(&p)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| panic!("`{name}` is not installed: run scripts/test, which installs the Debian package `prometheus`"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().expect("run tool");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{cmd:?} failed:\n{text}");
+    text
+}
+
+#[test]
+fn promtool_accepts_the_rules_their_tests_and_the_scrape_config() {
+    let promtool = tool("promtool");
+    let dir = repo("deploy/prometheus");
+    run_ok(
+        Command::new(&promtool)
+            .args(["check", "rules", "alerts.yml"])
+            .current_dir(&dir),
+    );
+    let out = run_ok(
+        Command::new(&promtool)
+            .args(["test", "rules", "alerts_test.yml"])
+            .current_dir(&dir),
+    );
+    assert!(out.contains("SUCCESS"), "{out}");
+    run_ok(
+        Command::new(&promtool)
+            .args(["check", "config", "prometheus.yml"])
+            .current_dir(&dir),
+    );
+    // Every alert has a test that fires it and one that does not.
+    let rules = std::fs::read_to_string(dir.join("alerts.yml")).unwrap();
+    let tests = std::fs::read_to_string(dir.join("alerts_test.yml")).unwrap();
+    let runbook = std::fs::read_to_string(repo("deploy/RUNBOOK.md")).unwrap();
+    let parsed: Value = serde_norway::from_str(&rules).unwrap();
+    for rule in parsed["groups"][0]["rules"].as_array().unwrap() {
+        let name = rule["alert"].as_str().unwrap();
+        assert!(
+            tests.contains(&format!("alertname: {name}")),
+            "{name} has no promtool test"
+        );
+        for key in ["summary", "description", "runbook_url"] {
+            assert!(rule["annotations"][key].is_string(), "{name} lacks {key}");
+        }
+        assert!(
+            rule["labels"]["severity"].is_string(),
+            "{name} lacks severity"
+        );
+        assert!(rule["for"].is_string(), "{name} lacks for");
+        let anchor = rule["annotations"]["runbook_url"]
+            .as_str()
+            .unwrap()
+            .split('#')
+            .nth(1)
+            .unwrap();
+        let heading = format!("## {name}");
+        assert!(
+            runbook.contains(&heading) && anchor == name.to_lowercase(),
+            "runbook section for {name}"
+        );
+    }
+}
+
+/// Every panel target of the dashboard: (panel title, expr).
+fn dashboard_exprs(dashboard: &Value) -> Vec<(String, String)> {
+    dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or("").to_string();
+            p["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |t| (title.clone(), t["expr"].as_str().unwrap_or("").to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn dashboard_is_structurally_sound() {
+    let text = std::fs::read_to_string(repo("dashboards/raftchat-cluster.json")).unwrap();
+    let d: Value = serde_json::from_str(&text).unwrap();
+    assert!(d["uid"].is_string() && d["title"].is_string() && d["refresh"].is_string());
+    let vars = d["templating"]["list"].as_array().unwrap();
+    let ds = vars
+        .iter()
+        .find(|v| v["type"] == "datasource")
+        .expect("a datasource variable");
+    assert_eq!(ds["query"], "prometheus");
+    let ds_ref = format!("${{{}}}", ds["name"].as_str().unwrap());
+    let mut ids = HashSet::new();
+    let mut rows = 0;
+    for p in d["panels"].as_array().unwrap() {
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "duplicate panel id {}",
+            p["id"]
+        );
+        if p["type"] == "row" {
+            rows += 1;
+            continue;
+        }
+        let title = p["title"].as_str().unwrap();
+        assert!(
+            p["description"].as_str().is_some_and(|s| !s.is_empty()),
+            "{title} has no description"
+        );
+        assert_eq!(
+            p["datasource"]["uid"],
+            ds_ref.as_str(),
+            "{title} panel datasource"
+        );
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{title} has no target");
+        for t in targets {
+            assert!(
+                t["expr"].as_str().is_some_and(|e| !e.is_empty()),
+                "{title}: a target without expr"
+            );
+            assert_eq!(
+                t["datasource"]["uid"],
+                ds_ref.as_str(),
+                "{title} target datasource"
+            );
+        }
+    }
+    assert_eq!(
+        rows, 7,
+        "overview, failover, probes, raft, clients, messages, process"
+    );
+    // Only `job`/`instance` matchers may be relied on; other variables only in =~.
+    for (title, expr) in dashboard_exprs(&d) {
+        for var in ["$instance"] {
+            if expr.contains(var) {
+                assert!(
+                    expr.contains(&format!("=~\"{var}\"")),
+                    "{title}: {var} outside =~: {expr}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn kubernetes_manifests_parse_and_carry_the_same_rules() {
+    let dir = repo("deploy/k8s");
+    let mut kinds = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            kinds.push(v["kind"].as_str().unwrap_or("").to_string());
+            if v["kind"] == "PrometheusRule" {
+                let alerts: Value = serde_norway::from_str(
+                    &std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap(),
+                )
+                .unwrap();
+                assert_eq!(
+                    v["spec"], alerts,
+                    "PrometheusRule drifted from alerts.yml: run scripts/gen-prometheusrule"
+                );
+            }
+            if v["kind"] == "StatefulSet" {
+                assert_eq!(v["spec"]["serviceName"], "raftchat");
+            }
+        }
+    }
+    for kind in [
+        "StatefulSet",
+        "Service",
+        "ConfigMap",
+        "PodMonitor",
+        "PrometheusRule",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "no {kind} in deploy/k8s: {kinds:?}"
+        );
+    }
+    // The compose file and its configs parse too.
+    for file in [
+        "deploy/docker-compose.yml",
+        "deploy/compose/prometheus.yml",
+        "deploy/grafana/provisioning/datasources/prometheus.yml",
+    ] {
+        let _: Value =
+            serde_norway::from_str(&std::fs::read_to_string(repo(file)).unwrap()).unwrap();
+    }
+    let cfg = std::fs::read_to_string(repo("deploy/compose/cluster.toml")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("c.toml"), cfg).unwrap();
+    // The compose config is valid: the node gets as far as binding (the names do not resolve here).
+    let out = Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(dir.path().join("c.toml"))
+        .args(["--id", "9"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "only the id is wrong: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--id"));
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+struct Prometheus {
+    child: Child,
+    addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Prometheus {
+    fn query(&self, expr: &str) -> Value {
+        let (code, body) = http_get(
+            &self.addr,
+            &format!("/api/v1/query?query={}", urlencode(expr)),
+        )
+        .expect("query");
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        assert!(
+            code == 200 && v["status"] == "success",
+            "query {expr} failed ({code}): {body}"
+        );
+        v
+    }
+
+    fn firing(&self, alert: &str) -> bool {
+        let Ok((_, body)) = http_get(&self.addr, "/api/v1/alerts") else {
+            return false;
+        };
+        let v: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        v["data"]["alerts"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|x| x["labels"]["alertname"] == alert && x["state"] == "firing")
+        })
+    }
+}
+
+/// A real Prometheus scraping `targets` every second with the shipped rules, whose `for:`
+/// durations are cut to zero so the test need not wait minutes.
+fn start_prometheus(targets: &[String]) -> Prometheus {
+    let bin = tool("prometheus");
+    let dir = tempfile::tempdir().unwrap();
+    let rules = std::fs::read_to_string(repo("deploy/prometheus/alerts.yml")).unwrap();
+    let retargeted: String = rules
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("for:") {
+                l.split("for:").next().unwrap().to_string() + "for: 0s"
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write(dir.path().join("alerts.yml"), retargeted).unwrap();
+    let list: Vec<String> = targets.iter().map(|t| format!("\"{t}\"")).collect();
+    std::fs::write(
+        dir.path().join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files:\n  - alerts.yml\nscrape_configs:\n  - job_name: raftchat\n    static_configs:\n      - targets: [{}]\n",
+            list.join(", ")
+        ),
+    )
+    .unwrap();
+    let port = free_ports(1)[0];
+    let addr = format!("127.0.0.1:{port}");
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let child = Command::new(bin)
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg(format!("--web.listen-address={addr}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .current_dir(dir.path())
+        .spawn()
+        .expect("start prometheus");
+    let p = Prometheus {
+        child,
+        addr,
+        _dir: dir,
+    };
+    wait_for(T, "Prometheus to be ready", || {
+        (http_get(&p.addr, "/-/ready").ok()?.0 == 200).then_some(())
+    });
+    p
+}
+
+#[test]
+fn real_prometheus_runs_every_dashboard_query_and_fires_the_alerts() {
+    let mut cluster = Cluster::start(
+        3,
+        "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 200\n",
+    );
+    cluster.wait_leader(&[1, 2, 3], T);
+    let targets: Vec<String> = cluster.nodes.iter().map(|n| n.metrics.clone()).collect();
+    let prom = start_prometheus(&targets);
+    // Some traffic, so client and message series move.
+    let mut a = cluster.login(1, "promuser");
+    a.join("#prom");
+    for i in 0..5 {
+        assert_eq!(a.say("#prom", &format!("p{i}"), "scraped")["type"], "ack");
+    }
+    wait_for(T, "three healthy targets with a few scrapes", || {
+        let v = prom.query("count_over_time(up{job=\"raftchat\"}[1m])");
+        let series = v["data"]["result"].as_array()?;
+        let enough = series.len() == 3
+            && series.iter().all(|s| {
+                s["value"][1]
+                    .as_str()
+                    .and_then(|x| x.parse::<f64>().ok())
+                    .unwrap_or(0.0)
+                    >= 4.0
+            });
+        enough.then_some(())
+    });
+
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(repo("dashboards/raftchat-cluster.json")).unwrap(),
+    )
+    .unwrap();
+    for (title, expr) in dashboard_exprs(&dashboard) {
+        let concrete = expr
+            .replace("$__rate_interval", "1m")
+            .replace("$__range", "5m")
+            .replace("$instance", ".*");
+        let v = prom.query(&concrete);
+        let n = v["data"]["result"].as_array().map_or(0, Vec::len);
+        assert!(n > 0, "panel {title}: no series for {concrete}");
+    }
+
+    // Kill the leader again and again: the flapping alert fires.
+    let mut rounds = 0;
+    while !prom.firing("RaftchatLeaderFlapping") {
+        rounds += 1;
+        assert!(rounds <= 12, "RaftchatLeaderFlapping never fired");
+        let leader = cluster.wait_leader(&[1, 2, 3], T);
+        cluster.kill(leader);
+        let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
+        cluster.wait_leader(&survivors, T);
+        cluster.start_node(leader);
+        cluster.wait_applied_equal(&[1, 2, 3], 1, T);
+        // Prometheus has scraped the restarted node again (and so its fresh counters).
+        let target = cluster.node(leader).metrics.clone();
+        wait_for(T, "the restarted node scraped", || {
+            let v = prom.query(&format!(
+                "up{{job=\"raftchat\",instance=\"{target}\"}} == 1"
+            ));
+            let fresh = prom.query(&format!(
+                "raftchat_raft_leader_changes_total{{instance=\"{target}\"}} >= 1"
+            ));
+            (!v["data"]["result"].as_array()?.is_empty()
+                && !fresh["data"]["result"].as_array()?.is_empty())
+            .then_some(())
+        });
+    }
+
+    // One node down and kept down: the node-down alert fires.
+    cluster.kill(3);
+    wait_for(T, "RaftchatNodeDown to fire", || {
+        prom.firing("RaftchatNodeDown").then_some(())
+    });
+}
