@@ -160,6 +160,20 @@ fn every_bad_request_gets_its_error_code_and_others_are_unaffected() {
     }
 }
 
+/// Runs node 1 of `cluster` in the foreground: (exit code, stderr).
+fn start_in_foreground(cluster: &Cluster) -> (Option<i32>, String) {
+    let out = std::process::Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(&cluster.config)
+        .args(["--id", "1"])
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn corrupt_or_truncated_data_refuses_to_start() {
     let mut cluster = Cluster::start(1, "");
@@ -179,14 +193,8 @@ fn corrupt_or_truncated_data_refuses_to_start() {
         *b = 0xA5;
     }
     std::fs::write(&log, &garbage).unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["node", "--config"])
-        .arg(&cluster.config)
-        .args(["--id", "1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) = start_in_foreground(&cluster);
+    assert_eq!(code, Some(1));
     assert!(err.contains("raft-log.redb"), "names the file: {err}");
 
     // Truncated at several points: a clear refusal every time, never a panic.
@@ -197,26 +205,15 @@ fn corrupt_or_truncated_data_refuses_to_start() {
         original.len() - 1,
     ] {
         std::fs::write(&log, &original[..cut]).unwrap();
-        let out = std::process::Command::new(BIN)
-            .args(["node", "--config"])
-            .arg(&cluster.config)
-            .args(["--id", "1"])
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(1), "cut at {cut}: {err}");
+        let (code, err) = start_in_foreground(&cluster);
+        assert_eq!(code, Some(1), "cut at {cut}: {err}");
         assert!(err.contains("raft-log.redb"), "cut at {cut}: {err}");
     }
 
     // A compacted log without its snapshot would drop committed entries: refused.
     std::fs::write(&log, &original).unwrap();
     std::fs::write(cluster.data_dir(1).join("snapshot.json"), b"{broken").unwrap();
-    let out = std::process::Command::new(BIN)
-        .args(["node", "--config"])
-        .arg(&cluster.config)
-        .args(["--id", "1"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("snapshot"));
+    let (code, err) = start_in_foreground(&cluster);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("snapshot"), "{err}");
 }

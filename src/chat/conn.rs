@@ -1,11 +1,19 @@
-//! Plumbing both dialects share: the outbound frame queue, why a connection closed, and the
-//! task that writes frames to the socket.
+//! Plumbing both dialects share: connection accounting, the outbound frame queue, why a
+//! connection closed, the task that writes frames to the socket, and the delivery of applied
+//! events.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use super::command::{Event, MessageEvent, StoredMessage};
+use super::delivery::{Delivery, DeliveryFilter};
+use super::service::ChatService;
 
 /// What goes to the socket writer.
 pub enum Outbound {
@@ -62,4 +70,181 @@ pub async fn write_loop(
     }
     let _ = writer.flush().await;
     let _ = writer.shutdown().await;
+}
+
+/// Counts a connection in the `dialect` metrics around `serve`, which reports why it closed.
+pub async fn counted<F, Fut>(svc: &ChatService, dialect: &'static str, serve: F)
+where
+    F: FnOnce(Arc<CloseReason>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let metrics = &svc.metrics;
+    metrics.client_connects.with_label_values(&[dialect]).inc();
+    let live = metrics.client_connections.with_label_values(&[dialect]);
+    live.inc();
+    let reason = Arc::new(CloseReason::default());
+    serve(reason.clone()).await;
+    live.dec();
+    metrics
+        .client_disconnects
+        .with_label_values(&[dialect, reason.get()])
+        .inc();
+}
+
+/// How a dialect writes what the delivery loop sends.
+pub trait Render: Send + 'static {
+    /// A live message; `None` skips it (an IRC client's own line without echo-message).
+    fn message(&self, m: &MessageEvent) -> Option<Bytes>;
+    /// A message caught up from the history after a snapshot.
+    fn stored(&self, m: &StoredMessage) -> Option<Bytes>;
+    fn presence(&self, room: &str, user: &str, joined: bool) -> Bytes;
+    /// The last frame before closing: the client fell behind.
+    fn too_slow(&self, behind: u64) -> Bytes;
+    /// The last frame before closing: the session moved or ended.
+    fn replaced(&self, why: &str) -> Bytes;
+}
+
+/// One connection's view of the cluster after login.
+pub struct Follow {
+    pub session: String,
+    pub user: String,
+    pub filter: DeliveryFilter,
+    pub events: broadcast::Receiver<Arc<Event>>,
+}
+
+/// Pushes a connection's applied events, in index order, as `render` writes them. A client
+/// that falls further behind than the event queue is disconnected; it can resume.
+pub async fn deliver<R: Render>(
+    svc: Arc<ChatService>,
+    mut follow: Follow,
+    render: R,
+    out: mpsc::Sender<Outbound>,
+    closed: CancellationToken,
+    reason: Arc<CloseReason>,
+) {
+    let metrics = svc.metrics.clone();
+    loop {
+        let event = tokio::select! {
+            e = follow.events.recv() => e,
+            _ = closed.cancelled() => return,
+        };
+        let event = match event {
+            Ok(e) => e,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                reason.set("slow");
+                let _ = out.send(Outbound::Fatal(render.too_slow(n))).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let frame = match follow.filter.on_event(&event) {
+            None => continue,
+            Some(Delivery::Message(m)) => match render.message(&m) {
+                Some(frame) => {
+                    metrics.messages_delivered.inc();
+                    frame
+                }
+                None => continue,
+            },
+            Some(Delivery::Presence { room, user, joined }) => {
+                render.presence(&room, &user, joined)
+            }
+            Some(Delivery::Close(why)) => {
+                reason.set("replaced");
+                let _ = out.send(Outbound::Fatal(render.replaced(why))).await;
+                return;
+            }
+            Some(Delivery::Resync { upto }) => {
+                let rooms: Vec<String> = svc
+                    .store
+                    .state()
+                    .session(&follow.session)
+                    .map(|s| s.rooms.iter().cloned().collect())
+                    .unwrap_or_default();
+                follow.filter.set_rooms(rooms);
+                match svc
+                    .missed(&follow.session, &follow.user, follow.filter.last(), upto)
+                    .await
+                {
+                    Ok(missed) => {
+                        for frame in missed.iter().filter_map(|m| render.stored(m)) {
+                            metrics.messages_delivered.inc();
+                            if out.send(Outbound::Frame(frame)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "resync after snapshot failed"),
+                }
+                follow.filter.advance(upto);
+                continue;
+            }
+        };
+        if out.send(Outbound::Frame(frame)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection's socket halves: lines come in through `reader`, frames go out through `out`
+/// to a writer task; `closed` stops everything.
+pub struct Wire {
+    pub reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    pub out: mpsc::Sender<Outbound>,
+    pub closed: CancellationToken,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+/// A connection's queue of messages and the task replicating them in order.
+pub struct SendPipeline {
+    pub queue: mpsc::Sender<super::service::Outgoing>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Queue depth between a connection and its socket writer.
+const OUT_QUEUE: usize = 1024;
+
+impl Wire {
+    pub fn open(stream: tokio::net::TcpStream, shutdown: &CancellationToken) -> Wire {
+        let (read, write) = stream.into_split();
+        let (out, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
+        let closed = shutdown.child_token();
+        let writer = tokio::spawn(write_loop(write, out_rx, closed.clone()));
+        Wire {
+            reader: tokio::io::BufReader::new(read),
+            out,
+            closed,
+            writer,
+        }
+    }
+
+    /// Tears the connection down: the session's queued messages are still replicated (their
+    /// fate matters to a client that resumes), the session is released, and what is queued
+    /// for the socket is written.
+    pub async fn finish(
+        self,
+        svc: &Arc<ChatService>,
+        sends: Option<SendPipeline>,
+        attached: Option<&super::service::Attached>,
+    ) {
+        self.closed.cancel();
+        if let Some(pipeline) = sends {
+            drop(pipeline.queue);
+            let _ = pipeline.task.await;
+        }
+        if let Some(attached) = attached {
+            svc.unregister(attached);
+        }
+        drop(self.out);
+        let _ = self.writer.await;
+    }
+}
+
+/// The per-connection rate limiter from the chat config.
+pub fn rate_limiter(config: &crate::config::ChatConfig) -> super::lines::RateLimiter {
+    super::lines::RateLimiter::new(
+        config.rate_limit_per_sec,
+        config.rate_limit_burst,
+        std::time::Duration::from_millis(config.rate_limit_grace_ms),
+    )
 }

@@ -11,16 +11,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::io::BufReader;
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{Event, StoredMessage};
-use super::conn::{CloseReason, Outbound, write_loop};
-use super::delivery::{Delivery, DeliveryFilter};
+use super::command::{MessageEvent, StoredMessage};
+use super::conn::{
+    CloseReason, Follow, Outbound, Render, SendPipeline, Wire, counted, deliver, rate_limiter,
+};
+use super::delivery::DeliveryFilter;
 use super::json::rfc3339;
-use super::lines::{Line, RateLimiter, Verdict, read_line};
+use super::lines::{Line, Verdict, read_line};
 use super::names::{fold, is_room_target, is_valid_room, is_valid_user};
 use super::service::{Attached, ChatError, ChatService, Outgoing};
 use crate::node::VERSION;
@@ -32,7 +33,6 @@ const MAX_TAGS: usize = 8191;
 const MAX_BODY: usize = 510;
 const SEND_QUEUE: usize = 1024;
 const SEND_BATCH: usize = 256;
-const OUT_QUEUE: usize = 1024;
 /// Capabilities offered in `CAP LS`.
 const CAPS: [&str; 3] = ["server-time", "message-tags", "echo-message"];
 
@@ -143,17 +143,11 @@ fn raw(line: String) -> Bytes {
 
 /// Serves one IRC connection until it closes.
 pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
-    let metrics = svc.metrics.clone();
-    metrics.client_connects.with_label_values(&[DIALECT]).inc();
-    let live = metrics.client_connections.with_label_values(&[DIALECT]);
-    live.inc();
-    let reason = Arc::new(CloseReason::default());
-    serve_until_closed(stream, svc, shutdown, reason.clone()).await;
-    live.dec();
-    metrics
-        .client_disconnects
-        .with_label_values(&[DIALECT, reason.get()])
-        .inc();
+    let counted_svc = svc.clone();
+    counted(&counted_svc, DIALECT, |reason| {
+        serve_until_closed(stream, svc, shutdown, reason)
+    })
+    .await;
 }
 
 async fn serve_until_closed(
@@ -162,13 +156,11 @@ async fn serve_until_closed(
     shutdown: CancellationToken,
     reason: Arc<CloseReason>,
 ) {
-    let (read, write) = stream.into_split();
-    let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
-    let closed = shutdown.child_token();
-    let writer = tokio::spawn(write_loop(write, out_rx, closed.clone()));
+    let mut wire = Wire::open(stream, &shutdown);
+    let closed = wire.closed.clone();
     let mut conn = IrcConn {
         svc: svc.clone(),
-        out: out_tx,
+        out: wire.out.clone(),
         closed: closed.clone(),
         reason: reason.clone(),
         caps: Caps::default(),
@@ -180,12 +172,7 @@ async fn serve_until_closed(
         next_id: 0,
         conn_id: format!("{:x}", rand::random::<u32>()),
     };
-    let mut reader = BufReader::new(read);
-    let mut limiter = RateLimiter::new(
-        svc.config.rate_limit_per_sec,
-        svc.config.rate_limit_burst,
-        Duration::from_millis(svc.config.rate_limit_grace_ms),
-    );
+    let mut limiter = rate_limiter(&svc.config);
     let mut buf = Vec::new();
     let login_deadline = tokio::time::sleep(Duration::from_millis(svc.config.hello_timeout_ms));
     tokio::pin!(login_deadline);
@@ -198,7 +185,7 @@ async fn serve_until_closed(
     ));
     loop {
         let line = tokio::select! {
-            line = read_line(&mut reader, &mut buf, MAX_TAGS + 1 + MAX_BODY) => line,
+            line = read_line(&mut wire.reader, &mut buf, MAX_TAGS + 1 + MAX_BODY) => line,
             _ = closed.cancelled() => {
                 if shutdown.is_cancelled() {
                     reason.set("shutdown");
@@ -272,16 +259,10 @@ async fn serve_until_closed(
             break;
         }
     }
-    closed.cancel();
-    if let Some((queue, task)) = conn.sends.take() {
-        drop(queue);
-        let _ = task.await;
-    }
-    if let Some(attached) = &conn.attached {
-        svc.unregister(attached);
-    }
+    let sends = conn.sends.take();
+    let attached = conn.attached.take();
     drop(conn);
-    let _ = writer.await;
+    wire.finish(&svc, sends, attached.as_ref()).await;
 }
 
 struct IrcConn {
@@ -295,7 +276,7 @@ struct IrcConn {
     nick: Option<String>,
     user_given: bool,
     attached: Option<Attached>,
-    sends: Option<(mpsc::Sender<Outgoing>, tokio::task::JoinHandle<()>)>,
+    sends: Option<SendPipeline>,
     next_id: u64,
     conn_id: String,
 }
@@ -612,13 +593,20 @@ impl IrcConn {
             rooms,
             sub.applied,
         );
-        tokio::spawn(deliver_loop(
-            self.svc.clone(),
-            sub.events,
+        let follow = Follow {
+            session: attached.session.clone(),
+            user: me.clone(),
             filter,
-            attached.session.clone(),
+            events: sub.events,
+        };
+        let render = IrcRender {
+            caps: self.caps,
             me,
-            self.caps,
+        };
+        tokio::spawn(deliver(
+            self.svc.clone(),
+            follow,
+            render,
             self.out.clone(),
             self.closed.clone(),
             self.reason.clone(),
@@ -631,7 +619,7 @@ impl IrcConn {
             self.out.clone(),
             self.nick.clone().unwrap_or_default(),
         ));
-        self.sends = Some((tx, task));
+        self.sends = Some(SendPipeline { queue: tx, task });
         self.attached = Some(attached);
     }
 
@@ -734,8 +722,8 @@ impl IrcConn {
                 text: line.params[1].clone(),
                 received: Instant::now(),
             };
-            if let Some((queue, _)) = &self.sends {
-                let _ = queue.send(message).await;
+            if let Some(pipeline) = &self.sends {
+                let _ = pipeline.queue.send(message).await;
             }
         }
     }
@@ -841,93 +829,51 @@ async fn send_loop(
     }
 }
 
-/// Pushes this connection's applied events as IRC lines, in index order.
-#[allow(clippy::too_many_arguments)]
-async fn deliver_loop(
-    svc: Arc<ChatService>,
-    mut events: broadcast::Receiver<Arc<Event>>,
-    mut filter: DeliveryFilter,
-    session: String,
-    me: String,
+/// IRC lines for the shared delivery loop.
+struct IrcRender {
     caps: Caps,
-    out: mpsc::Sender<Outbound>,
-    closed: CancellationToken,
-    reason: Arc<CloseReason>,
-) {
-    let metrics = svc.metrics.clone();
-    let tagged = caps.server_time || caps.message_tags;
-    let me_key = fold(&me);
-    loop {
-        let event = tokio::select! {
-            e = events.recv() => e,
-            _ = closed.cancelled() => return,
-        };
-        let event = match event {
-            Ok(e) => e,
-            Err(broadcast::error::RecvError::Lagged(_)) => {
-                reason.set("slow");
-                let _ = out
-                    .send(Outbound::Fatal(raw(
-                        "ERROR :Closing link: client too slow".into()
-                    )))
-                    .await;
-                return;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let line = match filter.on_event(&event) {
-            None => continue,
-            Some(Delivery::Message(m)) => {
-                // Without echo-message a client prints its own lines itself.
-                if !caps.echo && fold(&m.message.from) == me_key {
-                    continue;
-                }
-                metrics.messages_delivered.inc();
-                let cache = if tagged { &m.irc_tagged } else { &m.irc };
-                cache
-                    .get_or_init(|| privmsg(&m.message, tagged, false))
-                    .clone()
-            }
-            Some(Delivery::Presence { room, user, joined }) => {
-                let verb = if joined { "JOIN" } else { "PART" };
-                raw(format!(":{} {verb} {room}", source(&user)))
-            }
-            Some(Delivery::Close(why)) => {
-                reason.set("replaced");
-                let _ = out
-                    .send(Outbound::Fatal(raw(format!("ERROR :Closing link: {why}"))))
-                    .await;
-                return;
-            }
-            Some(Delivery::Resync { upto }) => {
-                let rooms: Vec<String> = svc
-                    .store
-                    .state()
-                    .session(&session)
-                    .map(|s| s.rooms.iter().cloned().collect())
-                    .unwrap_or_default();
-                filter.set_rooms(rooms);
-                if let Ok(missed) = svc.missed(&session, &me, filter.last(), upto).await {
-                    for m in missed
-                        .iter()
-                        .filter(|m| caps.echo || fold(&m.from) != me_key)
-                    {
-                        if out
-                            .send(Outbound::Frame(privmsg(m, tagged, !tagged)))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                }
-                filter.advance(upto);
-                continue;
-            }
-        };
-        if out.send(Outbound::Frame(line)).await.is_err() {
-            return;
+    me: String,
+}
+
+impl IrcRender {
+    fn tagged(&self) -> bool {
+        self.caps.server_time || self.caps.message_tags
+    }
+
+    /// Without echo-message a client prints its own lines itself.
+    fn skip(&self, m: &StoredMessage) -> bool {
+        !self.caps.echo && fold(&m.from) == fold(&self.me)
+    }
+}
+
+impl Render for IrcRender {
+    fn message(&self, m: &MessageEvent) -> Option<Bytes> {
+        if self.skip(&m.message) {
+            return None;
         }
+        let cache = if self.tagged() { &m.irc_tagged } else { &m.irc };
+        Some(
+            cache
+                .get_or_init(|| privmsg(&m.message, self.tagged(), false))
+                .clone(),
+        )
+    }
+
+    fn stored(&self, m: &StoredMessage) -> Option<Bytes> {
+        (!self.skip(m)).then(|| privmsg(m, self.tagged(), !self.tagged()))
+    }
+
+    fn presence(&self, room: &str, user: &str, joined: bool) -> Bytes {
+        let verb = if joined { "JOIN" } else { "PART" };
+        raw(format!(":{} {verb} {room}", source(user)))
+    }
+
+    fn too_slow(&self, _behind: u64) -> Bytes {
+        raw("ERROR :Closing link: client too slow".into())
+    }
+
+    fn replaced(&self, why: &str) -> Bytes {
+        raw(format!("ERROR :Closing link: {why}"))
     }
 }
 

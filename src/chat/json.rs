@@ -6,23 +6,22 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::io::BufReader;
 use tokio::net::TcpStream;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::command::StoredMessage;
-use super::conn::{CloseReason, Outbound, write_loop};
-use super::delivery::{Delivery, DeliveryFilter};
-use super::lines::{Line, RateLimiter, Verdict, read_line};
+use super::command::{MessageEvent, StoredMessage};
+use super::conn::{
+    CloseReason, Follow, Outbound, Render, SendPipeline, Wire, counted, deliver, rate_limiter,
+};
+use super::delivery::DeliveryFilter;
+use super::lines::{Line, Verdict, read_line};
 use super::service::{Attached, ChatError, ChatService, Outgoing};
 
 /// Messages a connection may have queued for replication before it stops reading.
 const SEND_QUEUE: usize = 1024;
 /// Most messages of one connection replicated in one batch.
 const SEND_BATCH: usize = 256;
-/// Frames queued for the socket before the connection stops producing more.
-const OUT_QUEUE: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -326,17 +325,11 @@ const DIALECT: &str = "json";
 
 /// Serves one JSON-dialect connection until it closes.
 pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
-    let metrics = svc.metrics.clone();
-    metrics.client_connects.with_label_values(&[DIALECT]).inc();
-    let live = metrics.client_connections.with_label_values(&[DIALECT]);
-    live.inc();
-    let reason = Arc::new(CloseReason::default());
-    serve_until_closed(stream, svc, shutdown, reason.clone()).await;
-    live.dec();
-    metrics
-        .client_disconnects
-        .with_label_values(&[DIALECT, reason.get()])
-        .inc();
+    let counted_svc = svc.clone();
+    counted(&counted_svc, DIALECT, |reason| {
+        serve_until_closed(stream, svc, shutdown, reason)
+    })
+    .await;
 }
 
 async fn serve_until_closed(
@@ -345,31 +338,24 @@ async fn serve_until_closed(
     shutdown: CancellationToken,
     reason: Arc<CloseReason>,
 ) {
-    let (read, write) = stream.into_split();
-    let (out_tx, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
-    let closed = shutdown.child_token();
-    let writer = tokio::spawn(write_loop(write, out_rx, closed.clone()));
+    let mut wire = Wire::open(stream, &shutdown);
+    let closed = wire.closed.clone();
     let mut conn = Connection {
         svc: svc.clone(),
-        out: out_tx,
+        out: wire.out.clone(),
         closed: closed.clone(),
         attached: None,
         sends: None,
         reason: reason.clone(),
     };
-    let mut reader = BufReader::new(read);
-    let mut limiter = RateLimiter::new(
-        svc.config.rate_limit_per_sec,
-        svc.config.rate_limit_burst,
-        Duration::from_millis(svc.config.rate_limit_grace_ms),
-    );
+    let mut limiter = rate_limiter(&svc.config);
     let mut buf = Vec::new();
     let max = svc.config.max_line_bytes;
     let hello_deadline = tokio::time::sleep(Duration::from_millis(svc.config.hello_timeout_ms));
     tokio::pin!(hello_deadline);
     loop {
         let line = tokio::select! {
-            line = read_line(&mut reader, &mut buf, max) => line,
+            line = read_line(&mut wire.reader, &mut buf, max) => line,
             _ = closed.cancelled() => {
                 if shutdown.is_cancelled() {
                     reason.set("shutdown");
@@ -436,23 +422,10 @@ async fn serve_until_closed(
             Err(e) => conn.reply_error(e).await,
         }
     }
-    closed.cancel();
-    // Let replication of queued sends finish, so their acks are not lost to a resuming client.
-    if let Some(pipeline) = conn.sends.take() {
-        drop(pipeline.queue);
-        let _ = pipeline.task.await;
-    }
-    if let Some(attached) = &conn.attached {
-        svc.unregister(attached);
-    }
+    let sends = conn.sends.take();
+    let attached = conn.attached.take();
     drop(conn);
-    let _ = writer.await;
-}
-
-/// The queue of a connection's messages and the task replicating them in order.
-struct SendPipeline {
-    queue: mpsc::Sender<Outgoing>,
-    task: tokio::task::JoinHandle<()>,
+    wire.finish(&svc, sends, attached.as_ref()).await;
 }
 
 struct Connection {
@@ -657,12 +630,16 @@ impl Connection {
         metrics.replayed_messages.inc_by(missed.len() as u64);
         metrics.messages_delivered.inc_by(missed.len() as u64);
         filter.advance(sub.applied);
-        tokio::spawn(deliver_loop(
-            self.svc.clone(),
-            sub.events,
+        let follow = Follow {
+            session: attached.session.clone(),
+            user: attached.user.clone(),
             filter,
-            attached.session.clone(),
-            attached.user.clone(),
+            events: sub.events,
+        };
+        tokio::spawn(deliver(
+            self.svc.clone(),
+            follow,
+            JsonRender,
             self.out.clone(),
             self.closed.clone(),
             self.reason.clone(),
@@ -733,88 +710,40 @@ async fn send_loop(
     }
 }
 
-/// Pushes this connection's applied events, in index order. A client that falls further
-/// behind than the event queue is disconnected; it can resume where it left off.
-#[allow(clippy::too_many_arguments)]
-async fn deliver_loop(
-    svc: Arc<ChatService>,
-    mut events: broadcast::Receiver<Arc<super::command::Event>>,
-    mut filter: DeliveryFilter,
-    session: String,
-    user: String,
-    out: mpsc::Sender<Outbound>,
-    closed: CancellationToken,
-    reason: Arc<CloseReason>,
-) {
-    let metrics = svc.metrics.clone();
-    loop {
-        let event = tokio::select! {
-            e = events.recv() => e,
-            _ = closed.cancelled() => return,
-        };
-        let event = match event {
-            Ok(e) => e,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
-                reason.set("slow");
-                let e = ProtocolError::new(
-                    ErrorCode::Unavailable,
-                    format!("client too slow: fell {n} events behind; resume to continue"),
-                );
-                let _ = out.send(Outbound::Fatal(error_frame(&e))).await;
-                return;
-            }
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let frame = match filter.on_event(&event) {
-            None => continue,
-            Some(Delivery::Message(m)) => {
-                metrics.messages_delivered.inc();
-                m.json
-                    .get_or_init(|| ServerFrame::Message((&m.message).into()).encode())
-                    .clone()
-            }
-            Some(Delivery::Presence { room, user, joined }) => ServerFrame::Presence {
-                room: &room,
-                user: &user,
-                state: if joined { "joined" } else { "left" },
-            }
-            .encode(),
-            Some(Delivery::Close(why)) => {
-                reason.set("replaced");
-                let e = ProtocolError::new(ErrorCode::NameTaken, why);
-                let _ = out.send(Outbound::Fatal(error_frame(&e))).await;
-                return;
-            }
-            Some(Delivery::Resync { upto }) => {
-                let rooms: Vec<String> = svc
-                    .store
-                    .state()
-                    .session(&session)
-                    .map(|s| s.rooms.iter().cloned().collect())
-                    .unwrap_or_default();
-                filter.set_rooms(rooms);
-                match svc.missed(&session, &user, filter.last(), upto).await {
-                    Ok(missed) => {
-                        metrics.messages_delivered.inc_by(missed.len() as u64);
-                        for m in &missed {
-                            if out
-                                .send(Outbound::Frame(ServerFrame::Message(m.into()).encode()))
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "resync after snapshot failed"),
-                }
-                filter.advance(upto);
-                continue;
-            }
-        };
-        if out.send(Outbound::Frame(frame)).await.is_err() {
-            return;
+/// The JSON dialect's frames for the shared delivery loop.
+struct JsonRender;
+
+impl Render for JsonRender {
+    fn message(&self, m: &MessageEvent) -> Option<Bytes> {
+        Some(
+            m.json
+                .get_or_init(|| ServerFrame::Message((&m.message).into()).encode())
+                .clone(),
+        )
+    }
+
+    fn stored(&self, m: &StoredMessage) -> Option<Bytes> {
+        Some(ServerFrame::Message(m.into()).encode())
+    }
+
+    fn presence(&self, room: &str, user: &str, joined: bool) -> Bytes {
+        ServerFrame::Presence {
+            room,
+            user,
+            state: if joined { "joined" } else { "left" },
         }
+        .encode()
+    }
+
+    fn too_slow(&self, behind: u64) -> Bytes {
+        error_frame(&ProtocolError::new(
+            ErrorCode::Unavailable,
+            format!("client too slow: fell {behind} events behind; resume to continue"),
+        ))
+    }
+
+    fn replaced(&self, why: &str) -> Bytes {
+        error_frame(&ProtocolError::new(ErrorCode::NameTaken, why))
     }
 }
 
