@@ -225,8 +225,9 @@ fn metrics_port_answers_bad_requests_and_stays_up() {
     }
 }
 
-/// One exported span: (span name, trace id, node id from the resource).
-type SpanSeen = (String, Vec<u8>, i64);
+/// One exported span: (span name, trace id, node id from the resource, start in ns since
+/// the Unix epoch).
+type SpanSeen = (String, Vec<u8>, i64, u64);
 
 /// A minimal OTLP/HTTP receiver: decodes every `ExportTraceServiceRequest` it is sent.
 fn otlp_receiver() -> (String, Arc<Mutex<Vec<SpanSeen>>>) {
@@ -282,7 +283,12 @@ fn otlp_receiver() -> (String, Arc<Mutex<Vec<SpanSeen>>>) {
                                 .unwrap_or(0);
                             for ss in rs.scope_spans {
                                 for span in ss.spans {
-                                    seen.push((span.name, span.trace_id, node));
+                                    seen.push((
+                                        span.name,
+                                        span.trace_id,
+                                        node,
+                                        span.start_time_unix_nano,
+                                    ));
                                 }
                             }
                         }
@@ -312,7 +318,7 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
     wait_for(T, "chat.send spans from two nodes in one trace", || {
         let seen = spans.lock().unwrap();
         let mut nodes_by_trace: HashMap<&Vec<u8>, BTreeSet<i64>> = HashMap::new();
-        for (name, trace, node) in seen.iter() {
+        for (name, trace, node, _) in seen.iter() {
             if name == "chat.send" {
                 nodes_by_trace.entry(trace).or_default().insert(*node);
             }
@@ -325,6 +331,11 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
 
     let session = c.session.clone().unwrap();
     drop(c);
+    // Only spans that started after the kill count from here on.
+    let killed_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     cluster.kill(leader);
     let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
     cluster.wait_leader(&survivors, T);
@@ -341,7 +352,11 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
         "probe, leader change, failover and reconnect spans",
         || {
             let seen = spans.lock().unwrap();
-            let names: BTreeSet<&str> = seen.iter().map(|(n, _, _)| n.as_str()).collect();
+            let names: BTreeSet<&str> = seen
+                .iter()
+                .filter(|(_, _, _, start)| *start >= killed_at)
+                .map(|(n, _, _, _)| n.as_str())
+                .collect();
             [
                 "health.probe",
                 "raft.leader_change",
