@@ -155,6 +155,19 @@ fn cluster_command_serves_and_stops_cleanly() {
     });
     c.join("#c");
     assert_eq!(c.say("#c", "1", "hello cluster")["type"], "ack");
+    // `raftchat status` shows one leader and two followers that agree on it.
+    let metrics: Vec<String> = [201, 202, 203]
+        .iter()
+        .map(|o| format!("127.0.0.1:{}", base + o))
+        .collect();
+    let out = Command::new(BIN)
+        .args(["status", "--servers", &metrics.join(",")])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(table.matches(" leader ").count(), 1, "{table}");
+    assert_eq!(table.matches(" follower ").count(), 2, "{table}");
     let children = pgrep_children(child.id());
     assert_eq!(children.len(), 3, "three node processes");
     let ok = Command::new("kill")

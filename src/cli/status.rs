@@ -81,22 +81,24 @@ pub async fn run(args: StatusArgs) -> anyhow::Result<()> {
                             .join(",")
                     })
                     .unwrap_or_default();
-                let leader = if v["leader"].is_null() {
-                    "-".to_string()
-                } else {
-                    v["leader"].to_string()
+                // JSON values ignore width specifiers: print them as strings.
+                let text = |key: &str| match &v[key] {
+                    Value::Null => "-".to_string(),
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
                 };
+                let leader = text("leader");
                 println!(
                     "{:<22} {:<5} {:<10} {:<6} {:<7} {:<8} {:<8} {:<18} {:<7}",
                     server,
-                    v["id"],
-                    v["role"].as_str().unwrap_or("?"),
-                    v["term"],
+                    text("id"),
+                    text("role"),
+                    text("term"),
                     leader,
-                    v["commit_index"],
-                    v["applied_index"],
+                    text("commit_index"),
+                    text("applied_index"),
                     peers,
-                    v["clients"]
+                    text("clients")
                 );
             }
             Err(e) => {
