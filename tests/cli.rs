@@ -166,8 +166,21 @@ fn cluster_command_serves_and_stops_cleanly() {
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
     let table = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(table.matches(" leader ").count(), 1, "{table}");
-    assert_eq!(table.matches(" follower ").count(), 2, "{table}");
+    let roles: Vec<&str> = table
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    assert_eq!(
+        roles.iter().filter(|r| **r == "leader").count(),
+        1,
+        "{table}"
+    );
+    assert_eq!(
+        roles.iter().filter(|r| **r == "follower").count(),
+        2,
+        "{table}"
+    );
     let children = pgrep_children(child.id());
     assert_eq!(children.len(), 3, "three node processes");
     let ok = Command::new("kill")
