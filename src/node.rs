@@ -2,7 +2,7 @@
 //! metrics ports plus the health prober until SIGINT/SIGTERM.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use serde::Serialize;
@@ -28,7 +28,6 @@ pub struct NodeState {
     pub health: Arc<HealthTable>,
     pub metrics: Arc<Metrics>,
     pub liveness: LeaderLiveness,
-    pub started: Instant,
 }
 
 #[derive(Serialize)]
@@ -214,7 +213,6 @@ async fn serve(config: Config, id: u64) -> anyhow::Result<()> {
         health: health.clone(),
         metrics: metrics.clone(),
         liveness: liveness(&consensus, &health, &config),
-        started: Instant::now(),
     });
 
     let shutdown = CancellationToken::new();

@@ -404,10 +404,6 @@ impl ChatState {
             .map(|r| (r.name.clone(), r.members.len()))
             .collect()
     }
-
-    pub fn session_count(&self) -> usize {
-        self.sessions.len()
-    }
 }
 
 #[cfg(test)]

@@ -129,9 +129,4 @@ impl ChatStore {
         let _ = self.events.send(Arc::new(Event::Resync { index: applied }));
         Ok(())
     }
-
-    /// Connections on this node, as the broadcast sees them.
-    pub fn subscribers(&self) -> usize {
-        self.events.receiver_count()
-    }
 }

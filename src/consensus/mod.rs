@@ -18,7 +18,6 @@ use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::ClientWriteError;
 use openraft::{Instant as _, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 use crate::chat::command::{ChatCommand, ChatResponse};
 use crate::chat::store::ChatStore;
@@ -639,9 +638,4 @@ async fn check_log_covers_state(log: &LogStore, sm: &StateMachine) -> Result<(),
         ));
     }
     Ok(())
-}
-
-/// Binds the raft port.
-pub async fn bind_raft_port(addr: &str) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
 }
