@@ -161,14 +161,15 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 }
 
 /// Runs node `id` of `config` until SIGINT or SIGTERM.
-pub async fn run(config: Config, id: u64) -> anyhow::Result<()> {
+/// With `join`, a new node waits to be added to a running cluster instead of forming one.
+pub async fn run(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     let telemetry = telemetry::init_node(&config.telemetry, id)?;
-    let result = serve(config, id).await;
+    let result = serve(config, id, join).await;
     telemetry.shutdown().await;
     result
 }
 
-async fn serve(config: Config, id: u64) -> anyhow::Result<()> {
+async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     let me = config.node(id)?.clone();
     let data_dir = config.data_dir_for(id);
     std::fs::create_dir_all(&data_dir)
@@ -194,8 +195,15 @@ async fn serve(config: Config, id: u64) -> anyhow::Result<()> {
         .collect();
     let peer_ids: Vec<u64> = peers.iter().map(|(p, _)| *p).collect();
     let metrics = Arc::new(Metrics::new(id, &peer_ids).context("cannot register metrics")?);
-    let consensus =
-        Consensus::start(&config, id, &data_dir, store.clone(), observers(&metrics)).await?;
+    let consensus = Consensus::start(
+        &config,
+        id,
+        &data_dir,
+        store.clone(),
+        observers(&metrics),
+        join,
+    )
+    .await?;
 
     let health = Arc::new(HealthTable::new(peers.iter().map(|(p, _)| *p)));
     let chat = Arc::new(ChatService::new(

@@ -1,5 +1,6 @@
-//! The `raftchat` command line: `node`, `cluster`, `status`, `chat`, `bench`.
+//! The `raftchat` command line: `node`, `cluster`, `status`, `chat`, `admin`, `bench`.
 
+mod admin;
 mod bench;
 mod chat;
 mod cluster;
@@ -36,6 +37,9 @@ enum Command {
         /// Override `data_dir` (`{id}` is replaced by the node id).
         #[arg(long)]
         data_dir: Option<String>,
+        /// Join a running cluster (wait for `raftchat admin add-node`) instead of forming one.
+        #[arg(long)]
+        join: bool,
     },
     /// Run a whole cluster on this machine as child `node` processes, until Ctrl-C.
     Cluster(cluster::ClusterArgs),
@@ -43,6 +47,8 @@ enum Command {
     Status(status::StatusArgs),
     /// Chat from the terminal (or a pipeline); reconnects by itself.
     Chat(chat::ChatArgs),
+    /// Add or remove nodes (through the raft/admin port, with the cluster secret).
+    Admin(admin::AdminArgs),
     /// Load-test a cluster (or a local one it starts) and time leader failovers.
     Bench(bench::BenchArgs),
 }
@@ -65,6 +71,7 @@ pub fn main() -> ExitCode {
             config,
             id,
             data_dir,
+            join,
         } => {
             let flags = FlagOverrides { data_dir };
             let config = match config::load(config.as_deref(), &flags)
@@ -73,12 +80,13 @@ pub fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return config_error(&e),
             };
-            run_async(crate::node::run(config, id))
+            run_async(crate::node::run(config, id, join))
         }
         Command::Cluster(args) => cluster::run(args),
         Command::Status(args) => run_async(status::run(args)),
         Command::Bench(args) => run_async(bench::run(args)),
         Command::Chat(args) => chat::run(args),
+        Command::Admin(args) => run_async(admin::run(args)),
     }
 }
 

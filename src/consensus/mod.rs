@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt;
 use openraft::async_runtime::watch::WatchReceiver;
 use openraft::error::ClientWriteError;
-use openraft::{Instant as _, Raft, ServerState, SnapshotPolicy};
+use openraft::{ChangeMembers, Instant as _, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::chat::command::{ChatCommand, ChatResponse};
@@ -96,6 +96,54 @@ pub struct RaftStatus {
     pub leader_lease_valid: bool,
     /// openraft stopped with a fatal error (storage failure, panic).
     pub fatal: Option<String>,
+}
+
+/// A membership change, sent by `raftchat admin` to the raft port.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminRequest {
+    AddNode {
+        id: u64,
+        chat: String,
+        raft: String,
+        metrics: String,
+    },
+    RemoveNode {
+        id: u64,
+    },
+}
+
+/// What a membership change answered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AdminAnswer {
+    Done {
+        voters: Vec<u64>,
+    },
+    /// Ask the leader instead (its raft address, when known).
+    NotLeader {
+        leader: Option<u64>,
+        raft: Option<String>,
+    },
+    Failed(String),
+}
+
+/// Sends `request` to the raft/admin port at `addr`, with the cluster `secret`.
+pub async fn admin_request(
+    addr: &str,
+    secret: &str,
+    request: &AdminRequest,
+) -> Result<AdminAnswer, String> {
+    let rpc = RpcClient::new(secret, Arc::new(|_, _, _| {}));
+    rpc.post(
+        "admin",
+        0,
+        addr,
+        "/admin/membership",
+        request,
+        Duration::from_secs(60),
+        &[],
+    )
+    .await
+    .map_err(|e| e.to_string())
 }
 
 /// A forwarded write, follower → leader, on the raft port.
@@ -178,6 +226,7 @@ impl Consensus {
         data_dir: &Path,
         chat: Arc<ChatStore>,
         observers: Observers,
+        join: bool,
     ) -> Result<Arc<Consensus>, ConsensusError> {
         let storage_err = |reason: String| ConsensusError::Storage {
             path: data_dir.display().to_string(),
@@ -235,7 +284,8 @@ impl Consensus {
             .is_initialized()
             .await
             .map_err(|e| ConsensusError::Raft(e.to_string()))?;
-        if fresh && !initialized {
+        // A node that joins a running cluster waits to be added (`raftchat admin add-node`).
+        if fresh && !initialized && !join {
             // Every configured node proposes the same membership at log index 0, so whichever
             // starts first, they agree; a node restarted on its data never does this again.
             if let Err(e) = raft.initialize(members.clone()).await {
@@ -324,6 +374,79 @@ impl Consensus {
             leader_lease_valid,
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
         }
+    }
+
+    /// Adds or removes a voter; only the leader does it.
+    pub async fn change_members(&self, request: AdminRequest) -> AdminAnswer {
+        let status = self.status();
+        if status.leader != Some(self.id) {
+            let raft = status.leader.and_then(|l| self.raft_addr_of(l));
+            return AdminAnswer::NotLeader {
+                leader: status.leader,
+                raft,
+            };
+        }
+        let outcome = match request {
+            AdminRequest::AddNode {
+                id,
+                chat,
+                raft,
+                metrics,
+            } => {
+                let node = NodeAddr {
+                    chat,
+                    raft,
+                    metrics,
+                };
+                // Wait (bounded) for the new node to catch up as a learner before it votes.
+                match tokio::time::timeout(
+                    Duration::from_secs(30),
+                    self.raft.add_learner(id, node, true),
+                )
+                .await
+                {
+                    Err(_) => Err(format!(
+                        "node {id} did not catch up within 30 s; is it running with --join?"
+                    )),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Ok(Ok(_)) => self
+                        .raft
+                        .change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string()),
+                }
+            }
+            AdminRequest::RemoveNode { id } => self
+                .raft
+                .change_membership(ChangeMembers::RemoveVoters([id].into()), false)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        };
+        match outcome {
+            Ok(()) => AdminAnswer::Done {
+                voters: self
+                    .raft
+                    .metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .membership()
+                    .voter_ids()
+                    .collect(),
+            },
+            Err(e) => AdminAnswer::Failed(e),
+        }
+    }
+
+    fn raft_addr_of(&self, id: u64) -> Option<String> {
+        self.raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, addr)| addr.raft.clone())
     }
 
     /// A handle that wakes when openraft's view changes.

@@ -54,7 +54,9 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
         .get(TARGET_HEADER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if target != Some(consensus.id) {
+    // Admin requests come from operators, who address a node, not an id.
+    let admin = req.uri().path().starts_with("/admin/");
+    if !admin && target != Some(consensus.id) {
         return http::text(
             StatusCode::MISDIRECTED_REQUEST,
             format!("this is node {}, not {target:?}\n", consensus.id),
@@ -150,6 +152,13 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
                 };
                 drop(spans);
                 http::json(StatusCode::OK, &answer)
+            }
+            Err(reason) => bad_request(reason),
+        },
+        "/admin/membership" => match decode::<super::AdminRequest>(&body) {
+            Ok(req) => {
+                tracing::info!(?req, "membership change requested");
+                http::json(StatusCode::OK, &consensus.change_members(req).await)
             }
             Err(reason) => bad_request(reason),
         },

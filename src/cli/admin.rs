@@ -1,0 +1,92 @@
+//! `raftchat admin`: membership changes through the raft/admin port (the cluster secret is
+//! required). Any node can be asked; a follower points at the leader, which does the change.
+
+use clap::Subcommand;
+
+use crate::consensus::{AdminAnswer, AdminRequest, admin_request};
+
+#[derive(clap::Args)]
+pub struct AdminArgs {
+    /// Raft/admin addresses of the cluster's nodes (host:port), comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    servers: Vec<String>,
+    /// The cluster secret.
+    #[arg(long, env = "RAFTCHAT_SECRET", hide_env_values = true)]
+    secret: String,
+    #[command(subcommand)]
+    change: Change,
+}
+
+#[derive(Subcommand)]
+enum Change {
+    /// Add a node that was started with `raftchat node --join` (it catches up, then votes).
+    AddNode {
+        #[arg(long)]
+        id: u64,
+        /// Its chat address.
+        #[arg(long)]
+        chat: String,
+        /// Its raft address.
+        #[arg(long)]
+        raft: String,
+        /// Its metrics address.
+        #[arg(long)]
+        metrics: String,
+    },
+    /// Remove a node from the voters; stop its process afterwards.
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
+pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let (request, what) = match args.change {
+        Change::AddNode {
+            id,
+            chat,
+            raft,
+            metrics,
+        } => (
+            AdminRequest::AddNode {
+                id,
+                chat,
+                raft,
+                metrics,
+            },
+            format!("node {id} added"),
+        ),
+        Change::RemoveNode { id } => (
+            AdminRequest::RemoveNode { id },
+            format!("node {id} removed"),
+        ),
+    };
+    let mut candidates = args.servers.clone();
+    let mut problems = Vec::new();
+    // Each server, then whichever leader they name (a few hops at most).
+    let mut hops = 0;
+    while let Some(addr) = candidates.first().cloned() {
+        candidates.remove(0);
+        hops += 1;
+        if hops > args.servers.len() + 3 {
+            break;
+        }
+        match admin_request(&addr, &args.secret, &request).await {
+            Ok(AdminAnswer::Done { voters }) => {
+                let voters: Vec<String> = voters.iter().map(u64::to_string).collect();
+                println!("{what}; voters: {}", voters.join(", "));
+                return Ok(());
+            }
+            Ok(AdminAnswer::NotLeader {
+                raft: Some(leader), ..
+            }) => candidates.insert(0, leader),
+            Ok(AdminAnswer::NotLeader { raft: None, .. }) => {
+                problems.push(format!("{addr}: no leader known"))
+            }
+            Ok(AdminAnswer::Failed(e)) => anyhow::bail!("{addr}: {e}"),
+            Err(e) if e.contains("401") => anyhow::bail!("{addr} refused the cluster secret"),
+            Err(e) => problems.push(e),
+        }
+    }
+    anyhow::bail!("no leader took the change: {}", problems.join("; "))
+}

@@ -1,0 +1,130 @@
+//! `raftchat admin`: growing and shrinking a running cluster.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(30);
+
+/// Kills the extra node when the test ends, however it ends.
+struct Extra(Child);
+
+impl Drop for Extra {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn admin(cluster: &Cluster, secret: &str, change: &[&str]) -> (Option<i32>, String) {
+    let servers: Vec<&str> = cluster.nodes.iter().map(|n| n.raft.as_str()).collect();
+    let out = Command::new(BIN)
+        .args(["admin", "--servers", &servers.join(","), "--secret", secret])
+        .args(change)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn a_node_is_added_used_and_removed() {
+    let cluster = Cluster::start(3, "");
+    cluster.wait_leader(&[1, 2, 3], T);
+    // Node 4's config lists it too; the running nodes' configs do not need to.
+    let ports = free_ports(3);
+    let (chat, raft, metrics) = (
+        format!("127.0.0.1:{}", ports[0]),
+        format!("127.0.0.1:{}", ports[1]),
+        format!("127.0.0.1:{}", ports[2]),
+    );
+    let mut config = std::fs::read_to_string(&cluster.config).unwrap();
+    config.push_str(&format!(
+        "[[nodes]]\nid = 4\nchat = \"{chat}\"\nraft = \"{raft}\"\nmetrics = \"{metrics}\"\n"
+    ));
+    let config4 = cluster.dir.path().join("cluster4.toml");
+    std::fs::write(&config4, config).unwrap();
+    let _node4 = Extra(
+        Command::new(BIN)
+            .args(["node", "--config"])
+            .arg(&config4)
+            .args(["--id", "4", "--join"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for(T, "node 4 to answer", || {
+        (http_get(&metrics, "/healthz").ok()?.0 == 200).then_some(())
+    });
+
+    // A wrong secret is refused and changes nothing.
+    let (code, text) = admin(
+        &cluster,
+        "wrong",
+        &[
+            "add-node",
+            "--id",
+            "4",
+            "--chat",
+            &chat,
+            "--raft",
+            &raft,
+            "--metrics",
+            &metrics,
+        ],
+    );
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("secret"), "{text}");
+
+    let (code, text) = admin(
+        &cluster,
+        "test-secret",
+        &[
+            "add-node",
+            "--id",
+            "4",
+            "--chat",
+            &chat,
+            "--raft",
+            &raft,
+            "--metrics",
+            &metrics,
+        ],
+    );
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("voters: 1, 2, 3, 4"), "{text}");
+
+    // Node 4 serves clients like any other.
+    let mut on4 = wait_for(T, "a client on node 4", || {
+        let mut c = Client::try_connect(&chat)?;
+        let w = c.request(json!({"type": "hello", "user": "newcomer"}))?;
+        (w["type"] == "welcome").then_some(c)
+    });
+    on4.join("#grown");
+    let mut on1 = cluster.login(1, "old-timer");
+    on1.join("#grown");
+    assert_eq!(on4.say("#grown", "g1", "from node 4")["type"], "ack");
+    on1.wait_messages(T, "node 4's message on node 1", |m| {
+        m.iter().any(|x| x["text"] == "from node 4")
+    });
+    let status4: serde_json::Value =
+        serde_json::from_str(&http_get(&metrics, "/status").unwrap().1).unwrap();
+    assert!(status4["leader"].as_u64().is_some(), "{status4}");
+
+    let (code, text) = admin(&cluster, "test-secret", &["remove-node", "--id", "4"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("voters: 1, 2, 3") && !text.contains(", 4"),
+        "{text}"
+    );
+    // The remaining three keep committing.
+    assert_eq!(on1.say("#grown", "g2", "after removal")["type"], "ack");
+}
