@@ -283,6 +283,7 @@ mod tests {
             applied_index: 0,
             last_log_index: 0,
             snapshot_index: 0,
+            purged_index: 0,
             replication_lag: BTreeMap::new(),
             leader_lease_valid: true,
             fatal: None,

@@ -335,6 +335,12 @@ fn heavy_writes_with_frequent_snapshots_and_a_lagging_node() {
         .collect();
     let total: usize = writers.into_iter().map(|w| w.join().unwrap()).sum();
     assert_eq!(total, 1600);
+    // The leader has compacted its log past what the lagging node has: only a snapshot can
+    // bring it back.
+    wait_for(T, "the leader to purge its log", || {
+        let purged = cluster.status(leader)?["purged_index"].as_u64()?;
+        (purged > 100).then_some(())
+    });
     cluster.start_node(lagging);
     cluster.wait_applied_equal(&[1, 2, 3], 1600, T);
     for id in 1..=3 {

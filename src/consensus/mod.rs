@@ -90,6 +90,8 @@ pub struct RaftStatus {
     pub applied_index: u64,
     pub last_log_index: u64,
     pub snapshot_index: u64,
+    /// Entries up to this index were compacted away (0: none).
+    pub purged_index: u64,
     /// On the leader: entries each follower is behind.
     pub replication_lag: BTreeMap<u64, u64>,
     /// Whether this leader heard from a quorum within the leader lease.
@@ -370,6 +372,7 @@ impl Consensus {
             applied_index: m.last_applied.as_ref().map_or(0, |l| l.index()),
             last_log_index,
             snapshot_index: m.snapshot.as_ref().map_or(0, |l| l.index()),
+            purged_index: m.purged.as_ref().map_or(0, |l| l.index()),
             replication_lag,
             leader_lease_valid,
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
