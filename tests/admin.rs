@@ -65,40 +65,23 @@ fn a_node_is_added_used_and_removed() {
         (http_get(&metrics, "/healthz").ok()?.0 == 200).then_some(())
     });
 
+    let add_node = [
+        "add-node",
+        "--id",
+        "4",
+        "--chat",
+        &chat,
+        "--raft",
+        &raft,
+        "--metrics",
+        &metrics,
+    ];
     // A wrong secret is refused and changes nothing.
-    let (code, text) = admin(
-        &cluster,
-        "wrong",
-        &[
-            "add-node",
-            "--id",
-            "4",
-            "--chat",
-            &chat,
-            "--raft",
-            &raft,
-            "--metrics",
-            &metrics,
-        ],
-    );
+    let (code, text) = admin(&cluster, "wrong", &add_node);
     assert_eq!(code, Some(1), "{text}");
     assert!(text.contains("secret"), "{text}");
 
-    let (code, text) = admin(
-        &cluster,
-        "test-secret",
-        &[
-            "add-node",
-            "--id",
-            "4",
-            "--chat",
-            &chat,
-            "--raft",
-            &raft,
-            "--metrics",
-            &metrics,
-        ],
-    );
+    let (code, text) = admin(&cluster, "test-secret", &add_node);
     assert_eq!(code, Some(0), "{text}");
     assert!(text.contains("voters: 1, 2, 3, 4"), "{text}");
 
