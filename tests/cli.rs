@@ -128,7 +128,9 @@ fn cluster_command_serves_and_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     // Find a base port with BASE+1..3, +101..103, +201..203 free.
     let base = wait_for(T, "a free port block", || {
-        let base = 20000 + (rand_u16() % 20000);
+        // Below the kernel's ephemeral range (32768+), where outgoing connections and other
+        // tests' free ports would take our listening ports.
+        let base = 20000 + (rand_u16() % 12000);
         let ok = [1, 2, 3, 101, 102, 103, 201, 202, 203]
             .iter()
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
