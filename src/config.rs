@@ -95,6 +95,26 @@ pub struct ChatConfig {
     pub irc_ping_timeout_ms: u64,
     /// IRC: the message of the day (none: 422).
     pub motd: Option<String>,
+    /// Newest messages kept per room (0: unlimited).
+    pub history_max_messages_per_room: u64,
+    /// Messages older than this are dropped (humantime, e.g. "90d"; empty: unlimited).
+    pub history_max_age: String,
+}
+
+impl ChatConfig {
+    /// `history_max_age` in milliseconds (0: unlimited); validated at load.
+    pub fn history_max_age_ms(&self) -> i64 {
+        parse_age(&self.history_max_age).unwrap_or(0)
+    }
+}
+
+fn parse_age(text: &str) -> Result<i64, String> {
+    if text.trim().is_empty() {
+        return Ok(0);
+    }
+    humantime::parse_duration(text.trim())
+        .map(|d| d.as_millis().min(i64::MAX as u128) as i64)
+        .map_err(|e| e.to_string())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -165,6 +185,8 @@ impl Default for ChatConfig {
             irc_ping_interval_ms: 60_000,
             irc_ping_timeout_ms: 120_000,
             motd: Some("Welcome to raftchat: every message is replicated by Raft.".into()),
+            history_max_messages_per_room: 0,
+            history_max_age: String::new(),
         }
     }
 }
@@ -309,6 +331,14 @@ impl Config {
         if r.snapshot_every_entries < 10 {
             return bad("key `raft.snapshot_every_entries` must be at least 10".into());
         }
+        if r.keep_entries_after_snapshot >= r.snapshot_every_entries {
+            // Otherwise every snapshot is followed by a purge that removes nothing, and the
+            // log grows without bound.
+            return bad(format!(
+                "key `raft.keep_entries_after_snapshot` ({}) must be less than `raft.snapshot_every_entries` ({})",
+                r.keep_entries_after_snapshot, r.snapshot_every_entries
+            ));
+        }
         let h = &self.health;
         if h.probe_interval_ms == 0 || h.probe_timeout_ms == 0 {
             return bad(
@@ -334,6 +364,12 @@ impl Config {
         }
         if c.write_timeout_ms == 0 {
             return bad("key `chat.write_timeout_ms` must be positive".into());
+        }
+        if let Err(e) = parse_age(&c.history_max_age) {
+            return bad(format!(
+                "key `chat.history_max_age`: `{}` is not a duration like \"90d\": {e}",
+                c.history_max_age
+            ));
         }
         if c.client_queue_events < 1024 {
             // One applied batch is published at once and may hold hundreds of events.
@@ -467,6 +503,28 @@ metrics = "127.0.0.1:3"
         let mut cfg = Config::localhost_cluster(1, 7000);
         cfg.bind_host = Some("0.0.0.0".into());
         assert_eq!(cfg.listen_addr("node1:7001"), "0.0.0.0:7001");
+    }
+
+    #[test]
+    fn snapshot_keep_must_be_below_the_interval() {
+        let mut cfg = Config::localhost_cluster(1, 7000);
+        cfg.raft.snapshot_every_entries = 100;
+        cfg.raft.keep_entries_after_snapshot = 100;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("keep_entries_after_snapshot"), "{err}");
+        cfg.raft.keep_entries_after_snapshot = 99;
+        assert!(cfg.validate().is_ok());
+    }
+
+    #[test]
+    fn history_age_is_a_duration() {
+        let mut cfg = Config::localhost_cluster(1, 7000);
+        cfg.chat.history_max_age = "90d".into();
+        assert!(cfg.validate().is_ok());
+        assert_eq!(cfg.chat.history_max_age_ms(), 90 * 24 * 3600 * 1000);
+        cfg.chat.history_max_age = "soon".into();
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("chat.history_max_age"), "{err}");
     }
 
     #[test]

@@ -20,6 +20,11 @@ use crate::telemetry::{self, metrics::Metrics};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// redb's page cache for the history (its default is 1 GiB).
+const HISTORY_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// How long a node whose raft stopped fatally keeps reporting why before it exits.
+const FATAL_EXIT_DELAY: Duration = Duration::from_secs(3);
+
 /// What the metrics port reads.
 pub struct NodeState {
     pub id: u64,
@@ -60,6 +65,12 @@ impl NodeState {
         let s = self.consensus.status();
         if let Some(fatal) = s.fatal {
             return Err(format!("raft stopped: {fatal}"));
+        }
+        if let Some(gap) = self.chat.store.gap() {
+            return Err(format!(
+                "copying history ({}..{}) from peers after a snapshot",
+                gap.after, gap.upto
+            ));
         }
         if self.liveness.leader(&s).is_none() {
             return Err(match s.leader {
@@ -184,13 +195,10 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     let metrics_listener = bind(&config.listen_addr(&me.metrics), "metrics").await?;
 
     let history_path = data_dir.join("chat-history.redb");
-    let history = History::open(&history_path)
+    let history = History::open(&history_path, HISTORY_CACHE_BYTES)
+        .and_then(|h| ChatStore::new(h, config.chat.client_queue_events))
         .with_context(|| format!("cannot open the message history {}", history_path.display()))?;
-    let store = Arc::new(ChatStore::new(
-        history,
-        config.chat.client_queue_events,
-        (config.chat.session_idle_timeout_secs as i64).saturating_mul(1000),
-    ));
+    let store = Arc::new(history);
     let peers: Vec<(u64, String)> = config
         .nodes
         .iter()
@@ -260,11 +268,32 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     ));
     {
         let shutdown = shutdown.clone();
+        let chat = chat.clone();
         tasks.spawn(async move { chat.release_previous_connections(shutdown).await });
     }
+    {
+        let shutdown = shutdown.clone();
+        let chat = chat.clone();
+        tasks.spawn(async move { chat.replicate_settings(shutdown).await });
+    }
+    tasks.spawn(crate::chat::backfill::run(
+        chat.store.clone(),
+        consensus.clone(),
+        shutdown.clone(),
+    ));
     tracing::info!(id, chat = %me.chat, raft = %me.raft, metrics = %me.metrics, data_dir = %data_dir.display(), "node started");
 
-    wait_for_signal().await?;
+    let fatal = tokio::select! {
+        signal = wait_for_signal() => { signal?; None }
+        why = wait_for_fatal(&consensus, &chat.store, &metrics) => Some(why),
+    };
+    if let Some(why) = fatal {
+        // Clients must move to a healthy node; a supervisor restarts this one.
+        tracing::error!(id, %why, "raft stopped fatally; closing every client and exiting");
+        shutdown.cancel();
+        tokio::time::sleep(FATAL_EXIT_DELAY).await;
+        anyhow::bail!("raft stopped: {why}");
+    }
     tracing::info!(id, "shutting down");
     shutdown.cancel();
     let handed_over = consensus.shutdown().await;
@@ -276,6 +305,27 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     })
     .await;
     Ok(())
+}
+
+/// Returns why openraft stopped, once it has; keeps the history-gap gauge current meanwhile.
+async fn wait_for_fatal(consensus: &Consensus, store: &ChatStore, metrics: &Metrics) -> String {
+    let mut watch = consensus.watch();
+    loop {
+        if let Some(why) = consensus.status().fatal {
+            metrics.raft_fatal.set(1);
+            return why;
+        }
+        let gap = store.gap().map_or(0, |g| g.upto.saturating_sub(g.after));
+        metrics.history_gap_entries.set(gap as i64);
+        tokio::select! {
+            alive = watch.changed() => if !alive {
+                // The metrics channel closed: raft is gone.
+                metrics.raft_fatal.set(1);
+                return consensus.status().fatal.unwrap_or_else(|| "raft shut down".into());
+            },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
 }
 
 async fn wait_for_signal() -> anyhow::Result<()> {

@@ -13,15 +13,27 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum ChatCommand {
-    /// Open a new session or resume `session`, claiming `user` for a connection on `node`.
-    /// `replaces` names the session that holds the name now and that the accepting node found
-    /// dead; the claim succeeds only if that is still the holder (compare-and-swap).
+    /// Claim `user` for a connection on `node`. Decided when applied, on the state at that
+    /// index: resume `resume` if it is that user's session; with `adopt` (IRC, which has no
+    /// tokens) resume the session the name left behind if its holder is gone; otherwise open
+    /// the new session `session`. `replaces` names the session that holds the name now and
+    /// that the accepting node found dead; the claim succeeds only if that is still the holder
+    /// (compare-and-swap).
     Attach {
         session: String,
         user: String,
         node: u64,
         #[serde(default)]
         replaces: Option<String>,
+        #[serde(default)]
+        resume: Option<String>,
+        #[serde(default)]
+        adopt: bool,
+    },
+    /// The leader's settings for what applying decides (session expiry, retention), so every
+    /// node decides with the same values whatever its own config file says.
+    Configure {
+        settings: super::state::Settings,
     },
     /// The connection that attached at log index `attachment` is gone.
     Detach {
@@ -53,6 +65,7 @@ impl fmt::Display for ChatCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ChatCommand::Attach { user, node, .. } => write!(f, "attach {user} on node {node}"),
+            ChatCommand::Configure { settings } => write!(f, "configure {settings:?}"),
             ChatCommand::Detach { attachment, .. } => write!(f, "detach attachment {attachment}"),
             ChatCommand::DetachNode { node } => write!(f, "detach node {node}"),
             ChatCommand::Join { room, .. } => write!(f, "join {room}"),

@@ -102,6 +102,8 @@ pub trait Render: Send + 'static {
     fn too_slow(&self, behind: u64) -> Bytes;
     /// The last frame before closing: the session moved or ended.
     fn replaced(&self, why: &str) -> Bytes;
+    /// The last frame before closing: this node cannot serve the connection now.
+    fn unavailable(&self, why: &str) -> Bytes;
 }
 
 /// One connection's view of the cluster after login.
@@ -155,6 +157,14 @@ pub async fn deliver<R: Render>(
                 return;
             }
             Some(Delivery::Resync { upto }) => {
+                // A snapshot from the leader replaced the state. Without the history it
+                // skipped this node cannot replay what the client missed: send it elsewhere.
+                if svc.store.gap().is_some() {
+                    reason.set("catching_up");
+                    let why = "this node is copying history from its peers; resume on another node";
+                    let _ = out.send(Outbound::Fatal(render.unavailable(why))).await;
+                    return;
+                }
                 let rooms: Vec<String> = svc
                     .store
                     .state()
@@ -162,19 +172,23 @@ pub async fn deliver<R: Render>(
                     .map(|s| s.rooms.iter().cloned().collect())
                     .unwrap_or_default();
                 follow.filter.set_rooms(rooms);
-                match svc
-                    .missed(&follow.session, &follow.user, follow.filter.last(), upto)
-                    .await
+                let after = follow.filter.last();
+                if let Err(e) = replay(
+                    &svc,
+                    &follow.session,
+                    &follow.user,
+                    after,
+                    upto,
+                    &render,
+                    &out,
+                )
+                .await
                 {
-                    Ok(missed) => {
-                        for frame in missed.iter().filter_map(|m| render.stored(m)) {
-                            metrics.messages_delivered.inc();
-                            if out.send(Outbound::Frame(frame)).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => tracing::warn!(error = %e, "resync after snapshot failed"),
+                    tracing::warn!(error = %e, "resync after snapshot failed");
+                    reason.set("error");
+                    let why = format!("cannot replay after a snapshot: {e}");
+                    let _ = out.send(Outbound::Fatal(render.unavailable(&why))).await;
+                    return;
                 }
                 follow.filter.advance(upto);
                 continue;
@@ -182,6 +196,46 @@ pub async fn deliver<R: Render>(
         };
         if out.send(Outbound::Frame(frame)).await.is_err() {
             return;
+        }
+    }
+}
+
+/// Sends what `session` missed in (`after`, `upto`] from the history, page by page, so a
+/// long replay never sits in memory. Returns how many messages were sent.
+pub async fn replay<R: Render>(
+    svc: &ChatService,
+    session: &str,
+    user: &str,
+    after: u64,
+    upto: u64,
+    render: &R,
+    out: &mpsc::Sender<Outbound>,
+) -> Result<u64, super::service::ChatError> {
+    let plan = svc.replay(session, user, after, upto).await?;
+    replay_planned(svc, &plan, render, out).await
+}
+
+/// Sends a replay decided earlier (see `ChatService::replay`).
+pub async fn replay_planned<R: Render>(
+    svc: &ChatService,
+    plan: &super::service::Replay,
+    render: &R,
+    out: &mpsc::Sender<Outbound>,
+) -> Result<u64, super::service::ChatError> {
+    let mut cursor = plan.after;
+    let mut sent = 0;
+    loop {
+        let page = svc.replay_page(plan, cursor).await?;
+        let Some(last) = page.last() else {
+            return Ok(sent);
+        };
+        cursor = last.index;
+        for frame in page.iter().filter_map(|m| render.stored(m)) {
+            svc.metrics.messages_delivered.inc();
+            sent += 1;
+            if out.send(Outbound::Frame(frame)).await.is_err() {
+                return Ok(sent);
+            }
         }
     }
 }

@@ -1,12 +1,29 @@
 //! Committed messages on disk (redb), by log index and by room or user.
 //!
+//! The history is never part of a Raft snapshot: every node writes it as it applies the log,
+//! and a node that installs a snapshot copies the range it skipped from a peer in bounded
+//! pages (see `chat::backfill`). Until that copy is complete the node records the *gap* here,
+//! durably, and does not serve reads.
+//!
+//! Retention (`keep newest N per room`, `drop older than age`) is applied while writing, with
+//! settings and a clock that come from the log (`chat::state::Settings`, entry timestamps), so
+//! every node drops the same messages. Both rules only ever remove a prefix (of a room, or of
+//! the whole history), so a node that copied a peer's already pruned pages and then prunes
+//! again ends with the same messages. `pruned` remembers, per room or user, the highest index
+//! removed, so a request for older messages can say it was truncated.
+//!
 //! A message's key is its log index and a message never changes, so writing the same message
 //! twice (re-applying the log after a restart) is harmless. All calls block: callers run them
-//! on a blocking thread.
+//! on a blocking thread. Every read returns at most one bounded page.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
 
 use super::command::StoredMessage;
 use super::names::{fold, is_room_target};
@@ -14,7 +31,17 @@ use super::names::{fold, is_room_target};
 const MESSAGES: TableDefinition<u64, &str> = TableDefinition::new("messages");
 /// (room key or `@user` key, index) → ().
 const BY_TARGET: TableDefinition<(&str, u64), ()> = TableDefinition::new("by_target");
+/// Room or user key → messages kept under it.
+const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+/// Room or user key → highest index removed by retention.
+const PRUNED: TableDefinition<&str, u64> = TableDefinition::new("pruned");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// Bytes written without an fsync before a write is made durable anyway, so redb never holds
+/// an unbounded amount of uncommitted pages between snapshots.
+const DURABLE_EVERY_BYTES: u64 = 32 * 1024 * 1024;
+/// Most messages one page of any read holds.
+pub const MAX_PAGE: usize = 1000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -44,8 +71,47 @@ from_redb!(
     redb::SetDurabilityError
 );
 
+/// What the history keeps; both limits come from the replicated settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retention {
+    /// Newest messages kept per room (0: all).
+    pub max_per_room: u64,
+    /// Messages older than this, by entry time, are dropped (0: never).
+    pub max_age_ms: i64,
+}
+
+/// A page of one room's or user's messages.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub messages: Vec<StoredMessage>,
+    /// The request reached below what retention kept.
+    pub truncated: bool,
+    /// The oldest index still kept under the key (when truncated).
+    pub oldest_index: Option<u64>,
+}
+
+/// A range of the whole history, for a peer that is filling its gap.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct RangePage {
+    pub messages: Vec<StoredMessage>,
+    /// Everything up to this index is covered by this page and earlier ones.
+    pub covered_upto: u64,
+    /// The sender's retention watermarks (sent with the last page).
+    #[serde(default)]
+    pub pruned: Vec<(String, u64)>,
+}
+
+/// The range (`after`, `upto`] of the history this node skipped by installing a snapshot and
+/// has not copied from a peer yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Gap {
+    pub after: u64,
+    pub upto: u64,
+}
+
 pub struct History {
     db: Database,
+    unsynced_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// The keys a message is filed under: its room, or both ends of a direct message.
@@ -64,38 +130,209 @@ pub fn user_key(user: &str) -> String {
     format!("@{}", fold(user))
 }
 
-impl History {
-    pub fn open(path: &Path) -> Result<History, HistoryError> {
-        let db = crate::disk::open_database(path).map_err(HistoryError::Open)?;
-        let txn = db.begin_write()?;
-        txn.open_table(MESSAGES)?;
-        txn.open_table(BY_TARGET)?;
-        txn.open_table(META)?;
-        txn.commit()?;
-        Ok(History { db })
+struct Tables<'t> {
+    messages: Table<'t, u64, &'static str>,
+    by_target: Table<'t, (&'static str, u64), ()>,
+    counts: Table<'t, &'static str, u64>,
+    pruned: Table<'t, &'static str, u64>,
+}
+
+impl<'t> Tables<'t> {
+    fn open(txn: &'t WriteTransaction) -> Result<Tables<'t>, HistoryError> {
+        Ok(Tables {
+            messages: txn.open_table(MESSAGES)?,
+            by_target: txn.open_table(BY_TARGET)?,
+            counts: txn.open_table(COUNTS)?,
+            pruned: txn.open_table(PRUNED)?,
+        })
     }
 
-    /// Stores messages. Not durable by itself: `flush` makes every earlier write durable, and
-    /// the log keeps the entries until a snapshot (which flushes first) covers them.
-    pub fn write(&self, messages: &[&StoredMessage]) -> Result<(), HistoryError> {
-        if messages.is_empty() {
+    fn add_count(&mut self, key: &str, delta: i64) -> Result<(), HistoryError> {
+        let now = self.counts.get(key)?.map(|v| v.value()).unwrap_or(0);
+        let next = now.saturating_add_signed(delta);
+        if next == 0 {
+            self.counts.remove(key)?;
+        } else {
+            self.counts.insert(key, next)?;
+        }
+        Ok(())
+    }
+
+    fn raise_pruned(&mut self, key: &str, index: u64) -> Result<(), HistoryError> {
+        let now = self.pruned.get(key)?.map(|v| v.value()).unwrap_or(0);
+        if index > now {
+            self.pruned.insert(key, index)?;
+        }
+        Ok(())
+    }
+
+    /// Stores one message; returns the room keys that gained a message.
+    fn insert(&mut self, msg: &StoredMessage) -> Result<u64, HistoryError> {
+        let json = serde_json::to_string(msg).map_err(|e| HistoryError::Corrupt {
+            index: msg.index,
+            reason: e.to_string(),
+        })?;
+        // A message that retention already removed must not come back through a re-apply.
+        for key in target_keys(msg) {
+            if self
+                .pruned
+                .get(key.as_str())?
+                .is_some_and(|p| p.value() >= msg.index)
+            {
+                return Ok(0);
+            }
+        }
+        if self.messages.insert(msg.index, json.as_str())?.is_some() {
+            return Ok(0);
+        }
+        for key in target_keys(msg) {
+            self.by_target.insert((key.as_str(), msg.index), ())?;
+            self.add_count(&key, 1)?;
+        }
+        Ok(json.len() as u64)
+    }
+
+    /// Removes one stored message and files it as pruned under each of its keys.
+    fn remove(&mut self, index: u64) -> Result<(), HistoryError> {
+        let Some(json) = self.messages.remove(index)?.map(|v| v.value().to_string()) else {
+            return Ok(());
+        };
+        let msg = decode(index, &json)?;
+        for key in target_keys(&msg) {
+            if self.by_target.remove((key.as_str(), index))?.is_some() {
+                self.add_count(&key, -1)?;
+            }
+            self.raise_pruned(&key, index)?;
+        }
+        Ok(())
+    }
+
+    /// Keeps the newest `max` messages of `room`.
+    fn trim_room(&mut self, room: &str, max: u64) -> Result<(), HistoryError> {
+        let count = self.counts.get(room)?.map(|v| v.value()).unwrap_or(0);
+        if max == 0 || count <= max {
+            return Ok(());
+        }
+        let excess = (count - max) as usize;
+        let doomed: Vec<u64> = self
+            .by_target
+            .range((room, 0)..=(room, u64::MAX))?
+            .take(excess)
+            .map(|row| row.map(|(k, _)| k.value().1))
+            .collect::<Result<_, _>>()?;
+        for index in doomed {
+            self.remove(index)?;
+        }
+        Ok(())
+    }
+
+    /// Drops every message whose entry time is before `cutoff_ms`. Entry time never goes
+    /// backwards along the log, so these are a prefix of the history.
+    fn drop_before(&mut self, cutoff_ms: i64) -> Result<(), HistoryError> {
+        loop {
+            let first = self
+                .messages
+                .first()?
+                .map(|(k, v)| (k.value(), v.value().to_string()));
+            let Some((index, json)) = first else {
+                return Ok(());
+            };
+            if decode(index, &json)?.ts_ms >= cutoff_ms {
+                return Ok(());
+            }
+            self.remove(index)?;
+        }
+    }
+
+    fn retain(
+        &mut self,
+        rooms: &BTreeSet<String>,
+        retention: Retention,
+        now_ms: i64,
+    ) -> Result<(), HistoryError> {
+        for room in rooms {
+            self.trim_room(room, retention.max_per_room)?;
+        }
+        if retention.max_age_ms > 0 {
+            self.drop_before(now_ms.saturating_sub(retention.max_age_ms))?;
+        }
+        Ok(())
+    }
+}
+
+fn read_gap(txn: &ReadTransaction) -> Result<Option<Gap>, HistoryError> {
+    let meta = txn.open_table(META)?;
+    let after = meta.get("gap_after")?.map(|v| v.value());
+    let upto = meta.get("gap_upto")?.map(|v| v.value());
+    Ok(match (after, upto) {
+        (Some(after), Some(upto)) if after < upto => Some(Gap { after, upto }),
+        _ => None,
+    })
+}
+
+impl History {
+    /// Opens (or creates) the history at `path`; `cache_bytes` bounds redb's page cache.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<History, HistoryError> {
+        let db = crate::disk::open_database(path, cache_bytes).map_err(HistoryError::Open)?;
+        let txn = db.begin_write()?;
+        let counted = txn
+            .open_table(META)?
+            .get("counts_v1")?
+            .is_some_and(|v| v.value() == 1);
+        {
+            let mut t = Tables::open(&txn)?;
+            txn.open_table(META)?;
+            if !counted {
+                // Stores written before per-key counts existed: count once, page by page.
+                let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+                for row in t.by_target.iter()? {
+                    let (k, _) = row?;
+                    *counts.entry(k.value().0.to_string()).or_default() += 1;
+                }
+                for (key, n) in counts {
+                    t.counts.insert(key.as_str(), n)?;
+                }
+            }
+        }
+        txn.open_table(META)?.insert("counts_v1", 1)?;
+        txn.commit()?;
+        Ok(History {
+            db,
+            unsynced_bytes: Default::default(),
+        })
+    }
+
+    /// Stores messages and applies `retention` as of entry time `now_ms`. Not durable by
+    /// itself (an fsync every `DURABLE_EVERY_BYTES`): `flush` makes every earlier write
+    /// durable, and the log keeps the entries until a snapshot (which flushes first) covers them.
+    pub fn write(
+        &self,
+        messages: &[&StoredMessage],
+        retention: Retention,
+        now_ms: i64,
+    ) -> Result<(), HistoryError> {
+        if messages.is_empty() && retention.max_age_ms == 0 {
             return Ok(());
         }
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(Durability::None)?;
+        let mut written = 0;
         {
-            let mut by_index = txn.open_table(MESSAGES)?;
-            let mut by_target = txn.open_table(BY_TARGET)?;
+            let mut t = Tables::open(&txn)?;
+            let mut rooms = BTreeSet::new();
             for msg in messages {
-                let json = serde_json::to_string(msg).map_err(|e| HistoryError::Corrupt {
-                    index: msg.index,
-                    reason: e.to_string(),
-                })?;
-                by_index.insert(msg.index, json.as_str())?;
-                for key in target_keys(msg) {
-                    by_target.insert((key.as_str(), msg.index), ())?;
+                written += t.insert(msg)?;
+                if is_room_target(&msg.to) {
+                    rooms.insert(fold(&msg.to));
                 }
             }
+            t.retain(&rooms, retention, now_ms)?;
+        }
+        use std::sync::atomic::Ordering::Relaxed;
+        let total = self.unsynced_bytes.fetch_add(written, Relaxed) + written;
+        if total >= DURABLE_EVERY_BYTES {
+            self.unsynced_bytes.store(0, Relaxed);
+        } else {
+            txn.set_durability(Durability::None)?;
         }
         txn.commit()?;
         Ok(())
@@ -110,42 +347,100 @@ impl History {
             meta.insert("flushes", n + 1)?;
         }
         txn.commit()?;
+        self.unsynced_bytes
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Replaces everything with `messages` (installing a snapshot), durably.
-    pub fn replace_all(&self, messages: &[StoredMessage]) -> Result<(), HistoryError> {
+    /// The range this node still has to copy from a peer, if any.
+    pub fn gap(&self) -> Result<Option<Gap>, HistoryError> {
+        read_gap(&self.db.begin_read()?)
+    }
+
+    /// Records, durably, that (`after`, `upto`] was skipped; merges with an open gap.
+    pub fn open_gap(&self, after: u64, upto: u64) -> Result<Option<Gap>, HistoryError> {
         let txn = self.db.begin_write()?;
-        txn.delete_table(MESSAGES)?;
-        txn.delete_table(BY_TARGET)?;
+        let gap = {
+            let mut meta = txn.open_table(META)?;
+            let old_after = meta.get("gap_after")?.map(|v| v.value());
+            let old_upto = meta.get("gap_upto")?.map(|v| v.value());
+            let (after, upto) = match (old_after, old_upto) {
+                (Some(a), Some(u)) if a < u => (a.min(after), u.max(upto)),
+                _ => (after, upto),
+            };
+            meta.insert("gap_after", after)?;
+            meta.insert("gap_upto", upto)?;
+            (after < upto).then_some(Gap { after, upto })
+        };
+        txn.commit()?;
+        Ok(gap)
+    }
+
+    /// Stores a page copied from a peer, moves the gap's start to `page.covered_upto`, and
+    /// applies `retention` (durably, in one transaction).
+    pub fn fill_gap(
+        &self,
+        page: &RangePage,
+        retention: Retention,
+        now_ms: i64,
+    ) -> Result<Option<Gap>, HistoryError> {
+        let txn = self.db.begin_write()?;
         {
-            let mut by_index = txn.open_table(MESSAGES)?;
-            let mut by_target = txn.open_table(BY_TARGET)?;
-            for msg in messages {
-                let json = serde_json::to_string(msg).map_err(|e| HistoryError::Corrupt {
-                    index: msg.index,
-                    reason: e.to_string(),
-                })?;
-                by_index.insert(msg.index, json.as_str())?;
-                for key in target_keys(msg) {
-                    by_target.insert((key.as_str(), msg.index), ())?;
+            let mut t = Tables::open(&txn)?;
+            let mut rooms = BTreeSet::new();
+            for msg in &page.messages {
+                t.insert(msg)?;
+                if is_room_target(&msg.to) {
+                    rooms.insert(fold(&msg.to));
                 }
             }
+            for (key, upto) in &page.pruned {
+                t.raise_pruned(key, *upto)?;
+            }
+            t.retain(&rooms, retention, now_ms)?;
+            let mut meta = txn.open_table(META)?;
+            let after = meta.get("gap_after")?.map(|v| v.value()).unwrap_or(0);
+            meta.insert("gap_after", after.max(page.covered_upto))?;
         }
         txn.commit()?;
-        Ok(())
+        self.gap()
     }
 
-    /// Every message with index ≤ `upto`, ascending (for snapshots).
-    pub fn all_upto(&self, upto: u64) -> Result<Vec<StoredMessage>, HistoryError> {
+    /// For a peer filling its gap: messages in (`after`, `upto`], ascending, at most
+    /// `max_messages` or about `max_bytes`. With the last page come the retention watermarks.
+    pub fn range(
+        &self,
+        after: u64,
+        upto: u64,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Result<RangePage, HistoryError> {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(MESSAGES)?;
-        let mut out = Vec::new();
-        for row in table.range(..=upto)? {
-            let (k, v) = row?;
-            out.push(decode(k.value(), v.value())?);
+        let mut page = RangePage {
+            covered_upto: upto,
+            ..RangePage::default()
+        };
+        if after >= upto {
+            return Ok(page);
         }
-        Ok(out)
+        let mut bytes = 0;
+        for row in table.range(after + 1..=upto)? {
+            let (k, v) = row?;
+            if page.messages.len() >= max_messages || bytes >= max_bytes {
+                // Covered up to just below the first message not sent.
+                page.covered_upto = k.value() - 1;
+                return Ok(page);
+            }
+            bytes += v.value().len();
+            page.messages.push(decode(k.value(), v.value())?);
+        }
+        let pruned = txn.open_table(PRUNED)?;
+        for row in pruned.iter()? {
+            let (k, v) = row?;
+            page.pruned.push((k.value().to_string(), v.value()));
+        }
+        Ok(page)
     }
 
     /// Messages filed under `key` (a folded room, or `user_key`), ascending, never above
@@ -158,39 +453,56 @@ impl History {
         before: Option<u64>,
         limit: usize,
         upto: u64,
-    ) -> Result<Vec<StoredMessage>, HistoryError> {
+    ) -> Result<Page, HistoryError> {
+        let limit = limit.min(MAX_PAGE);
         let txn = self.db.begin_read()?;
         let by_target = txn.open_table(BY_TARGET)?;
         let messages = txn.open_table(MESSAGES)?;
+        let pruned = txn.open_table(PRUNED)?.get(key)?.map_or(0, |v| v.value());
+        let oldest = by_target
+            .range((key, 0)..=(key, u64::MAX))?
+            .next()
+            .transpose()?
+            .map(|(k, _)| k.value().1);
         let high = before.map_or(upto, |b| b.saturating_sub(1).min(upto));
         let low = after.map_or(0, |a| a.saturating_add(1));
-        if low > high {
-            return Ok(Vec::new());
-        }
-        let range = by_target.range((key, low)..=(key, high))?;
-        let mut indexes = Vec::new();
-        if after.is_some() {
-            for row in range.take(limit) {
-                indexes.push(row?.0.value().1);
+        let mut page = Page::default();
+        if low <= high {
+            let range = by_target.range((key, low)..=(key, high))?;
+            let mut indexes = Vec::new();
+            if after.is_some() {
+                for row in range.take(limit) {
+                    indexes.push(row?.0.value().1);
+                }
+            } else {
+                for row in range.rev().take(limit) {
+                    indexes.push(row?.0.value().1);
+                }
+                indexes.reverse();
             }
-        } else {
-            for row in range.rev().take(limit) {
-                indexes.push(row?.0.value().1);
+            for i in indexes {
+                if let Some(v) = messages.get(i)? {
+                    page.messages.push(decode(i, v.value())?);
+                }
             }
-            indexes.reverse();
         }
-        indexes
-            .into_iter()
-            .filter_map(|i| match messages.get(i) {
-                Ok(Some(v)) => Some(decode(i, v.value())),
-                Ok(None) => None,
-                Err(e) => Some(Err(e.into())),
-            })
-            .collect()
+        // Older messages were asked for (explicitly, or by a page that reached the oldest
+        // kept one) and retention had removed some of them.
+        let reached_oldest =
+            page.messages.len() < limit || page.messages.first().map(|m| m.index) == oldest;
+        page.truncated = pruned > 0
+            && match after {
+                Some(a) => a < pruned,
+                None => reached_oldest && low <= pruned,
+            };
+        if page.truncated {
+            page.oldest_index = Some(oldest.unwrap_or(pruned + 1));
+        }
+        Ok(page)
     }
 
-    /// What a resuming session missed: messages under any of `keys` with index in
-    /// (`after`, `upto`], ascending, at most `limit`.
+    /// One page of what a resuming session missed: messages under any of `keys` with index
+    /// in (`after`, `upto`], ascending, at most `limit`. Call again with the last index.
     pub fn missed(
         &self,
         keys: &[String],
@@ -200,12 +512,101 @@ impl History {
     ) -> Result<Vec<StoredMessage>, HistoryError> {
         let mut all = Vec::new();
         for key in keys {
-            all.extend(self.page(key, Some(after), None, limit, upto)?);
+            all.extend(self.page(key, Some(after), None, limit, upto)?.messages);
         }
         all.sort_by_key(|m| m.index);
         all.dedup_by_key(|m| m.index);
         all.truncate(limit);
         Ok(all)
+    }
+
+    /// How many messages `missed` would return in total, without reading them.
+    pub fn count_missed(
+        &self,
+        keys: &[String],
+        after: u64,
+        upto: u64,
+    ) -> Result<u64, HistoryError> {
+        if after >= upto {
+            return Ok(0);
+        }
+        let txn = self.db.begin_read()?;
+        let by_target = txn.open_table(BY_TARGET)?;
+        let mut seen = 0u64;
+        let mut dm = BTreeSet::new();
+        for key in keys {
+            for row in by_target.range((key.as_str(), after + 1)..=(key.as_str(), upto))? {
+                let index = row?.0.value().1;
+                // A direct message between two of the keys counts once.
+                if key.starts_with('@') {
+                    dm.insert(index);
+                } else {
+                    seen += 1;
+                }
+            }
+        }
+        Ok(seen + dm.len() as u64)
+    }
+
+    /// The highest index retention removed under any of `keys` (0: none).
+    pub fn pruned_upto(&self, keys: &[String]) -> Result<u64, HistoryError> {
+        let txn = self.db.begin_read()?;
+        let pruned = txn.open_table(PRUNED)?;
+        let mut high = 0;
+        for key in keys {
+            high = high.max(pruned.get(key.as_str())?.map_or(0, |v| v.value()));
+        }
+        Ok(high)
+    }
+
+    /// The lowest index still kept under any of `keys`.
+    pub fn oldest_kept(&self, keys: &[String]) -> Result<Option<u64>, HistoryError> {
+        let txn = self.db.begin_read()?;
+        let by_target = txn.open_table(BY_TARGET)?;
+        let mut low: Option<u64> = None;
+        for key in keys {
+            if let Some(row) = by_target
+                .range((key.as_str(), 0)..=(key.as_str(), u64::MAX))?
+                .next()
+            {
+                let index = row?.0.value().1;
+                low = Some(low.map_or(index, |l| l.min(index)));
+            }
+        }
+        Ok(low)
+    }
+}
+
+/// A fingerprint of the history up to an index, to compare nodes without moving messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    pub upto: u64,
+    pub count: u64,
+    /// FNV-1a over every kept message's index and stored form, in index order.
+    pub fnv: u64,
+}
+
+impl History {
+    /// Reads every message up to `upto` once (O(history) time, one page of memory).
+    pub fn digest(&self, upto: u64) -> Result<Digest, HistoryError> {
+        const PRIME: u64 = 0x0100_0000_01b3;
+        let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
+        let mut feed = |bytes: &[u8]| {
+            for b in bytes {
+                fnv ^= u64::from(*b);
+                fnv = fnv.wrapping_mul(PRIME);
+            }
+        };
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(MESSAGES)?;
+        let mut count = 0;
+        for row in table.range(..=upto)? {
+            let (k, v) = row?;
+            feed(&k.value().to_le_bytes());
+            feed(v.value().as_bytes());
+            count += 1;
+        }
+        Ok(Digest { upto, count, fnv })
     }
 }
 
@@ -227,41 +628,121 @@ mod tests {
             from: "alice".into(),
             id: index.to_string(),
             text: "t".into(),
-            ts_ms: 0,
+            ts_ms: index as i64 * 1000,
         }
+    }
+
+    fn open(dir: &tempfile::TempDir) -> History {
+        History::open(&dir.path().join("h.redb"), 1 << 20).unwrap()
+    }
+
+    fn idx(v: Vec<StoredMessage>) -> Vec<u64> {
+        v.into_iter().map(|m| m.index).collect()
     }
 
     #[test]
     fn pages_and_missed() {
         let dir = tempfile::tempdir().unwrap();
-        let h = History::open(&dir.path().join("h.redb")).unwrap();
+        let h = open(&dir);
         let batch: Vec<_> = (1..=10)
             .map(|i| msg(i, if i % 2 == 0 { "#Even" } else { "bob" }))
             .collect();
-        h.write(&batch.iter().collect::<Vec<_>>()).unwrap();
-        let idx = |v: Vec<StoredMessage>| v.into_iter().map(|m| m.index).collect::<Vec<_>>();
+        h.write(&batch.iter().collect::<Vec<_>>(), Retention::default(), 0)
+            .unwrap();
+        let page = |after, before, limit, upto| {
+            idx(h
+                .page("#even", after, before, limit, upto)
+                .unwrap()
+                .messages)
+        };
+        assert_eq!(page(None, None, 2, 100), vec![8, 10]);
+        assert_eq!(page(Some(2), None, 2, 100), vec![4, 6]);
+        assert_eq!(page(None, Some(8), 10, 100), vec![2, 4, 6]);
+        assert_eq!(page(None, None, 10, 6), vec![2, 4, 6]);
         assert_eq!(
-            idx(h.page("#even", None, None, 2, 100).unwrap()),
-            vec![8, 10]
-        );
-        assert_eq!(
-            idx(h.page("#even", Some(2), None, 2, 100).unwrap()),
-            vec![4, 6]
-        );
-        assert_eq!(
-            idx(h.page("#even", None, Some(8), 10, 100).unwrap()),
-            vec![2, 4, 6]
-        );
-        assert_eq!(
-            idx(h.page("#even", None, None, 10, 6).unwrap()),
-            vec![2, 4, 6]
-        );
-        assert_eq!(
-            idx(h.page(&user_key("BOB"), Some(5), None, 10, 100).unwrap()),
+            idx(h
+                .page(&user_key("BOB"), Some(5), None, 10, 100)
+                .unwrap()
+                .messages),
             vec![7, 9]
         );
         let keys = vec!["#even".to_string(), user_key("alice")];
         assert_eq!(idx(h.missed(&keys, 6, 9, 100).unwrap()), vec![7, 8, 9]);
-        assert_eq!(h.all_upto(3).unwrap().len(), 3);
+        assert_eq!(idx(h.missed(&keys, 0, 100, 3).unwrap()), vec![1, 2, 3]);
+        assert_eq!(h.count_missed(&keys, 6, 9).unwrap(), 3);
+        assert_eq!(h.count_missed(&keys, 0, 100).unwrap(), 10);
+    }
+
+    #[test]
+    fn retention_keeps_the_newest_per_room_and_says_truncated() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(&dir);
+        let keep = Retention {
+            max_per_room: 3,
+            max_age_ms: 0,
+        };
+        for i in 1..=10 {
+            h.write(&[&msg(i, "#r")], keep, 0).unwrap();
+        }
+        let page = h.page("#r", Some(0), None, 100, 100).unwrap();
+        assert_eq!(idx(page.messages), vec![8, 9, 10]);
+        assert!(page.truncated);
+        assert_eq!(page.oldest_index, Some(8));
+        let latest = h.page("#r", None, None, 2, 100).unwrap();
+        assert!(!latest.truncated, "the newest two are all there");
+        let all = h.page("#r", None, None, 100, 100).unwrap();
+        assert!(all.truncated, "asked for more than is kept");
+        assert!(!h.page("#r", Some(7), None, 100, 100).unwrap().truncated);
+        // A re-applied old message does not come back.
+        h.write(&[&msg(2, "#r")], keep, 0).unwrap();
+        assert_eq!(h.count_missed(&["#r".into()], 0, 100).unwrap(), 3);
+        assert_eq!(h.pruned_upto(&["#r".into()]).unwrap(), 7);
+    }
+
+    #[test]
+    fn retention_by_age_drops_a_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(&dir);
+        let all: Vec<_> = (1..=10).map(|i| msg(i, "#r")).collect();
+        h.write(&all.iter().collect::<Vec<_>>(), Retention::default(), 0)
+            .unwrap();
+        let age = Retention {
+            max_per_room: 0,
+            max_age_ms: 4_500,
+        };
+        // Entry time 10 s: everything before 5.5 s goes.
+        h.write(&[], age, 10_000).unwrap();
+        assert_eq!(
+            idx(h.missed(&["#r".into()], 0, 100, 100).unwrap()),
+            vec![6, 7, 8, 9, 10]
+        );
+        assert_eq!(h.oldest_kept(&["#r".into()]).unwrap(), Some(6));
+    }
+
+    #[test]
+    fn range_pages_fill_a_gap() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = open(&dir);
+        let all: Vec<_> = (1..=25).map(|i| msg(i, "#r")).collect();
+        source
+            .write(&all.iter().collect::<Vec<_>>(), Retention::default(), 0)
+            .unwrap();
+        let dir2 = tempfile::tempdir().unwrap();
+        let copy = open(&dir2);
+        copy.write(&[&msg(1, "#r")], Retention::default(), 0)
+            .unwrap();
+        assert_eq!(
+            copy.open_gap(1, 20).unwrap(),
+            Some(Gap { after: 1, upto: 20 })
+        );
+        let mut gap = copy.gap().unwrap();
+        let mut pages = 0;
+        while let Some(g) = gap {
+            let page = source.range(g.after, g.upto, 7, usize::MAX).unwrap();
+            gap = copy.fill_gap(&page, Retention::default(), 0).unwrap();
+            pages += 1;
+        }
+        assert_eq!(pages, 3);
+        assert_eq!(copy.count_missed(&["#r".into()], 0, 100).unwrap(), 20);
     }
 }

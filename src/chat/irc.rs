@@ -668,7 +668,7 @@ impl IrcConn {
                             .history(&session, &name, Some(index), None, limit)
                             .await
                     {
-                        for m in &history {
+                        for m in &history.messages {
                             self.send(privmsg(m, tagged, !tagged)).await;
                         }
                     }
@@ -873,6 +873,10 @@ impl Render for IrcRender {
     }
 
     fn replaced(&self, why: &str) -> Bytes {
+        raw(format!("ERROR :Closing link: {why}"))
+    }
+
+    fn unavailable(&self, why: &str) -> Bytes {
         raw(format!("ERROR :Closing link: {why}"))
     }
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
     CloseReason, Follow, Outbound, Render, SendPipeline, Wire, counted, deliver, rate_limiter,
+    replay_planned,
 };
 use super::delivery::DeliveryFilter;
 use super::lines::{Line, Verdict, read_line};
@@ -265,7 +266,15 @@ pub enum ServerFrame<'a> {
         commit_index: u64,
         nodes: Vec<NodeInfo>,
         /// How many missed messages follow this welcome (a resumed session's replay).
-        replayed: usize,
+        replayed: u64,
+        /// The session asked for was resumed.
+        resumed: bool,
+        /// Retention removed some of what the client asked for...
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+        /// ...and this is the oldest index still kept.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        oldest_index: Option<u64>,
     },
     Joined {
         room: &'a str,
@@ -281,6 +290,10 @@ pub enum ServerFrame<'a> {
     History {
         room: &'a str,
         messages: Vec<MessageView<'a>>,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        truncated: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        oldest_index: Option<u64>,
     },
     Members {
         room: &'a str,
@@ -525,10 +538,12 @@ impl Connection {
                 .history(&session, &room, before, after, limit)
                 .await
             {
-                Ok((room, messages)) => {
+                Ok((room, page)) => {
                     let frame = ServerFrame::History {
                         room: &room,
-                        messages: messages.iter().map(MessageView::from).collect(),
+                        messages: page.messages.iter().map(MessageView::from).collect(),
+                        truncated: page.truncated,
+                        oldest_index: page.oldest_index,
                     };
                     self.reply(frame.encode()).await;
                     Ok(())
@@ -584,21 +599,25 @@ impl Connection {
             })
             .collect();
         let metrics = &self.svc.metrics;
-        let missed = match resume_from.filter(|_| attached.resumed) {
-            Some(after) => {
+        let replay = match resume_from.filter(|_| attached.resumed) {
+            Some(after) => Some(
                 self.svc
-                    .missed(&attached.session, &attached.user, after, sub.applied)
-                    .await?
-            }
-            None => Vec::new(),
+                    .replay(&attached.session, &attached.user, after, sub.applied)
+                    .await?,
+            ),
+            None => None,
         };
+        let replayed = replay.as_ref().map_or(0, |r| r.count);
         let welcome = ServerFrame::Welcome {
             session: &attached.session,
             node: self.svc.node_id,
             leader: status.leader,
             commit_index: status.commit_index.max(sub.applied),
             nodes,
-            replayed: missed.len(),
+            replayed,
+            resumed: attached.resumed,
+            truncated: replay.as_ref().is_some_and(|r| r.truncated_at.is_some()),
+            oldest_index: replay.as_ref().and_then(|r| r.truncated_at),
         };
         self.reply(welcome.encode()).await;
         let mut filter = DeliveryFilter::new(
@@ -620,16 +639,19 @@ impl Connection {
                 dialect = DIALECT,
                 session = %attached.session,
                 node = self.svc.node_id,
-                replayed = missed.len() as u64,
+                replayed,
                 deduplicated = 0u64,
             )
         });
-        for m in &missed {
-            self.reply(ServerFrame::Message(m.into()).encode()).await;
+        if let Some(replay) = &replay {
+            let sent = replay_planned(&self.svc, replay, &JsonRender, &self.out).await?;
+            metrics.replayed_messages.inc_by(sent);
         }
-        metrics.replayed_messages.inc_by(missed.len() as u64);
-        metrics.messages_delivered.inc_by(missed.len() as u64);
-        filter.advance(sub.applied);
+        // Never below what the client said it has seen, whatever this node had applied.
+        filter.advance(
+            sub.applied
+                .max(resume_from.filter(|_| attached.resumed).unwrap_or(0)),
+        );
         let follow = Follow {
             session: attached.session.clone(),
             user: attached.user.clone(),
@@ -744,6 +766,10 @@ impl Render for JsonRender {
 
     fn replaced(&self, why: &str) -> Bytes {
         error_frame(&ProtocolError::new(ErrorCode::NameTaken, why))
+    }
+
+    fn unavailable(&self, why: &str) -> Bytes {
+        error_frame(&ProtocolError::new(ErrorCode::Unavailable, why))
     }
 }
 

@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::command::{ChatCommand, ChatResponse, StoredMessage};
-use super::history::user_key;
+use super::history::{Page, Retention, user_key};
 use super::names::{fold, is_room_target, is_valid_room, is_valid_user};
+use super::state::Settings;
 use super::store::ChatStore;
 use crate::config::ChatConfig;
 use crate::consensus::{Consensus, WriteError};
@@ -49,6 +50,21 @@ pub struct Attached {
     pub user: String,
     pub resumed: bool,
     pub attachment: u64,
+}
+
+/// Messages one page of a resume replay holds.
+pub const REPLAY_PAGE: usize = 256;
+
+/// What a resuming session will be replayed, decided once at `hello`.
+#[derive(Debug, Clone)]
+pub struct Replay {
+    /// The session's rooms and its direct-message key.
+    pub keys: Vec<String>,
+    pub after: u64,
+    pub upto: u64,
+    pub count: u64,
+    /// Set when retention removed messages the client asked for: the oldest index kept.
+    pub truncated_at: Option<u64>,
 }
 
 /// A chat message a client sent, waiting to be replicated.
@@ -166,36 +182,44 @@ impl ChatService {
                 "this node has not joined the cluster yet".into(),
             ));
         }
-        let (session, replaces) = {
+        if let Some(gap) = self.store.gap() {
+            return Err(ChatError::Unavailable(format!(
+                "this node is still copying history ({}..{}) from its peers; try another node",
+                gap.after, gap.upto
+            )));
+        }
+        // Whether the name's holder is gone is this node's view (its health table); the
+        // claim is a compare-and-swap decided in apply. Resume and adopt are decided there
+        // too, on the state at the entry, never on this node's possibly stale copy.
+        let replaces = {
             let state = self.store.state();
-            let resumable = token.filter(|t| {
-                state
-                    .session(t)
-                    .is_some_and(|s| fold(&s.user) == fold(user))
-            });
-            let orphan = state.holder_of(user).and_then(|(holder, s)| {
+            state.holder_of(user).and_then(|(holder, s)| {
                 let gone = match s.attached {
                     None => true,
                     Some(a) if a.node == self.node_id => self.live().get(holder) != Some(&a.index),
                     Some(a) => !self.health.is_up(a.node),
                 };
                 gone.then(|| holder.to_string())
-            });
-            match (resumable, orphan) {
-                (Some(t), _) => (t.to_string(), None),
-                (None, Some(holder)) if adopt_orphan => (holder, None),
-                (None, replaces) => (uuid::Uuid::new_v4().simple().to_string(), replaces),
-            }
+            })
         };
         let done = self
             .consensus
             .write(ChatCommand::Attach {
-                session,
+                session: uuid::Uuid::new_v4().simple().to_string(),
                 user: user.to_string(),
                 node: self.node_id,
                 replaces,
+                resume: token.map(str::to_string),
+                adopt: adopt_orphan,
             })
             .await?;
+        // Read barrier: everything this connection reads or replays is at least as new as its
+        // own attach entry, which is newer than anything the client saw before.
+        if !self.consensus.wait_applied(done.index, wait).await {
+            return Err(ChatError::Unavailable(
+                "this node has not caught up with the cluster yet; try again".into(),
+            ));
+        }
         match done.response {
             ChatResponse::Attached {
                 session,
@@ -210,6 +234,48 @@ impl ChatService {
             }),
             ChatResponse::NameTaken => Err(ChatError::NameTaken(user.to_string())),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// The settings every node should decide with, from this node's config.
+    fn desired_settings(&self) -> Settings {
+        Settings {
+            session_ttl_ms: (self.config.session_idle_timeout_secs as i64).saturating_mul(1000),
+            retention: Retention {
+                max_per_room: self.config.history_max_messages_per_room,
+                max_age_ms: self.config.history_max_age_ms(),
+            },
+        }
+    }
+
+    /// While this node leads, makes the replicated settings match its config (one
+    /// `Configure` entry whenever they differ), until `shutdown`.
+    pub async fn replicate_settings(&self, shutdown: tokio_util::sync::CancellationToken) {
+        let desired = self.desired_settings();
+        let mut watch = self.consensus.watch();
+        loop {
+            let status = self.consensus.status();
+            let leading = status.leader == Some(self.node_id) && status.leader_lease_valid;
+            // Only once this leader has applied its whole log is the state's setting current.
+            if leading
+                && self.store.applied() >= status.commit_index
+                && self.store.state().settings() != desired
+            {
+                match self
+                    .consensus
+                    .write(ChatCommand::Configure { settings: desired })
+                    .await
+                {
+                    Ok(_) => tracing::info!(?desired, "replicated settings"),
+                    Err(e) => tracing::debug!(error = %e, "settings not replicated yet"),
+                }
+                continue;
+            }
+            tokio::select! {
+                changed = watch.changed() => if !changed { return },
+                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => return,
+            }
         }
     }
 
@@ -348,6 +414,31 @@ impl ChatService {
             .collect()
     }
 
+    /// Refuses reads while this node lacks part of the history.
+    fn history_complete(&self) -> Result<(), ChatError> {
+        match self.store.gap() {
+            None => Ok(()),
+            Some(gap) => Err(ChatError::Unavailable(format!(
+                "this node is still copying history ({}..{}) from its peers",
+                gap.after, gap.upto
+            ))),
+        }
+    }
+
+    async fn read_history<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&super::history::History) -> Result<T, super::history::HistoryError>
+        + Send
+        + 'static,
+    ) -> Result<T, ChatError> {
+        self.history_complete()?;
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(store.history()))
+            .await
+            .map_err(|e| ChatError::Internal(e.to_string()))?
+            .map_err(|e| ChatError::Internal(e.to_string()))
+    }
+
     /// A page of a room's history, for a member of the room.
     pub async fn history(
         &self,
@@ -356,7 +447,7 @@ impl ChatService {
         before: Option<u64>,
         after: Option<u64>,
         limit: usize,
-    ) -> Result<(String, Vec<StoredMessage>), ChatError> {
+    ) -> Result<(String, Page), ChatError> {
         let key = fold(room);
         let name = {
             let state = self.store.state();
@@ -368,25 +459,22 @@ impl ChatService {
             }
             state.room_name(room).unwrap_or(room).to_string()
         };
-        let store = self.store.clone();
-        let upto = store.applied();
-        let messages = tokio::task::spawn_blocking(move || {
-            store.history().page(&key, after, before, limit, upto)
-        })
-        .await
-        .map_err(|e| ChatError::Internal(e.to_string()))?
-        .map_err(|e| ChatError::Internal(e.to_string()))?;
-        Ok((name, messages))
+        let upto = self.store.applied();
+        let page = self
+            .read_history(move |h| h.page(&key, after, before, limit, upto))
+            .await?;
+        Ok((name, page))
     }
 
-    /// What `session` (of `user`) missed in (`after`, `upto`]: its rooms and direct messages.
-    pub async fn missed(
+    /// What `session` (of `user`) missed after `after`, up to what this node has applied:
+    /// its rooms and direct messages, how many, and whether retention cut some.
+    pub async fn replay(
         &self,
         session: &str,
         user: &str,
         after: u64,
         upto: u64,
-    ) -> Result<Vec<StoredMessage>, ChatError> {
+    ) -> Result<Replay, ChatError> {
         let mut keys: Vec<String> = self
             .store
             .state()
@@ -394,11 +482,36 @@ impl ChatService {
             .map(|s| s.rooms.iter().cloned().collect())
             .unwrap_or_default();
         keys.push(user_key(user));
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || store.history().missed(&keys, after, upto, 100_000))
+        let read_keys = keys.clone();
+        let (count, pruned, oldest) = self
+            .read_history(move |h| {
+                Ok((
+                    h.count_missed(&read_keys, after, upto)?,
+                    h.pruned_upto(&read_keys)?,
+                    h.oldest_kept(&read_keys)?,
+                ))
+            })
+            .await?;
+        let truncated_at = (after < pruned).then(|| oldest.unwrap_or(pruned + 1));
+        Ok(Replay {
+            keys,
+            after,
+            upto,
+            count,
+            truncated_at,
+        })
+    }
+
+    /// The next page of `replay` after index `after` (empty when done).
+    pub async fn replay_page(
+        &self,
+        replay: &Replay,
+        after: u64,
+    ) -> Result<Vec<StoredMessage>, ChatError> {
+        let keys = replay.keys.clone();
+        let upto = replay.upto;
+        self.read_history(move |h| h.missed(&keys, after, upto, REPLAY_PAGE))
             .await
-            .map_err(|e| ChatError::Internal(e.to_string()))?
-            .map_err(|e| ChatError::Internal(e.to_string()))
     }
 
     /// Every room with its member count.

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 
 use super::command::{ChatCommand, ChatResponse, Event, MessageEvent, StoredMessage};
+use super::history::Retention;
 use super::names::{fold, is_room_target};
 
 /// Client message ids remembered per session; a client only re-sends recent, unacknowledged
@@ -18,8 +19,29 @@ const DEDUP_WINDOW: usize = 10_000;
 /// How often (in entry time) detached sessions are checked for expiry.
 const SWEEP_EVERY_MS: i64 = 60_000;
 
+/// What applying decides with, replicated through the log (`ChatCommand::Configure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// A detached session expires after this long without activity (entry time).
+    pub session_ttl_ms: i64,
+    pub retention: Retention,
+}
+
+impl Default for Settings {
+    /// What a log without a `Configure` entry means: the built-in defaults.
+    fn default() -> Self {
+        Settings {
+            session_ttl_ms: 24 * 3600 * 1000,
+            retention: Retention::default(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ChatState {
+    #[serde(default)]
+    settings: Settings,
     sessions: BTreeMap<String, Session>,
     /// Folded user name → session token holding it.
     names: BTreeMap<String, String>,
@@ -76,16 +98,26 @@ impl DedupWindow {
     }
 }
 
+/// An `Attach` entry's request, as applying decides it.
+struct Claim<'a> {
+    new_token: &'a str,
+    user: &'a str,
+    node: u64,
+    replaces: Option<&'a str>,
+    resume: Option<&'a str>,
+    adopt: bool,
+}
+
 impl ChatState {
-    /// Applies one committed entry. `session_ttl_ms` is how long a detached session lives.
+    /// Applies one committed entry at `index`, stamped `ts_ms` by the leader.
     pub fn apply(
         &mut self,
         index: u64,
         ts_ms: i64,
         command: &ChatCommand,
-        session_ttl_ms: i64,
         events: &mut Vec<Event>,
     ) -> ChatResponse {
+        let session_ttl_ms = self.settings.session_ttl_ms;
         // Leaders' clocks may disagree: entry time never goes backwards.
         let ts = ts_ms.max(self.last_ts_ms);
         self.last_ts_ms = ts;
@@ -99,7 +131,23 @@ impl ChatState {
                 user,
                 node,
                 replaces,
-            } => self.attach(index, ts, session, user, *node, replaces.as_deref(), events),
+                resume,
+                adopt,
+            } => {
+                let claim = Claim {
+                    new_token: session,
+                    user,
+                    node: *node,
+                    replaces: replaces.as_deref(),
+                    resume: resume.as_deref(),
+                    adopt: *adopt,
+                };
+                self.attach(index, ts, claim, events)
+            }
+            ChatCommand::Configure { settings } => {
+                self.settings = *settings;
+                ChatResponse::Done
+            }
             ChatCommand::Detach {
                 session,
                 attachment,
@@ -132,52 +180,61 @@ impl ChatState {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn attach(
         &mut self,
         index: u64,
         ts: i64,
-        token: &str,
-        user: &str,
-        node: u64,
-        replaces: Option<&str>,
+        claim: Claim<'_>,
         events: &mut Vec<Event>,
     ) -> ChatResponse {
-        let attachment = Attachment { node, index };
-        if let Some(session) = self.sessions.get_mut(token) {
-            if fold(&session.user) != fold(user) {
-                return ChatResponse::SessionMismatch;
-            }
+        let attachment = Attachment {
+            node: claim.node,
+            index,
+        };
+        let key = fold(claim.user);
+        let holder = self.names.get(&key).cloned();
+        let holder_gone = holder.as_ref().is_some_and(|h| {
+            claim.replaces == Some(h.as_str())
+                || self.sessions.get(h).is_none_or(|s| s.attached.is_none())
+        });
+        // Which existing session this connection continues, if any. The proposed new token is
+        // checked too: entries written before `resume` existed carried the token there.
+        let resumable = [claim.resume, Some(claim.new_token)]
+            .into_iter()
+            .flatten()
+            .find(|t| self.sessions.get(*t).is_some_and(|s| fold(&s.user) == key))
+            .map(str::to_string)
+            .or_else(|| holder.clone().filter(|_| claim.adopt && holder_gone));
+        if let Some(token) = resumable
+            && let Some(session) = self.sessions.get_mut(&token)
+        {
             session.attached = Some(attachment);
             session.last_active_ms = ts;
+            let user = session.user.clone();
             events.push(Event::SessionAttached {
                 index,
-                session: token.to_string(),
-                node,
+                session: token.clone(),
+                node: claim.node,
             });
             return ChatResponse::Attached {
-                session: token.to_string(),
-                user: session.user.clone(),
+                session: token,
+                user,
                 resumed: true,
                 attachment: index,
             };
         }
-        let key = fold(user);
-        if let Some(holder) = self.names.get(&key).cloned() {
-            let holder_detached = self
-                .sessions
-                .get(&holder)
-                .is_none_or(|s| s.attached.is_none());
-            if !holder_detached && replaces != Some(holder.as_str()) {
+        if let Some(holder) = holder {
+            if !holder_gone {
                 return ChatResponse::NameTaken;
             }
             self.remove_session(index, &holder, events);
         }
-        self.names.insert(key, token.to_string());
+        let token = claim.new_token.to_string();
+        self.names.insert(key, token.clone());
         self.sessions.insert(
-            token.to_string(),
+            token.clone(),
             Session {
-                user: user.to_string(),
+                user: claim.user.to_string(),
                 rooms: BTreeSet::new(),
                 attached: Some(attachment),
                 last_active_ms: ts,
@@ -186,12 +243,12 @@ impl ChatState {
         );
         events.push(Event::SessionAttached {
             index,
-            session: token.to_string(),
-            node,
+            session: token.clone(),
+            node: claim.node,
         });
         ChatResponse::Attached {
-            session: token.to_string(),
-            user: user.to_string(),
+            session: token,
+            user: claim.user.to_string(),
             resumed: false,
             attachment: index,
         }
@@ -377,6 +434,15 @@ impl ChatState {
 
     // ---- queries used by connections ----
 
+    pub fn settings(&self) -> Settings {
+        self.settings
+    }
+
+    /// The entry time of the last applied entry (never decreasing).
+    pub fn last_ts_ms(&self) -> i64 {
+        self.last_ts_ms
+    }
+
     pub fn session(&self, token: &str) -> Option<&Session> {
         self.sessions.get(token)
     }
@@ -420,27 +486,42 @@ mod tests {
 
     impl Harness {
         fn new() -> Self {
-            Harness {
+            let mut h = Harness {
                 state: ChatState::default(),
                 index: 0,
                 events: Vec::new(),
-            }
+            };
+            h.run_at(
+                0,
+                ChatCommand::Configure {
+                    settings: Settings {
+                        session_ttl_ms: TTL,
+                        retention: Retention::default(),
+                    },
+                },
+            );
+            h
         }
         fn run_at(&mut self, ts: i64, cmd: ChatCommand) -> ChatResponse {
             self.index += 1;
-            self.state
-                .apply(self.index, ts, &cmd, TTL, &mut self.events)
+            self.state.apply(self.index, ts, &cmd, &mut self.events)
         }
         fn run(&mut self, cmd: ChatCommand) -> ChatResponse {
             self.run_at(1000, cmd)
         }
         fn attach(&mut self, token: &str, user: &str, node: u64) -> ChatResponse {
-            self.run(ChatCommand::Attach {
-                session: token.into(),
-                user: user.into(),
-                node,
-                replaces: None,
-            })
+            self.run(attach_cmd(token, user, node, None))
+        }
+    }
+
+    fn attach_cmd(token: &str, user: &str, node: u64, resume: Option<&str>) -> ChatCommand {
+        ChatCommand::Attach {
+            session: token.into(),
+            user: user.into(),
+            node,
+            replaces: None,
+            resume: resume.map(String::from),
+            adopt: false,
         }
     }
 
@@ -497,6 +578,8 @@ mod tests {
             user: "alice".into(),
             node: 2,
             replaces: Some("s1".into()),
+            resume: None,
+            adopt: false,
         });
         assert!(matches!(r, ChatResponse::Attached { resumed: false, .. }));
         assert!(h.state.session("s1").is_none());
@@ -575,14 +658,60 @@ mod tests {
     }
 
     #[test]
+    fn resume_is_decided_on_the_state_at_the_entry() {
+        let mut h = Harness::new();
+        let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
+            panic!()
+        };
+        h.run(join("s1", "#r"));
+        h.run(ChatCommand::Detach {
+            session: "s1".into(),
+            attachment,
+        });
+        // A lagging node proposes a fresh token but names the session to resume.
+        let r = h.run(attach_cmd("fresh", "alice", 3, Some("s1")));
+        assert!(
+            matches!(&r, ChatResponse::Attached { session, resumed: true, .. } if session == "s1"),
+            "{r:?}"
+        );
+        assert!(h.state.session("fresh").is_none());
+        assert!(h.state.session("s1").unwrap().rooms.contains("#r"));
+        // Another user's token is not resumable: a new session.
+        let r = h.run(attach_cmd("s2", "bob", 3, Some("s1")));
+        assert!(
+            matches!(r, ChatResponse::Attached { resumed: false, .. }),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn adopt_resumes_the_session_a_name_left_behind() {
+        let mut h = Harness::new();
+        let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
+            panic!()
+        };
+        let mut adopt = attach_cmd("s9", "alice", 2, None);
+        if let ChatCommand::Attach { adopt, .. } = &mut adopt {
+            *adopt = true;
+        }
+        assert_eq!(
+            h.run(adopt.clone()),
+            ChatResponse::NameTaken,
+            "holder still attached"
+        );
+        h.run(ChatCommand::Detach {
+            session: "s1".into(),
+            attachment,
+        });
+        assert!(
+            matches!(h.run(adopt), ChatResponse::Attached { resumed: true, session, .. } if session == "s1")
+        );
+    }
+
+    #[test]
     fn same_log_same_state() {
         let cmds = [
-            ChatCommand::Attach {
-                session: "s1".into(),
-                user: "a".into(),
-                node: 1,
-                replaces: None,
-            },
+            attach_cmd("s1", "a", 1, None),
             join("s1", "#r"),
             send("s1", "1", "#r"),
             ChatCommand::Leave {

@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard};
 use tokio::sync::broadcast;
 
 use super::command::{ChatCommand, ChatResponse, Event, StoredMessage};
-use super::history::{History, HistoryError};
+use super::history::{Gap, History, HistoryError, RangePage};
 use super::state::ChatState;
 
 /// One log entry as the chat layer sees it: blank and membership entries carry no command.
@@ -22,8 +22,11 @@ pub struct ChatStore {
     /// Highest index whose effects are in `state`, in `history` and published.
     applied: AtomicU64,
     history: History,
+    /// The history range skipped by installing a snapshot, not yet copied from a peer.
+    gap: std::sync::Mutex<Option<Gap>>,
+    /// Wakes the history copier (`chat::backfill`) when a gap opens.
+    pub gap_opened: tokio::sync::Notify,
     events: broadcast::Sender<Arc<Event>>,
-    session_ttl_ms: i64,
 }
 
 /// A consistent starting point for a connection: events above `applied` arrive on `events`,
@@ -34,15 +37,17 @@ pub struct Subscription {
 }
 
 impl ChatStore {
-    pub fn new(history: History, queue_events: usize, session_ttl_ms: i64) -> ChatStore {
+    pub fn new(history: History, queue_events: usize) -> Result<ChatStore, HistoryError> {
         let (events, _) = broadcast::channel(queue_events);
-        ChatStore {
+        let gap = history.gap()?;
+        Ok(ChatStore {
             state: RwLock::new(ChatState::default()),
             applied: AtomicU64::new(0),
             history,
+            gap: std::sync::Mutex::new(gap),
+            gap_opened: tokio::sync::Notify::new(),
             events,
-            session_ttl_ms,
-        }
+        })
     }
 
     /// Applies a batch of committed entries (blocking: writes the history).
@@ -52,22 +57,22 @@ impl ChatStore {
     ) -> Result<Vec<Option<ChatResponse>>, HistoryError> {
         let mut events = Vec::new();
         let mut responses = Vec::with_capacity(entries.len());
-        {
-            let mut state = self.write_state();
-            for e in entries {
-                responses.push(e.command.map(|cmd| {
-                    state.apply(e.index, e.ts_ms, cmd, self.session_ttl_ms, &mut events)
-                }));
+        // Messages are written in runs that share one set of settings: retention changes take
+        // effect at their own entry on every node, whatever the apply batches were.
+        let mut run_start = 0;
+        for e in entries {
+            if matches!(e.command, Some(ChatCommand::Configure { .. })) {
+                self.write_history(&events[run_start..])?;
+                run_start = events.len();
             }
+            let response = {
+                let mut state = self.write_state();
+                e.command
+                    .map(|cmd| state.apply(e.index, e.ts_ms, cmd, &mut events))
+            };
+            responses.push(response);
         }
-        let messages: Vec<&StoredMessage> = events
-            .iter()
-            .filter_map(|e| match e {
-                Event::Message(m) => Some(&m.message),
-                _ => None,
-            })
-            .collect();
-        self.history.write(&messages)?;
+        self.write_history(&events[run_start..])?;
         // Publishing under the state lock makes `subscribe` see either all or none of a batch.
         let _guard = self.write_state();
         if let Some(last) = entries.last() {
@@ -78,6 +83,38 @@ impl ChatStore {
             let _ = self.events.send(Arc::new(event));
         }
         Ok(responses)
+    }
+
+    /// Stores the messages among `events` with the retention in force now.
+    fn write_history(&self, events: &[Event]) -> Result<(), HistoryError> {
+        let messages: Vec<&StoredMessage> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some(&m.message),
+                _ => None,
+            })
+            .collect();
+        let (settings, now) = {
+            let state = self.state();
+            (state.settings(), state.last_ts_ms())
+        };
+        self.history.write(&messages, settings.retention, now)
+    }
+
+    /// Stores a page of history copied from a peer; returns what is still missing.
+    pub fn fill_gap(&self, page: &RangePage) -> Result<Option<Gap>, HistoryError> {
+        let (settings, now) = {
+            let state = self.state();
+            (state.settings(), state.last_ts_ms())
+        };
+        let gap = self.history.fill_gap(page, settings.retention, now)?;
+        *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = gap;
+        Ok(gap)
+    }
+
+    /// The history range this node still lacks, if any.
+    pub fn gap(&self) -> Option<Gap> {
+        *self.gap.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn applied(&self) -> u64 {
@@ -113,15 +150,20 @@ impl ChatStore {
         (state.clone(), self.applied())
     }
 
-    /// Replaces everything with a snapshot's content (blocking).
+    /// Replaces the state with a snapshot's (blocking). With `from_peer` the snapshot came
+    /// from the leader and this node skipped the entries between what it had applied and the
+    /// snapshot: that history range is recorded as a gap, durably, before the state moves on.
     pub fn install(
         &self,
         state: ChatState,
         applied: u64,
-        messages: Option<&[StoredMessage]>,
+        from_peer: bool,
     ) -> Result<(), HistoryError> {
-        if let Some(messages) = messages {
-            self.history.replace_all(messages)?;
+        let before = self.applied();
+        if from_peer && before < applied {
+            let gap = self.history.open_gap(before, applied)?;
+            *self.gap.lock().unwrap_or_else(|p| p.into_inner()) = gap;
+            self.gap_opened.notify_one();
         }
         let mut guard = self.write_state();
         *guard = state;

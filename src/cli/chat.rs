@@ -182,6 +182,10 @@ async fn chat(args: ChatArgs) -> ExitCode {
                     Event::History { messages, .. } => messages.iter().for_each(print_message),
                     Event::Refused { code, message, .. } => eprintln!("raftchat: {code}: {message}"),
                     Event::Acked { .. } => {}
+                    Event::SessionLost { unacked, .. } => eprintln!(
+                        "raftchat: session lost (expired or taken over); continuing in a new session; {} unacknowledged message(s) not re-sent: they may or may not have been delivered",
+                        unacked.len()
+                    ),
                     Event::Failed(reason) => {
                         eprintln!("raftchat: {reason}");
                         return ExitCode::from(1);

@@ -125,6 +125,14 @@ pub enum Event {
         message: String,
         id: Option<String>,
     },
+    /// The session could not be resumed (it expired, or its name was taken over): the client
+    /// goes on under a new session, rejoins its rooms, and does *not* re-send `unacked`, whose
+    /// fate is unknown (each may or may not have been stored).
+    SessionLost {
+        previous: String,
+        session: String,
+        unacked: Vec<String>,
+    },
     /// The client stopped for good (attempts exhausted, name taken).
     Failed(String),
 }
@@ -340,8 +348,22 @@ impl Driver {
             self.node = Some(node);
             self.learn_nodes(&welcome);
             let replayed = welcome["replayed"].as_u64().unwrap_or(0) as usize;
-            let resent = self.unacked.len();
+            let previous = self.session.take();
             self.session = welcome["session"].as_str().map(String::from);
+            let resumed = welcome["resumed"]
+                .as_bool()
+                .unwrap_or(previous.is_some() && previous == self.session);
+            if let Some(previous) = previous.filter(|_| !resumed) {
+                // Re-sending under a new session would store again what the old one stored.
+                let unacked: Vec<String> = self.unacked.drain(..).map(|p| p.id).collect();
+                self.unacked_count.store(0, Ordering::Relaxed);
+                self.emit(Event::SessionLost {
+                    previous,
+                    session: self.session.clone().unwrap_or_default(),
+                    unacked,
+                });
+            }
+            let resent = self.unacked.len();
             if first {
                 self.emit(Event::Connected {
                     node,

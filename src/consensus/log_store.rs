@@ -5,6 +5,10 @@
 //! append as flushed. Under load many client writes share one durable commit, and no fsync
 //! ever runs on the async runtime. Writes are applied in the order they were queued, so a
 //! truncate or purge is never reordered against a later append or vote.
+//!
+//! Memory is bounded: an entry stays in memory until it is durable, and after that only while
+//! it is among the newest `CACHE_BYTES` of entries (what replication to a healthy follower
+//! reads). A lagging follower's older entries are read from redb on a blocking thread.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -28,6 +32,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// Most operations one durable commit takes.
 const MAX_BATCH: usize = 4096;
+/// Durable entries kept in memory for replication, by approximate size.
+const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// redb's page cache for the log.
+const DB_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
 /// Reports the duration of each durable commit (the storage sync histogram).
 pub type SyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
@@ -36,14 +44,72 @@ pub type SyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 pub struct LogStore {
     mem: Arc<Mutex<LogMem>>,
     ops: mpsc::Sender<Op>,
+    db: Arc<Database>,
 }
 
 #[derive(Default)]
 struct LogMem {
-    entries: BTreeMap<u64, Entry>,
+    /// Entries not yet durable, and the newest durable ones, with their approximate size.
+    cache: BTreeMap<u64, (Entry, usize)>,
+    cache_bytes: usize,
+    /// Every entry up to this index is in redb (and may leave the cache).
+    durable_upto: u64,
+    last: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
     last_purged: Option<LogId>,
+}
+
+/// Roughly what an entry costs in memory: its chat payload plus bookkeeping.
+fn approx_size(entry: &Entry) -> usize {
+    use crate::chat::command::ChatCommand;
+    let payload = match &entry.payload {
+        openraft::EntryPayload::Normal(req) => match &req.command {
+            ChatCommand::Send {
+                session,
+                id,
+                to,
+                text,
+            } => session.len() + id.len() + to.len() + text.len(),
+            _ => 128,
+        },
+        _ => 256,
+    };
+    payload + 160
+}
+
+impl LogMem {
+    fn insert(&mut self, entry: Entry) {
+        let size = approx_size(&entry);
+        if let Some((_, old)) = self.cache.insert(entry.index(), (entry, size)) {
+            self.cache_bytes -= old;
+        }
+        self.cache_bytes += size;
+    }
+
+    /// Drops the oldest durable entries while the cache is over its budget.
+    fn evict(&mut self) {
+        while self.cache_bytes > CACHE_BYTES {
+            let Some((&first, _)) = self.cache.first_key_value() else {
+                return;
+            };
+            if first > self.durable_upto {
+                return;
+            }
+            if let Some((_, size)) = self.cache.remove(&first) {
+                self.cache_bytes -= size;
+            }
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
+        let doomed: Vec<u64> = self.cache.keys().copied().filter(|i| !keep(*i)).collect();
+        for i in doomed {
+            if let Some((_, size)) = self.cache.remove(&i) {
+                self.cache_bytes -= size;
+            }
+        }
+    }
 }
 
 enum Op {
@@ -70,7 +136,7 @@ impl LogStore {
     /// Opens (or creates) the log at `path`, loads it and starts the storage thread.
     /// A log that cannot be decoded or has a hole is refused with an error naming the problem.
     pub fn open(path: &Path, on_sync: SyncObserver) -> io::Result<LogStore> {
-        let db = crate::disk::open_database(path).map_err(io::Error::other)?;
+        let db = crate::disk::open_database(path, DB_CACHE_BYTES).map_err(io::Error::other)?;
         let mut mem = LogMem::default();
         {
             let txn = db.begin_write().map_err(other)?;
@@ -120,14 +186,18 @@ impl LogStore {
                     ));
                 }
                 expected = Some(index + 1);
-                mem.entries.insert(index, entry);
+                mem.last = Some(entry.log_id());
+                mem.durable_upto = index;
+                // Every entry is checked; only the newest stay in memory.
+                mem.insert(entry);
+                mem.evict();
             }
         }
-        if let (Some(committed), last) = (&mem.committed, mem.entries.keys().next_back())
-            && last
-                .copied()
-                .or(mem.last_purged.as_ref().map(|l| l.index()))
-                < Some(committed.index())
+        if mem.last.is_none() {
+            mem.last = mem.last_purged;
+        }
+        if let Some(committed) = &mem.committed
+            && mem.last.as_ref().map(|l| l.index()) < Some(committed.index())
         {
             return Err(corrupt(
                 path,
@@ -139,13 +209,14 @@ impl LogStore {
         }
         let (tx, rx) = mpsc::channel();
         let thread_path = path.to_path_buf();
+        let db = Arc::new(db);
+        let mem = Arc::new(Mutex::new(mem));
+        let thread_db = db.clone();
+        let thread_mem = mem.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || storage_thread(db, rx, &thread_path, on_sync))?;
-        Ok(LogStore {
-            mem: Arc::new(Mutex::new(mem)),
-            ops: tx,
-        })
+            .spawn(move || storage_thread(&thread_db, &thread_mem, rx, &thread_path, on_sync))?;
+        Ok(LogStore { mem, ops: tx, db })
     }
 
     fn mem(&self) -> MutexGuard<'_, LogMem> {
@@ -159,7 +230,13 @@ impl LogStore {
     }
 }
 
-fn storage_thread(db: Database, rx: mpsc::Receiver<Op>, path: &Path, on_sync: SyncObserver) {
+fn storage_thread(
+    db: &Database,
+    mem: &Mutex<LogMem>,
+    rx: mpsc::Receiver<Op>,
+    path: &Path,
+    on_sync: SyncObserver,
+) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -169,9 +246,24 @@ fn storage_thread(db: Database, rx: mpsc::Receiver<Op>, path: &Path, on_sync: Sy
             }
         }
         let started = Instant::now();
-        let result = write_batch(&db, &batch);
+        let result = write_batch(db, &batch);
         if result.is_ok() {
             on_sync(started.elapsed());
+            let mut mem = mem.lock().unwrap_or_else(|p| p.into_inner());
+            for op in &batch {
+                match op {
+                    Op::Append(entries, _) => {
+                        if let Some(last) = entries.last() {
+                            mem.durable_upto = last.index();
+                        }
+                    }
+                    Op::Truncate(from, _) => {
+                        mem.durable_upto = mem.durable_upto.min(from.saturating_sub(1));
+                    }
+                    _ => {}
+                }
+            }
+            mem.evict();
         } else if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, "raft log write failed");
         }
@@ -229,17 +321,61 @@ fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
     txn.commit().map_err(other)
 }
 
+/// Entries in [`start`, `end`) from redb.
+fn read_range(db: &Database, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+    let txn = db.begin_read().map_err(other)?;
+    let logs = txn.open_table(LOGS).map_err(other)?;
+    let mut out = Vec::new();
+    if start >= end {
+        return Ok(out);
+    }
+    for row in logs.range(start..end).map_err(other)? {
+        let (k, v) = row.map_err(other)?;
+        let entry: Entry = serde_json::from_slice(v.value())
+            .map_err(|e| other(format!("raft log entry {}: {e}", k.value())))?;
+        out.push(entry);
+    }
+    Ok(out)
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, io::Error> {
-        Ok(self
-            .mem()
-            .entries
-            .range(range)
-            .map(|(_, e)| e.clone())
-            .collect())
+        use std::ops::Bound;
+        let start = match range.start_bound() {
+            Bound::Included(&i) => i,
+            Bound::Excluded(&i) => i + 1,
+            Bound::Unbounded => 0,
+        };
+        let (cached, cache_start) = {
+            let mem = self.mem();
+            let cached: Vec<Entry> = mem
+                .cache
+                .range(range.clone())
+                .map(|(_, (e, _))| e.clone())
+                .collect();
+            let cache_start = mem.cache.keys().next().copied();
+            (cached, cache_start)
+        };
+        // Everything below the cache is durable, so it is in redb.
+        let from_disk_end = match cache_start {
+            Some(first) if first > start => first,
+            Some(_) => return Ok(cached),
+            None => match range.end_bound() {
+                Bound::Included(&i) => i + 1,
+                Bound::Excluded(&i) => i,
+                Bound::Unbounded => u64::MAX,
+            },
+        };
+        let db = self.db.clone();
+        let mut entries =
+            tokio::task::spawn_blocking(move || read_range(&db, start, from_disk_end))
+                .await
+                .map_err(other)??;
+        entries.extend(cached);
+        Ok(entries)
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
@@ -252,10 +388,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let mem = self.mem();
-        let last = mem.entries.values().next_back().map(|e| e.log_id());
         Ok(LogState {
             last_purged_log_id: mem.last_purged,
-            last_log_id: last.or_else(|| mem.last_purged),
+            last_log_id: mem.last.or(mem.last_purged),
         })
     }
 
@@ -294,7 +429,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         {
             let mut mem = self.mem();
             for e in &entries {
-                mem.entries.insert(e.index(), e.clone());
+                mem.last = Some(e.log_id());
+                mem.insert(e.clone());
             }
         }
         self.send(Op::Append(entries, callback))
@@ -302,7 +438,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        self.mem().entries.retain(|&i, _| i < from);
+        {
+            let mut mem = self.mem();
+            mem.retain(|i| i < from);
+            mem.last = last_log_id.or(mem.last_purged);
+        }
         let (tx, rx) = oneshot::channel();
         self.send(Op::Truncate(from, tx))?;
         rx.await
@@ -312,8 +452,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         {
             let mut mem = self.mem();
-            mem.entries.retain(|&i, _| i > log_id.index());
+            mem.retain(|i| i > log_id.index());
             mem.last_purged = Some(log_id);
+            if mem.last.as_ref().map(|l| l.index()) < Some(log_id.index()) {
+                mem.last = Some(log_id);
+            }
         }
         self.send(Op::Purge(log_id))
     }

@@ -5,6 +5,7 @@
 mod log_store;
 mod network;
 mod server;
+mod snapshot_store;
 mod state_machine;
 mod types;
 
@@ -184,6 +185,8 @@ impl ItemResult {
 
 pub struct Consensus {
     id: u64,
+    chat: Arc<ChatStore>,
+    snapshots: Arc<snapshot_store::SnapshotStore>,
     /// When each leader was last heard from (its last AppendEntries), for failover timing.
     contacts: std::sync::Mutex<BTreeMap<u64, Instant>>,
     /// When a leadership transfer was last announced to (or started by) this node.
@@ -238,7 +241,9 @@ impl Consensus {
         let fresh = !log_path.exists();
         let log = LogStore::open(&log_path, observers.storage_sync.clone())
             .map_err(|e| storage_err(e.to_string()))?;
-        let sm = StateMachine::open(data_dir, chat).map_err(|e| storage_err(e.to_string()))?;
+        let sm =
+            StateMachine::open(data_dir, chat.clone()).map_err(|e| storage_err(e.to_string()))?;
+        let snapshots = sm.snapshots();
         check_log_covers_state(&log, &sm)
             .await
             .map_err(storage_err)?;
@@ -298,6 +303,8 @@ impl Consensus {
         }
         Ok(Arc::new(Consensus {
             id,
+            chat,
+            snapshots,
             contacts: std::sync::Mutex::new(BTreeMap::new()),
             transfer_announced: std::sync::Mutex::new(None),
             raft,
@@ -450,6 +457,48 @@ impl Consensus {
             .nodes()
             .find(|(n, _)| **n == id)
             .map(|(_, addr)| addr.raft.clone())
+    }
+
+    /// Asks `peer` for a page of history in (`after`, `upto`] (see `chat::backfill`).
+    pub async fn fetch_history(
+        &self,
+        peer: u64,
+        after: u64,
+        upto: u64,
+    ) -> Result<crate::chat::history::RangePage, String> {
+        let addr = self
+            .raft_addr_of(peer)
+            .ok_or_else(|| format!("node {peer} has no known address"))?;
+        let answer: server::HistoryAnswer = self
+            .rpc
+            .post(
+                "history",
+                peer,
+                &addr,
+                "/raft/history",
+                &server::HistoryRequest { after, upto },
+                Duration::from_secs(30),
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        match answer {
+            server::HistoryAnswer::Page(page) => Ok(page),
+            server::HistoryAnswer::Unavailable(why) => Err(why),
+        }
+    }
+
+    /// The other members, the leader first: where to copy history from.
+    pub fn peers_leader_first(&self) -> Vec<u64> {
+        let status = self.status();
+        let mut peers: Vec<u64> = self
+            .member_chat_addrs()
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| *id != self.id)
+            .collect();
+        peers.sort_by_key(|id| Some(*id) != status.leader);
+        peers
     }
 
     /// A handle that wakes when openraft's view changes.
@@ -694,13 +743,13 @@ impl Consensus {
     }
 
     /// Waits (bounded) until this node has applied `index`, so a client that was acknowledged
-    /// here can read its own write here.
-    async fn wait_applied(&self, index: u64, timeout: Duration) {
-        let _ = self
-            .raft
+    /// here can read its own write here. False when it has not in time.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        self.raft
             .wait(Some(timeout))
             .applied_index_at_least(Some(index), "forwarded write applied")
-            .await;
+            .await
+            .is_ok()
     }
 
     /// Leaves gracefully: a leader hands leadership to the most caught-up follower first, so the

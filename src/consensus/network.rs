@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use futures_util::TryStreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use hyper::{Request, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -23,11 +26,14 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::state_machine::{Snapshot, SnapshotPayload};
+use super::snapshot_store::SnapshotBlob;
+use super::state_machine::Snapshot;
 use super::types::{NodeAddr, TypeConfig, Vote};
 
 /// Header carrying the cluster secret.
 pub const SECRET_HEADER: &str = "x-raftchat-secret";
+/// Header carrying the leader's vote with a streamed snapshot.
+pub const VOTE_HEADER: &str = "x-raftchat-vote";
 /// Header naming the node a request is meant for; a node refuses requests for another id, so a
 /// misconfigured address cannot make a leader replicate to itself.
 pub const TARGET_HEADER: &str = "x-raftchat-target";
@@ -50,9 +56,11 @@ pub enum RpcError {
 }
 
 /// A pooled HTTP client for the raft port of peers.
+type Body = BoxBody<Bytes, std::io::Error>;
+
 #[derive(Clone)]
 pub struct RpcClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<HttpConnector, Body>,
     secret: Arc<str>,
     observer: RpcObserver,
 }
@@ -85,12 +93,53 @@ impl RpcClient {
         timeout: Duration,
         headers: &[(&str, String)],
     ) -> Result<Resp, RpcError> {
+        let bytes = serde_json::to_vec(body).map_err(|e| RpcError::Network {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        let body = Full::new(Bytes::from(bytes))
+            .map_err(|never| match never {})
+            .boxed();
+        self.exchange(rpc, target, addr, path, body, timeout, headers)
+            .await
+    }
+
+    /// POSTs a stream of bytes (a snapshot file) and decodes the JSON answer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn post_file<Resp: DeserializeOwned>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        addr: &str,
+        path: &str,
+        file: std::fs::File,
+        timeout: Duration,
+        headers: &[(&str, String)],
+    ) -> Result<Resp, RpcError> {
+        let file = tokio::fs::File::from_std(file);
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
+        let body = BodyExt::boxed(StreamBody::new(stream));
+        self.exchange(rpc, target, addr, path, body, timeout, headers)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange<Resp: DeserializeOwned>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        addr: &str,
+        path: &str,
+        body: Body,
+        timeout: Duration,
+        headers: &[(&str, String)],
+    ) -> Result<Resp, RpcError> {
         let started = Instant::now();
         let network = |reason: String| RpcError::Network {
             addr: addr.to_string(),
             reason,
         };
-        let bytes = serde_json::to_vec(body).map_err(|e| network(e.to_string()))?;
         let mut builder = Request::post(format!("http://{addr}{path}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(SECRET_HEADER, self.secret.as_ref())
@@ -98,9 +147,7 @@ impl RpcClient {
         for (name, value) in headers {
             builder = builder.header(*name, value);
         }
-        let request = builder
-            .body(Full::new(Bytes::from(bytes)))
-            .map_err(|e| network(e.to_string()))?;
+        let request = builder.body(body).map_err(|e| network(e.to_string()))?;
         let exchange = async {
             let response = self.http.request(request).await.map_err(|e| {
                 if e.is_connect() {
@@ -185,7 +232,7 @@ impl PeerClient {
 }
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
-    type SnapshotData = SnapshotPayload;
+    type SnapshotData = SnapshotBlob;
 
     async fn append_entries(
         &mut self,
@@ -221,14 +268,34 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let req = SnapshotRequest {
-            vote,
-            meta: snapshot.meta,
-            payload: snapshot.snapshot,
+        let to_network = |e: String| RPCError::Network(NetworkError::from_string(e));
+        let vote_json = serde_json::to_string(&vote).map_err(|e| to_network(e.to_string()))?;
+        // The file holds its own meta; the receiver reads it from there.
+        let send = async {
+            let answer: Result<SnapshotResponse<TypeConfig>, RaftError<TypeConfig>> = self
+                .rpc
+                .post_file(
+                    "snapshot",
+                    self.target,
+                    &self.addr,
+                    "/raft/snapshot",
+                    snapshot.snapshot.file,
+                    option.hard_ttl(),
+                    &[(VOTE_HEADER, vote_json)],
+                )
+                .await
+                .map_err(|e| {
+                    tracing::warn!(target = self.target, error = %e, "sending a snapshot failed");
+                    match e {
+                        RpcError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                        _ => RPCError::Network(NetworkError::new(&e)),
+                    }
+                })?;
+            answer.map_err(|e| to_network(format!("remote: {e}")))
         };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
-            res = self.call("snapshot", "/raft/snapshot", &req, option.hard_ttl()) => Ok(res?),
+            res = send => Ok(res?),
         }
     }
 
@@ -251,12 +318,4 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 .map(Duration::from_millis),
         ))
     }
-}
-
-/// The body of `/raft/snapshot`.
-#[derive(Serialize, serde::Deserialize)]
-pub struct SnapshotRequest {
-    pub vote: Vote,
-    pub meta: super::types::SnapshotMeta,
-    pub payload: SnapshotPayload,
 }

@@ -15,14 +15,19 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::network::{SECRET_HEADER, SnapshotRequest, TARGET_HEADER};
+use super::network::{SECRET_HEADER, TARGET_HEADER, VOTE_HEADER};
+use super::snapshot_store::{SnapshotBlob, read_meta};
 use super::state_machine::Snapshot;
 use super::types::TypeConfig;
 use super::{Consensus, ForwardAnswer, ForwardRequest, ItemResult, LocalWrite};
 use crate::http::{self, HttpResponse};
 
 const MAX_RPC_BODY: usize = 64 * 1024 * 1024;
-const MAX_SNAPSHOT_BODY: usize = 1024 * 1024 * 1024;
+/// A snapshot holds the live chat state only; anything larger is not one of ours.
+const MAX_SNAPSHOT_BODY: u64 = 4 * 1024 * 1024 * 1024;
+/// One page of history sent to a peer that fills its gap.
+const HISTORY_PAGE_MESSAGES: usize = 1000;
+const HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 pub async fn serve_raft_port(
     listener: TcpListener,
@@ -66,12 +71,10 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
         return http::text(StatusCode::METHOD_NOT_ALLOWED, "only POST is allowed\n");
     }
     let path = req.uri().path().to_string();
-    let limit = if path == "/raft/snapshot" {
-        MAX_SNAPSHOT_BODY
-    } else {
-        MAX_RPC_BODY
-    };
-    let body = match Limited::new(req.into_body(), limit).collect().await {
+    if path == "/raft/snapshot" {
+        return receive_snapshot(consensus, req).await;
+    }
+    let body = match Limited::new(req.into_body(), MAX_RPC_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => return http::text(StatusCode::PAYLOAD_TOO_LARGE, format!("{e}\n")),
     };
@@ -96,18 +99,8 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             Ok(req) => http::json(StatusCode::OK, &raft.pre_vote(req).await),
             Err(reason) => bad_request(reason),
         },
-        "/raft/snapshot" => match decode::<SnapshotRequest>(&body) {
-            Ok(req) => {
-                let snapshot = Snapshot {
-                    meta: req.meta,
-                    snapshot: req.payload,
-                };
-                let res: Result<SnapshotResponse<TypeConfig>, RaftError<TypeConfig>> = raft
-                    .install_full_snapshot(req.vote, snapshot)
-                    .await
-                    .map_err(RaftError::Fatal);
-                http::json(StatusCode::OK, &res)
-            }
+        "/raft/history" => match decode::<HistoryRequest>(&body) {
+            Ok(req) => http::json(StatusCode::OK, &history_page(consensus, req).await),
             Err(reason) => bad_request(reason),
         },
         "/raft/transfer-leader" => match decode(&body) {
@@ -155,6 +148,10 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             }
             Err(reason) => bad_request(reason),
         },
+        "/admin/history-digest" => match decode::<HistoryRequest>(&body) {
+            Ok(req) => http::json(StatusCode::OK, &history_digest(consensus, req.upto).await),
+            Err(reason) => bad_request(reason),
+        },
         "/admin/membership" => match decode::<super::AdminRequest>(&body) {
             Ok(req) => {
                 tracing::info!(?req, "membership change requested");
@@ -172,4 +169,142 @@ fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, String> {
 
 fn bad_request(reason: String) -> HttpResponse {
     http::text(StatusCode::BAD_REQUEST, reason)
+}
+
+/// A peer asks for a page of history in (`after`, `upto`] to fill its gap.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct HistoryRequest {
+    pub after: u64,
+    pub upto: u64,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+pub enum HistoryAnswer {
+    Page(crate::chat::history::RangePage),
+    /// This node cannot serve that range (not applied yet, or it lacks it itself).
+    Unavailable(String),
+}
+
+async fn history_page(consensus: &Consensus, req: HistoryRequest) -> HistoryAnswer {
+    let chat = consensus.chat.clone();
+    if chat.applied() < req.upto {
+        return HistoryAnswer::Unavailable(format!(
+            "node {} has applied {} < {}",
+            consensus.id,
+            chat.applied(),
+            req.upto
+        ));
+    }
+    if let Some(gap) = chat.gap()
+        && gap.after < req.upto
+        && req.after < gap.upto
+    {
+        return HistoryAnswer::Unavailable(format!(
+            "node {} is still copying ({}, {}] itself",
+            consensus.id, gap.after, gap.upto
+        ));
+    }
+    let read = tokio::task::spawn_blocking(move || {
+        chat.history().range(
+            req.after,
+            req.upto,
+            HISTORY_PAGE_MESSAGES,
+            HISTORY_PAGE_BYTES,
+        )
+    })
+    .await;
+    match read {
+        Ok(Ok(page)) => HistoryAnswer::Page(page),
+        Ok(Err(e)) => HistoryAnswer::Unavailable(e.to_string()),
+        Err(e) => HistoryAnswer::Unavailable(e.to_string()),
+    }
+}
+
+/// A fingerprint of this node's history up to `upto` (for tests and operators comparing nodes).
+async fn history_digest(
+    consensus: &Consensus,
+    upto: u64,
+) -> Result<crate::chat::history::Digest, String> {
+    let chat = consensus.chat.clone();
+    if chat.applied() < upto {
+        return Err(format!("applied {} < {upto}", chat.applied()));
+    }
+    if let Some(gap) = chat.gap() {
+        return Err(format!(
+            "still copying history ({}..{})",
+            gap.after, gap.upto
+        ));
+    }
+    tokio::task::spawn_blocking(move || chat.history().digest(upto))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
+}
+
+/// Streams a snapshot from the leader into a file in the data directory, then installs it.
+/// The body is never held in memory; a body over `MAX_SNAPSHOT_BODY` is refused.
+async fn receive_snapshot(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
+    use tokio::io::AsyncWriteExt;
+    let vote = match req
+        .headers()
+        .get(VOTE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(serde_json::from_str::<super::types::Vote>)
+    {
+        Some(Ok(vote)) => vote,
+        _ => return bad_request(format!("missing or bad {VOTE_HEADER} header\n")),
+    };
+    let path = consensus.snapshots.incoming_path();
+    let received = async {
+        // Read back (the meta, then the state) after it is written.
+        let mut file = tokio::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .await?;
+        let mut body = req.into_body();
+        let mut total = 0u64;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(std::io::Error::other)?;
+            if let Some(chunk) = frame.data_ref() {
+                total += chunk.len() as u64;
+                if total > MAX_SNAPSHOT_BODY {
+                    return Err(std::io::Error::other("snapshot larger than 4 GiB"));
+                }
+                file.write_all(chunk).await?;
+            }
+        }
+        file.flush().await?;
+        let file = file.into_std().await;
+        let check_path = path.clone();
+        tokio::task::spawn_blocking(move || {
+            let meta = read_meta(&file, &check_path)?;
+            Ok::<_, std::io::Error>((meta, file))
+        })
+        .await
+        .map_err(std::io::Error::other)?
+    };
+    let (meta, file) = match received.await {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&path).await;
+            return bad_request(format!("snapshot not received: {e}\n"));
+        }
+    };
+    let snapshot = Snapshot {
+        meta,
+        snapshot: SnapshotBlob {
+            file,
+            incoming: Some(path.clone()),
+        },
+    };
+    let res: Result<SnapshotResponse<TypeConfig>, RaftError<TypeConfig>> = consensus
+        .raft
+        .install_full_snapshot(vote, snapshot)
+        .await
+        .map_err(RaftError::Fatal);
+    // Installed snapshots were moved into place; anything left is a refused or older one.
+    let _ = tokio::fs::remove_file(&path).await;
+    http::json(StatusCode::OK, &res)
 }

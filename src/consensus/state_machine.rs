@@ -2,40 +2,30 @@
 //!
 //! Durability: messages are written to the history without an fsync on apply; the chat state
 //! lives in memory. A snapshot first makes the history durable, then writes the chat state and
-//! the snapshot's log id to `snapshot.json` atomically. After a crash the node restores that
+//! its meta to `snapshot.json` (see `snapshot_store`). After a crash the node restores that
 //! snapshot and openraft re-applies the log above it (the log is never purged past a durable
 //! snapshot), so nothing committed is lost and re-written messages are identical.
+//!
+//! A snapshot carries no history. Installing one from the leader records the skipped history
+//! range as a gap in the history store *before* the snapshot file is replaced, and
+//! `chat::backfill` copies that range from a peer in pages.
 
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::{Stream, TryStreamExt};
 use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
-use serde::{Deserialize, Serialize};
 
+use super::snapshot_store::{SnapshotBlob, SnapshotStore, read_blob};
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
-use crate::chat::command::{ChatResponse, StoredMessage};
+use crate::chat::command::ChatResponse;
 use crate::chat::state::ChatState;
 use crate::chat::store::{AppliedEntry, ChatStore};
 
-pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotPayload>;
-
-/// What a snapshot carries between nodes: the whole chat state and every message it covers.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct SnapshotPayload {
-    pub state: ChatState,
-    pub messages: Vec<StoredMessage>,
-}
-
-/// The local snapshot file: messages stay in the history store, which is flushed first.
-#[derive(Serialize, Deserialize)]
-struct SnapshotFile {
-    meta: SnapshotMeta,
-    state: ChatState,
-}
+pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotBlob>;
 
 #[derive(Clone)]
 pub struct StateMachine {
@@ -44,7 +34,7 @@ pub struct StateMachine {
 
 struct Inner {
     chat: Arc<ChatStore>,
-    snapshot_path: PathBuf,
+    snapshots: Arc<SnapshotStore>,
     applied: Mutex<Applied>,
 }
 
@@ -52,7 +42,6 @@ struct Inner {
 struct Applied {
     last: Option<LogId>,
     membership: StoredMembership,
-    snapshot: Option<SnapshotMeta>,
 }
 
 fn io_err(e: impl std::fmt::Display) -> io::Error {
@@ -65,32 +54,25 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(io_err)?
 }
 
+fn index_of(meta: &SnapshotMeta) -> u64 {
+    meta.last_log_id.as_ref().map_or(0, |l| l.index())
+}
+
 impl StateMachine {
     /// Restores the last snapshot in `dir`, if any, into `chat`.
     pub fn open(dir: &Path, chat: Arc<ChatStore>) -> io::Result<StateMachine> {
-        let snapshot_path = dir.join("snapshot.json");
+        let (snapshots, restored) = SnapshotStore::open(dir)?;
         let mut applied = Applied::default();
-        match std::fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("snapshot {} is corrupt: {e}", snapshot_path.display()),
-                    )
-                })?;
-                let index = file.meta.last_log_id.as_ref().map_or(0, |l| l.index());
-                chat.install(file.state, index, None).map_err(io_err)?;
-                applied.last = file.meta.last_log_id;
-                applied.membership = file.meta.last_membership.clone();
-                applied.snapshot = Some(file.meta);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
+        if let Some((meta, state)) = restored {
+            chat.install(state, index_of(&meta), false)
+                .map_err(io_err)?;
+            applied.last = meta.last_log_id;
+            applied.membership = meta.last_membership.clone();
         }
         Ok(StateMachine {
             inner: Arc::new(Inner {
                 chat,
-                snapshot_path,
+                snapshots: Arc::new(snapshots),
                 applied: Mutex::new(applied),
             }),
         })
@@ -98,7 +80,15 @@ impl StateMachine {
 
     /// The log id of the last durable snapshot, if any.
     pub fn snapshot_log_id(&self) -> Option<LogId> {
-        self.applied().snapshot.as_ref().and_then(|m| m.last_log_id)
+        self.inner
+            .snapshots
+            .current_meta()
+            .and_then(|m| m.last_log_id)
+    }
+
+    /// Where received snapshots are stored.
+    pub fn snapshots(&self) -> Arc<SnapshotStore> {
+        self.inner.snapshots.clone()
     }
 
     fn applied(&self) -> MutexGuard<'_, Applied> {
@@ -106,32 +96,8 @@ impl StateMachine {
     }
 }
 
-/// Writes `file` next to `path` and renames it over `path`, fsyncing both.
-fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
-}
-
-fn payload_for(
-    chat: &ChatStore,
-    state: ChatState,
-    meta: &SnapshotMeta,
-) -> io::Result<SnapshotPayload> {
-    let upto = meta.last_log_id.as_ref().map_or(0, |l| l.index());
-    let messages = chat.history().all_upto(upto).map_err(io_err)?;
-    Ok(SnapshotPayload { state, messages })
-}
-
 impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotData = SnapshotPayload;
+    type SnapshotData = SnapshotBlob;
     type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
@@ -211,46 +177,38 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: SnapshotPayload,
+        snapshot: SnapshotBlob,
     ) -> Result<(), io::Error> {
         let inner = self.inner.clone();
         let meta_copy = meta.clone();
         blocking(move || {
-            let index = meta_copy.last_log_id.as_ref().map_or(0, |l| l.index());
-            let file = SnapshotFile {
-                meta: meta_copy,
-                state: snapshot.state.clone(),
-            };
+            let (file_meta, state) = read_blob(&snapshot)?;
+            if file_meta != meta_copy {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "received snapshot's file does not match its meta",
+                ));
+            }
+            // The gap is recorded before the snapshot file moves: a crash in between leaves
+            // the old snapshot with a gap to copy, never a new snapshot without one.
             inner
                 .chat
-                .install(snapshot.state, index, Some(&snapshot.messages))
+                .install(state, index_of(&meta_copy), true)
                 .map_err(io_err)?;
-            write_atomically(
-                &inner.snapshot_path,
-                &serde_json::to_vec(&file).map_err(io_err)?,
-            )
+            inner.snapshots.commit_incoming(&meta_copy, &snapshot)
         })
         .await?;
         let mut a = self.applied();
         a.last = meta.last_log_id;
         a.membership = meta.last_membership.clone();
-        a.snapshot = Some(meta.clone());
-        tracing::info!(index = ?meta.last_log_id.as_ref().map(|l| l.index()), "installed snapshot from leader");
+        tracing::info!(index = index_of(meta), "installed snapshot from leader");
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        let Some(meta) = self.applied().snapshot.clone() else {
-            return Ok(None);
-        };
-        let inner = self.inner.clone();
-        blocking(move || {
-            let bytes = std::fs::read(&inner.snapshot_path)?;
-            let file: SnapshotFile = serde_json::from_slice(&bytes).map_err(io_err)?;
-            let snapshot = payload_for(&inner.chat, file.state, &meta)?;
-            Ok(Some(Snapshot { meta, snapshot }))
-        })
-        .await
+        let snapshots = self.inner.snapshots.clone();
+        let current = blocking(move || snapshots.current()).await?;
+        Ok(current.map(|(meta, snapshot)| Snapshot { meta, snapshot }))
     }
 }
 
@@ -261,27 +219,234 @@ pub struct SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    type SnapshotData = SnapshotPayload;
+    type SnapshotData = SnapshotBlob;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let inner = self.sm.inner.clone();
-        let file = SnapshotFile {
-            meta: self.meta.clone(),
-            state: self.state.clone(),
-        };
         let meta = self.meta.clone();
-        let snapshot = blocking(move || {
+        let state = std::mem::take(&mut self.state);
+        let (written, current) = blocking(move || {
             // Every message up to the snapshot must be durable before the log behind it can go.
             inner.chat.history().flush().map_err(io_err)?;
-            write_atomically(
-                &inner.snapshot_path,
-                &serde_json::to_vec(&file).map_err(io_err)?,
-            )?;
-            payload_for(&inner.chat, file.state, &file.meta)
+            let written = inner.snapshots.write_built(&meta, &state)?;
+            Ok((written, inner.snapshots.current()?))
         })
         .await?;
-        self.sm.applied().snapshot = Some(meta.clone());
-        tracing::info!(index = ?meta.last_log_id.as_ref().map(|l| l.index()), "built snapshot");
+        let Some((meta, snapshot)) = current else {
+            return Err(io::Error::other("snapshot vanished after it was written"));
+        };
+        if written {
+            tracing::info!(index = index_of(&meta), "built snapshot");
+        } else {
+            tracing::info!(
+                index = index_of(&meta),
+                "a newer snapshot was already in place; kept it"
+            );
+        }
         Ok(Snapshot { meta, snapshot })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The snapshot defects of the long-lived-cluster issue, each reproduced at the state
+    //! machine: meta and state must travel together, an older snapshot must never replace a
+    //! newer one, and a snapshot carries no history.
+    use super::*;
+    use crate::chat::command::ChatCommand;
+    use crate::chat::history::History;
+    use crate::consensus::types::{Entry, Request};
+    use openraft::entry::RaftEntry;
+
+    fn store(dir: &Path) -> Arc<ChatStore> {
+        let history = History::open(&dir.join("h.redb"), 1 << 20).unwrap();
+        Arc::new(ChatStore::new(history, 1024).unwrap())
+    }
+
+    /// Entry `index` attaches user `u{index}` (so a state shows which index it reflects).
+    fn entry(index: u64) -> Entry {
+        let command = ChatCommand::Attach {
+            session: format!("s{index}"),
+            user: format!("u{index}"),
+            node: 1,
+            replaces: None,
+            resume: None,
+            adopt: false,
+        };
+        Entry::new_normal(
+            openraft::testing::log_id::<TypeConfig>(1, 1, index),
+            Request { ts_ms: 0, command },
+        )
+    }
+
+    async fn apply(sm: &mut StateMachine, range: std::ops::RangeInclusive<u64>) {
+        let entries: Vec<io::Result<EntryResponder<TypeConfig>>> =
+            range.map(|i| Ok((entry(i), None))).collect();
+        sm.apply(futures_util::stream::iter(entries)).await.unwrap();
+    }
+
+    /// The highest `u{n}` session a state holds: the index it reflects.
+    fn reflects(state: &ChatState) -> u64 {
+        (1..=1000)
+            .rev()
+            .find(|i| state.holder_of(&format!("u{i}")).is_some())
+            .unwrap_or(0)
+    }
+
+    fn current(dir: &Path) -> (SnapshotMeta, ChatState) {
+        let file = std::fs::File::open(dir.join("snapshot.json")).unwrap();
+        super::super::snapshot_store::read_file(&file, &dir.join("snapshot.json")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_older_build_finishing_late_never_replaces_a_newer_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        apply(&mut sm, 1..=5).await;
+        let mut older = sm.get_snapshot_builder().await;
+        apply(&mut sm, 6..=9).await;
+        let mut newer = sm.get_snapshot_builder().await;
+        newer.build_snapshot().await.unwrap();
+        // The slow build of index 5 finishes after the build of index 9.
+        let built = older.build_snapshot().await.unwrap();
+        assert_eq!(index_of(&built.meta), 9, "the newer snapshot stays current");
+        let (meta, state) = current(dir.path());
+        assert_eq!((index_of(&meta), reflects(&state)), (9, 9));
+        // And the node restarts on it.
+        drop((sm, older, newer));
+        let sm = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        assert_eq!(sm.snapshot_log_id().map(|l| l.index()), Some(9));
+    }
+
+    #[tokio::test]
+    async fn an_install_is_not_undone_by_a_build_that_started_before_it() {
+        let leader_dir = tempfile::tempdir().unwrap();
+        let mut leader = StateMachine::open(leader_dir.path(), store(leader_dir.path())).unwrap();
+        apply(&mut leader, 1..=20).await;
+        leader
+            .get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let sent = leader.get_current_snapshot().await.unwrap().unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut follower = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        apply(&mut follower, 1..=3).await;
+        let mut stale = follower.get_snapshot_builder().await;
+        // The leader's snapshot arrives as a file in the data directory.
+        let incoming = follower.snapshots().incoming_path();
+        let mut src = sent.snapshot.file;
+        let mut dst = std::fs::File::create(&incoming).unwrap();
+        std::io::copy(&mut src, &mut dst).unwrap();
+        let blob = SnapshotBlob {
+            file: std::fs::OpenOptions::new()
+                .read(true)
+                .open(&incoming)
+                .unwrap(),
+            incoming: Some(incoming),
+        };
+        follower.install_snapshot(&sent.meta, blob).await.unwrap();
+        stale.build_snapshot().await.unwrap();
+        let got = follower.get_current_snapshot().await.unwrap().unwrap();
+        let (meta, state) = super::super::snapshot_store::read_blob(&got.snapshot).unwrap();
+        assert_eq!(got.meta, meta, "meta and state come from one file");
+        assert_eq!((index_of(&meta), reflects(&state)), (20, 20));
+        // The history the snapshot skipped is recorded as a gap to copy.
+        let gap = follower.inner.chat.gap().unwrap();
+        assert_eq!((gap.after, gap.upto), (3, 20));
+    }
+
+    #[tokio::test]
+    async fn current_snapshot_meta_always_matches_its_state_under_concurrent_builds() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut sm = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        let reader = sm.clone();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stop_reading = stop.clone();
+        let checks = tokio::spawn(async move {
+            let mut reader = reader;
+            let mut seen = 0;
+            while !stop_reading.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(s) = reader.get_current_snapshot().await.unwrap() {
+                    let (_, state) = read_blob(&s.snapshot).unwrap();
+                    assert_eq!(
+                        reflects(&state),
+                        index_of(&s.meta),
+                        "meta paired with another state"
+                    );
+                    seen += 1;
+                }
+                tokio::task::yield_now().await;
+            }
+            seen
+        });
+        let mut builds = Vec::new();
+        for i in 1..=40 {
+            apply(&mut sm, i..=i).await;
+            let mut builder = sm.get_snapshot_builder().await;
+            builds.push(tokio::spawn(async move {
+                builder.build_snapshot().await.unwrap()
+            }));
+        }
+        for b in builds {
+            b.await.unwrap();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(checks.await.unwrap() > 0);
+        let (meta, state) = current(dir.path());
+        assert_eq!((index_of(&meta), reflects(&state)), (40, 40));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_holds_no_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let chat = store(dir.path());
+        let mut sm = StateMachine::open(dir.path(), chat).unwrap();
+        apply(&mut sm, 1..=1).await;
+        let join = ChatCommand::Join {
+            session: "s1".into(),
+            room: "#r".into(),
+        };
+        let mut entries: Vec<io::Result<EntryResponder<TypeConfig>>> = vec![Ok((
+            Entry::new_normal(
+                openraft::testing::log_id::<TypeConfig>(1, 1, 2),
+                Request {
+                    ts_ms: 0,
+                    command: join,
+                },
+            ),
+            None,
+        ))];
+        for i in 3..=200u64 {
+            let send = ChatCommand::Send {
+                session: "s1".into(),
+                id: i.to_string(),
+                to: "#r".into(),
+                text: "x".repeat(10_000),
+            };
+            entries.push(Ok((
+                Entry::new_normal(
+                    openraft::testing::log_id::<TypeConfig>(1, 1, i),
+                    Request {
+                        ts_ms: 0,
+                        command: send,
+                    },
+                ),
+                None,
+            )));
+        }
+        sm.apply(futures_util::stream::iter(entries)).await.unwrap();
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        let size = std::fs::metadata(dir.path().join("snapshot.json"))
+            .unwrap()
+            .len();
+        // ~2 MB of messages; the snapshot is the state (one session, its dedup window).
+        assert!(size < 64 * 1024, "snapshot is {size} bytes");
     }
 }

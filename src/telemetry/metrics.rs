@@ -61,6 +61,10 @@ pub struct Metrics {
     pub raft_term: IntGauge,
     pub raft_is_leader: IntGauge,
     pub raft_has_leader: IntGauge,
+    /// 1 once openraft stopped with a fatal error (the node then exits).
+    pub raft_fatal: IntGauge,
+    /// History entries this node still has to copy from peers after a snapshot.
+    pub history_gap_entries: IntGauge,
     pub raft_leader_id: IntGauge,
     pub raft_leader_changes: IntCounter,
     pub raft_last_log_index: IntGauge,
@@ -187,6 +191,16 @@ impl Metrics {
                 &r,
                 "raftchat_raft_has_leader",
                 "1 if this node knows a healthy leader.",
+            )?,
+            raft_fatal: gauge(
+                &r,
+                "raftchat_raft_fatal",
+                "1 once raft stopped with a fatal error (storage failure, panic); the node exits.",
+            )?,
+            history_gap_entries: gauge(
+                &r,
+                "raftchat_history_gap_entries",
+                "Log entries whose history this node still copies from peers after installing a snapshot.",
             )?,
             raft_leader_id: gauge(
                 &r,

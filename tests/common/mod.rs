@@ -115,7 +115,10 @@ impl Cluster {
             .args(["node", "--config"])
             .arg(&self.config)
             .args(["--id", &id.to_string()])
-            .env("RUST_LOG", "info,openraft=warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             // Export spans quickly so tests need not wait for the default 5 s batch.
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
             .stdout(Stdio::null())
