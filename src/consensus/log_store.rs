@@ -34,6 +34,8 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const MAX_BATCH: usize = 4096;
 /// Durable entries kept in memory for replication, by approximate size.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// Most bytes of entries one AppendEntries carries.
+const REPLICATION_BYTES: usize = 4 * 1024 * 1024;
 /// redb's page cache for the log.
 const DB_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
@@ -321,21 +323,79 @@ fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
     txn.commit().map_err(other)
 }
 
-/// Entries in [`start`, `end`) from redb.
-fn read_range(db: &Database, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+/// Entries in [`start`, `end`) from redb, stopping once about `budget` bytes are read
+/// (after at least one entry). Returns them and the bytes read.
+fn read_range(
+    db: &Database,
+    start: u64,
+    end: u64,
+    budget: usize,
+) -> io::Result<(Vec<Entry>, usize)> {
     let txn = db.begin_read().map_err(other)?;
     let logs = txn.open_table(LOGS).map_err(other)?;
     let mut out = Vec::new();
+    let mut bytes = 0;
     if start >= end {
-        return Ok(out);
+        return Ok((out, bytes));
     }
     for row in logs.range(start..end).map_err(other)? {
         let (k, v) = row.map_err(other)?;
         let entry: Entry = serde_json::from_slice(v.value())
             .map_err(|e| other(format!("raft log entry {}: {e}", k.value())))?;
+        bytes += approx_size(&entry);
         out.push(entry);
+        if bytes >= budget {
+            break;
+        }
     }
-    Ok(out)
+    Ok((out, bytes))
+}
+
+impl LogStore {
+    /// Entries in [`start`, `end`): the part below the cache from redb, the rest from memory,
+    /// stopping after about `budget` bytes (never before the first entry).
+    async fn read(&self, start: u64, end: u64, budget: usize) -> io::Result<Vec<Entry>> {
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        let mut cursor = start;
+        while cursor < end && bytes < budget {
+            // Everything below the cache is durable, so it is in redb.
+            let cache_start = self.mem().cache.keys().next().copied();
+            let disk_end = cache_start.map_or(end, |first| first.min(end));
+            if cursor < disk_end {
+                let db = self.db.clone();
+                let left = budget - bytes;
+                let (read, read_bytes) =
+                    tokio::task::spawn_blocking(move || read_range(&db, cursor, disk_end, left))
+                        .await
+                        .map_err(other)??;
+                let Some(last) = read.last() else {
+                    return Ok(entries);
+                };
+                cursor = last.index() + 1;
+                entries.extend(read);
+                bytes += read_bytes;
+                continue;
+            }
+            let mem = self.mem();
+            // Entries may have left the cache since it was looked at: read them from redb.
+            if mem.cache.keys().next().is_none_or(|first| *first > cursor) {
+                if mem.cache.is_empty() {
+                    return Ok(entries);
+                }
+                continue;
+            }
+            for (entry, size) in mem.cache.range(cursor..end).map(|(_, v)| v) {
+                entries.push(entry.clone());
+                bytes += size;
+                if bytes >= budget {
+                    break;
+                }
+            }
+            break;
+        }
+        Ok(entries)
+    }
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -349,33 +409,22 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&i) => i + 1,
             Bound::Unbounded => 0,
         };
-        let (cached, cache_start) = {
-            let mem = self.mem();
-            let cached: Vec<Entry> = mem
-                .cache
-                .range(range.clone())
-                .map(|(_, (e, _))| e.clone())
-                .collect();
-            let cache_start = mem.cache.keys().next().copied();
-            (cached, cache_start)
+        let end = match range.end_bound() {
+            Bound::Included(&i) => i.saturating_add(1),
+            Bound::Excluded(&i) => i,
+            Bound::Unbounded => u64::MAX,
         };
-        // Everything below the cache is durable, so it is in redb.
-        let from_disk_end = match cache_start {
-            Some(first) if first > start => first,
-            Some(_) => return Ok(cached),
-            None => match range.end_bound() {
-                Bound::Included(&i) => i + 1,
-                Bound::Excluded(&i) => i,
-                Bound::Unbounded => u64::MAX,
-            },
-        };
-        let db = self.db.clone();
-        let mut entries =
-            tokio::task::spawn_blocking(move || read_range(&db, start, from_disk_end))
-                .await
-                .map_err(other)??;
-        entries.extend(cached);
-        Ok(entries)
+        self.read(start, end, usize::MAX).await
+    }
+
+    /// What replication sends in one AppendEntries: at most `REPLICATION_BYTES` of entries
+    /// (at least one), so a lagging follower never costs both ends a huge request.
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.read(start, end, REPLICATION_BYTES).await
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {

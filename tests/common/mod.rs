@@ -169,6 +169,36 @@ impl Cluster {
         self.signal(id, "-CONT");
     }
 
+    pub fn pid(&self, id: u64) -> Option<u32> {
+        self.children.get(&id).map(|c| c.id())
+    }
+
+    /// Waits for node `id` to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<i32> {
+        let mut child = self.children.remove(&id).expect("running");
+        let status = wait_for(timeout, "node to exit by itself", || {
+            child.try_wait().ok().flatten()
+        });
+        status.code()
+    }
+
+    /// A fingerprint of node `id`'s history up to `upto` (raft port, with the secret).
+    pub fn history_digest(&self, id: u64, upto: u64) -> Option<Value> {
+        let body = json!({"after": 0, "upto": upto}).to_string();
+        let request = format!(
+            "POST /admin/history-digest HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-raftchat-secret: test-secret\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        // Reading a large history takes a while.
+        let (code, body) =
+            http_raw_within(&self.node(id).raft, &request, Duration::from_secs(120)).ok()?;
+        let v: Value = serde_json::from_str(&body).ok()?;
+        if v.get("Err").is_some() {
+            eprintln!("node {id}: no digest yet: {v}");
+        }
+        (code == 200).then(|| v.get("Ok").cloned()).flatten()
+    }
+
     pub fn is_running(&mut self, id: u64) -> bool {
         self.children
             .get_mut(&id)
@@ -257,8 +287,16 @@ pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
 }
 
 pub fn http_raw(addr: &str, request: &str) -> std::io::Result<(u16, String)> {
+    http_raw_within(addr, request, Duration::from_secs(5))
+}
+
+pub fn http_raw_within(
+    addr: &str,
+    request: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.set_read_timeout(Some(timeout))?;
     s.write_all(request.as_bytes())?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
@@ -448,6 +486,19 @@ impl Client {
             all.extend(msgs);
         }
     }
+}
+
+/// Resident memory of process `pid` in bytes (Linux).
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
 }
 
 pub fn path_str(p: &Path) -> String {
