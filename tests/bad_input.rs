@@ -216,4 +216,25 @@ fn corrupt_or_truncated_data_refuses_to_start() {
     let (code, err) = start_in_foreground(&cluster);
     assert_eq!(code, Some(1));
     assert!(err.contains("snapshot"), "{err}");
+    // A snapshot cut short after its header line.
+    std::fs::write(
+        cluster.data_dir(1).join("snapshot.json"),
+        b"{\"format\":2,\"meta\":{}}\n{\"sessions\":{",
+    )
+    .unwrap();
+    let (code, err) = start_in_foreground(&cluster);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("snapshot.json"), "names the file: {err}");
+    std::fs::remove_file(cluster.data_dir(1).join("snapshot.json")).unwrap();
+
+    // A damaged message history.
+    let history = cluster.data_dir(1).join("chat-history.redb");
+    let mut garbage = std::fs::read(&history).unwrap();
+    for b in garbage.iter_mut().take(4096) {
+        *b = 0x5A;
+    }
+    std::fs::write(&history, &garbage).unwrap();
+    let (code, err) = start_in_foreground(&cluster);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("chat-history.redb"), "names the file: {err}");
 }
