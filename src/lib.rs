@@ -3,17 +3,21 @@
 //! One node's data flow:
 //!
 //! ```text
-//!  chat port ──► chat::server ─ sniff ─► chat::json (IRC: later) ──► chat::service
+//!  chat port ──► chat::server ─ sniff ─► chat::json | chat::irc ──► chat::service
 //!                                                                        │ commands
 //!                                                                        ▼
-//!  raft port ◄──► consensus (openraft: log store, state machine, transport, forwarding)
+//!  raft port ◄──► consensus (openraft: log store, state machine, snapshots, transport,
+//!                            forwarding, history pages for peers)
 //!                                                                        │ applied entries, in order
 //!                                                                        ▼
 //!                  chat::store (ChatState + History on disk) ──► events ──► connections
+//!                        ▲ skipped history, in pages ── chat::backfill ◄── peers' raft ports
 //!  metrics port ◄── http (/healthz /readyz /status /metrics) ◄── node state, health prober
 //! ```
 //!
-//! `consensus` is the only module that names openraft types.
+//! `consensus` is the only module that names openraft types. A Raft snapshot holds the chat
+//! state only; the history lives in its own store and moves between nodes in bounded pages,
+//! so no structure in a node grows with the history.
 
 pub mod chat;
 pub mod cli;

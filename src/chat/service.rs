@@ -267,7 +267,10 @@ impl ChatService {
                     .await
                 {
                     Ok(_) => tracing::info!(?desired, "replicated settings"),
-                    Err(e) => tracing::debug!(error = %e, "settings not replicated yet"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "settings not replicated yet");
+                        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    }
                 }
                 continue;
             }

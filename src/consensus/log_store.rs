@@ -35,7 +35,7 @@ const MAX_BATCH: usize = 4096;
 /// Durable entries kept in memory for replication, by approximate size.
 const CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Most bytes of entries one AppendEntries carries.
-const REPLICATION_BYTES: usize = 4 * 1024 * 1024;
+const REPLICATION_BYTES: usize = 1024 * 1024;
 /// redb's page cache for the log.
 const DB_CACHE_BYTES: usize = 32 * 1024 * 1024;
 
