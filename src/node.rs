@@ -21,7 +21,7 @@ use crate::telemetry::{self, metrics::Metrics};
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// redb's page cache for the history (its default is 1 GiB).
-const HISTORY_CACHE_BYTES: usize = 64 * 1024 * 1024;
+const HISTORY_CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// How long a node whose raft stopped fatally keeps reporting why before it exits.
 const FATAL_EXIT_DELAY: Duration = Duration::from_secs(3);
 

@@ -349,7 +349,10 @@ struct Mounted(std::path::PathBuf);
 
 impl Drop for Mounted {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -373,7 +376,10 @@ fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
         .output()
         .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
     if !root {
-        assert!(std::env::var("CI").is_err(), "CI runs as root: this test must not skip");
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI runs as root: this test must not skip"
+        );
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     }
@@ -408,7 +414,10 @@ fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
     let deadline = Instant::now() + T;
     let mut n = 0;
     while cluster.is_running(full) {
-        assert!(Instant::now() < deadline, "the node with the full disk kept running");
+        assert!(
+            Instant::now() < deadline,
+            "the node with the full disk kept running"
+        );
         for _ in 0..8 {
             w.send(json!({"type": "send", "to": "#disk", "id": format!("d{n}"), "text": text}))
                 .unwrap();
@@ -417,13 +426,19 @@ fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
         for _ in 0..8 {
             let r = w.next_reply(T).expect("an answer");
             assert_eq!(r["type"], "ack", "the majority keeps acknowledging: {r}");
-            acked.push((r["id"].as_str().unwrap().to_string(), r["index"].as_u64().unwrap()));
+            acked.push((
+                r["id"].as_str().unwrap().to_string(),
+                r["index"].as_u64().unwrap(),
+            ));
         }
         w.messages.clear();
     }
     let code = cluster.wait_exit(full, T);
     assert_eq!(code, Some(1), "exits non-zero so a supervisor restarts it");
-    assert!(victim.closed_within(T), "its clients are closed so they move on");
+    assert!(
+        victim.closed_within(T),
+        "its clients are closed so they move on"
+    );
     let log = cluster.log(full);
     assert!(log.contains("raft stopped fatally"), "says why:\n{log}");
 
@@ -432,7 +447,9 @@ fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
     cluster.start_node(full);
     let top = acked.iter().map(|(_, i)| *i).max().unwrap();
     let applied = cluster.wait_applied_equal(&[1, 2, 3], top, T);
-    wait_for(T, "the restarted node to be ready", || ready(&cluster, full).then_some(()));
+    wait_for(T, "the restarted node to be ready", || {
+        ready(&cluster, full).then_some(())
+    });
     let digests: Vec<Value> = (1..=3)
         .map(|id| wait_for(T, "digest", || cluster.history_digest(id, applied)))
         .collect();
@@ -442,10 +459,22 @@ fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
     let history = check.full_history("#disk");
     let stored: HashMap<String, u64> = history
         .iter()
-        .map(|m| (m["id"].as_str().unwrap().to_string(), m["index"].as_u64().unwrap()))
+        .map(|m| {
+            (
+                m["id"].as_str().unwrap().to_string(),
+                m["index"].as_u64().unwrap(),
+            )
+        })
         .collect();
     for (id, index) in &acked {
-        assert_eq!(stored.get(id), Some(index), "acknowledged {id} lost or moved");
+        assert_eq!(
+            stored.get(id),
+            Some(index),
+            "acknowledged {id} lost or moved"
+        );
     }
-    eprintln!("{} messages acknowledged while the disk filled; none lost", acked.len());
+    eprintln!(
+        "{} messages acknowledged while the disk filled; none lost",
+        acked.len()
+    );
 }

@@ -3,7 +3,7 @@
 //! A follower that falls behind the leader's purge point receives a snapshot of the chat state
 //! only. The history between what it had applied and the snapshot (the *gap*, recorded durably
 //! by `ChatStore::install`) is copied here from a peer, the leader first, one page of at most
-//! 1,000 messages or 4 MiB at a time, over the raft port. Memory stays bounded by one page
+//! 1,000 messages or 2 MiB at a time, over the raft port. Memory stays bounded by one page
 //! whatever the history's size, and the time taken follows what the node missed, not the
 //! whole history. Until the gap is closed the node answers `hello` and history requests with
 //! `unavailable` and `/readyz` says why, so clients use a node that has the history.

@@ -39,7 +39,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 /// Bytes written without an fsync before a write is made durable anyway, so redb never holds
 /// an unbounded amount of uncommitted pages between snapshots.
-const DURABLE_EVERY_BYTES: u64 = 32 * 1024 * 1024;
+const DURABLE_EVERY_BYTES: u64 = 16 * 1024 * 1024;
 /// Most messages one page of any read holds.
 pub const MAX_PAGE: usize = 1000;
 

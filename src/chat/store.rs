@@ -144,12 +144,6 @@ impl ChatStore {
         &self.history
     }
 
-    /// A copy of the state and the index it reflects, for a snapshot.
-    pub fn snapshot(&self) -> (ChatState, u64) {
-        let state = self.state();
-        (state.clone(), self.applied())
-    }
-
     /// Replaces the state with a snapshot's (blocking). With `from_peer` the snapshot came
     /// from the leader and this node skipped the entries between what it had applied and the
     /// snapshot: that history range is recorded as a gap, durably, before the state moves on.

@@ -33,11 +33,11 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Most operations one durable commit takes.
 const MAX_BATCH: usize = 4096;
 /// Durable entries kept in memory for replication, by approximate size.
-const CACHE_BYTES: usize = 32 * 1024 * 1024;
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of entries one AppendEntries carries.
 const REPLICATION_BYTES: usize = 1024 * 1024;
 /// redb's page cache for the log.
-const DB_CACHE_BYTES: usize = 32 * 1024 * 1024;
+const DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Reports the duration of each durable commit (the storage sync histogram).
 pub type SyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;

@@ -27,7 +27,7 @@ const MAX_RPC_BODY: usize = 64 * 1024 * 1024;
 const MAX_SNAPSHOT_BODY: u64 = 4 * 1024 * 1024 * 1024;
 /// One page of history sent to a peer that fills its gap.
 const HISTORY_PAGE_MESSAGES: usize = 1000;
-const HISTORY_PAGE_BYTES: usize = 4 * 1024 * 1024;
+const HISTORY_PAGE_BYTES: usize = 2 * 1024 * 1024;
 
 pub async fn serve_raft_port(
     listener: TcpListener,

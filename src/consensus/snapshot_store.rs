@@ -126,16 +126,8 @@ impl SnapshotStore {
             .join(format!("snapshot.{}.tmp", uuid::Uuid::new_v4().simple()))
     }
 
-    /// Writes a snapshot this node built. Returns false (and writes nothing) when the current
-    /// snapshot is as new or newer.
-    pub fn write_built(&self, meta: &SnapshotMeta, state: &ChatState) -> io::Result<bool> {
-        let mut current = self.lock();
-        if current
-            .as_ref()
-            .is_some_and(|c| index_of(c) >= index_of(meta))
-        {
-            return Ok(false);
-        }
+    /// Writes `state` with its `meta` to a new temporary file (fsynced) and returns its path.
+    pub fn write_temporary(&self, meta: &SnapshotMeta, state: &ChatState) -> io::Result<PathBuf> {
         let tmp = self.incoming_path();
         let written = (|| {
             let file = File::create(&tmp)?;
@@ -151,11 +143,27 @@ impl SnapshotStore {
             drop(out);
             file.sync_all()
         })();
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+        match written {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
         }
-        self.replace_with(&tmp)?;
+    }
+
+    /// Makes a temporary snapshot file current. Returns false (and removes the file) when the
+    /// current snapshot is as new or newer.
+    pub fn commit_temporary(&self, meta: &SnapshotMeta, tmp: &Path) -> io::Result<bool> {
+        let mut current = self.lock();
+        if current
+            .as_ref()
+            .is_some_and(|c| index_of(c) >= index_of(meta))
+        {
+            let _ = std::fs::remove_file(tmp);
+            return Ok(false);
+        }
+        self.replace_with(tmp)?;
         *current = Some(meta.clone());
         Ok(true)
     }

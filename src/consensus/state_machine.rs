@@ -22,7 +22,6 @@ use openraft::{EntryPayload, RaftSnapshotBuilder};
 use super::snapshot_store::{SnapshotBlob, SnapshotStore, read_blob};
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::chat::command::ChatResponse;
-use crate::chat::state::ChatState;
 use crate::chat::store::{AppliedEntry, ChatStore};
 
 pub type Snapshot = openraft::alias::SnapshotOf<TypeConfig, SnapshotBlob>;
@@ -161,16 +160,25 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Called in sequence with `apply`: the copy is a consistent point in time.
-        let (state, _) = self.inner.chat.snapshot();
+        // Called in sequence with `apply`, so the state is a consistent point in time. It is
+        // written to a temporary file right here, from the live state: no copy of it is held
+        // in memory while the snapshot is completed.
         let a = self.applied().clone();
+        let meta = SnapshotMeta {
+            last_log_id: a.last,
+            last_membership: a.membership,
+        };
+        let inner = self.inner.clone();
+        let written_meta = meta.clone();
+        let written = blocking(move || {
+            let state = inner.chat.state();
+            inner.snapshots.write_temporary(&written_meta, &state)
+        })
+        .await;
         SnapshotBuilder {
             sm: self.clone(),
-            state,
-            meta: SnapshotMeta {
-                last_log_id: a.last,
-                last_membership: a.membership,
-            },
+            written: Some(written),
+            meta,
         }
     }
 
@@ -214,7 +222,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
 pub struct SnapshotBuilder {
     sm: StateMachine,
-    state: ChatState,
+    /// The state's temporary file, written when the builder was made.
+    written: Option<io::Result<std::path::PathBuf>>,
     meta: SnapshotMeta,
 }
 
@@ -224,11 +233,14 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         let inner = self.sm.inner.clone();
         let meta = self.meta.clone();
-        let state = std::mem::take(&mut self.state);
+        let tmp = self
+            .written
+            .take()
+            .unwrap_or_else(|| Err(io::Error::other("snapshot builder used twice")))?;
         let (written, current) = blocking(move || {
             // Every message up to the snapshot must be durable before the log behind it can go.
             inner.chat.history().flush().map_err(io_err)?;
-            let written = inner.snapshots.write_built(&meta, &state)?;
+            let written = inner.snapshots.commit_temporary(&meta, &tmp)?;
             Ok((written, inner.snapshots.current()?))
         })
         .await?;
@@ -255,6 +267,7 @@ mod tests {
     use super::*;
     use crate::chat::command::ChatCommand;
     use crate::chat::history::History;
+    use crate::chat::state::ChatState;
     use crate::consensus::types::{Entry, Request};
     use openraft::entry::RaftEntry;
 

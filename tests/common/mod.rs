@@ -49,6 +49,8 @@ pub struct Cluster {
     pub nodes: Vec<NodeAddrs>,
     pub config: PathBuf,
     children: HashMap<u64, Child>,
+    /// Nodes that run under their own uid (so network faults can target their packets).
+    uids: HashMap<u64, u32>,
 }
 
 impl Cluster {
@@ -90,6 +92,7 @@ impl Cluster {
             nodes,
             config,
             children: HashMap::new(),
+            uids: HashMap::new(),
         }
     }
 
@@ -105,13 +108,42 @@ impl Cluster {
         self.dir.path().join(format!("node-{id}.log"))
     }
 
+    /// Runs node `id` under `uid` from now on (needs root): its data directory is handed to
+    /// that uid and the process started through `setpriv`.
+    pub fn run_as(&mut self, id: u64, uid: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        let _ = std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o755));
+        self.uids.insert(id, uid);
+    }
+
     pub fn start_node(&mut self, id: u64) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log_path(id))
             .expect("log file");
-        let child = Command::new(BIN)
+        let mut command = match self.uids.get(&id) {
+            Some(uid) => {
+                let data = self.data_dir(id);
+                std::fs::create_dir_all(&data).expect("data dir");
+                let owned = Command::new("chown")
+                    .args(["-R", &format!("{uid}:{uid}")])
+                    .arg(&data)
+                    .status()
+                    .is_ok_and(|s| s.success());
+                assert!(owned, "chown {}", data.display());
+                let mut c = Command::new("setpriv");
+                c.args([
+                    &format!("--reuid={uid}"),
+                    &format!("--regid={uid}"),
+                    "--clear-groups",
+                    BIN,
+                ]);
+                c
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .args(["node", "--config"])
             .arg(&self.config)
             .args(["--id", &id.to_string()])

@@ -1,0 +1,235 @@
+//! What the chaos suite checks once the cluster is healed:
+//! - every acknowledged message is in every node's history exactly once, at its acked index;
+//! - all nodes' histories are identical (and their digests agree);
+//! - no message appears that no client sent;
+//! - every client's stream is strictly increasing, matches the history at each index, and has
+//!   no gap from its first received index on (across its reconnects);
+//! - every sent message was finally acknowledged, and no session was lost;
+//! - no node logged a panic.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use super::common::{Cluster, wait_for};
+use super::faults::Kind;
+use super::{Applied, NODES, Seen};
+
+#[derive(Default, Debug)]
+pub struct Summary {
+    pub faults: usize,
+    pub acked: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub reordered: usize,
+    pub gaps: usize,
+    pub diverged: usize,
+    pub unsent_in_history: usize,
+    pub never_acked: usize,
+    pub sessions_lost: usize,
+    pub panics: usize,
+    pub worst_stall: Duration,
+    /// Per fault kind: how often, and the longest time without any ack while it lasted.
+    pub per_kind: BTreeMap<Kind, (usize, Duration)>,
+    pub problems: Vec<String>,
+}
+
+impl Summary {
+    pub fn line(&self) -> String {
+        format!(
+            "faults {}, acked {}, lost {}, duplicated {}, reordered {}, gaps {}, diverged {}, worst stall {} ms",
+            self.faults,
+            self.acked,
+            self.lost,
+            self.duplicated,
+            self.reordered,
+            self.gaps,
+            self.diverged,
+            self.worst_stall.as_millis()
+        )
+    }
+
+    pub fn per_kind(&self) -> String {
+        let mut out = String::from("chaos: worst stall per fault kind:");
+        for (kind, (n, stall)) in &self.per_kind {
+            out.push_str(&format!(
+                "\n  {kind:?}: {n} faults, {} ms",
+                stall.as_millis()
+            ));
+        }
+        out
+    }
+
+    pub fn assert_clean(&self, seed: u64) {
+        let clean = self.lost == 0
+            && self.duplicated == 0
+            && self.reordered == 0
+            && self.gaps == 0
+            && self.diverged == 0
+            && self.unsent_in_history == 0
+            && self.never_acked == 0
+            && self.sessions_lost == 0
+            && self.panics == 0;
+        assert!(
+            clean,
+            "chaos found problems (replay with CHAOS_SEED={seed}): {self:?}\n{}",
+            self.problems.join("\n")
+        );
+    }
+}
+
+/// The longest time without an ack that overlaps [`from`, `to`].
+fn stall_within(acks: &[Instant], from: Instant, to: Instant) -> Duration {
+    let mut worst = Duration::ZERO;
+    let mut previous = from;
+    for t in acks.iter().copied().filter(|t| *t > from) {
+        let end = t.min(to);
+        worst = worst.max(end.saturating_duration_since(previous));
+        if t >= to {
+            return worst;
+        }
+        previous = t;
+    }
+    worst.max(to.saturating_duration_since(previous))
+}
+
+fn history_of(cluster: &Cluster, id: u64, room: &str) -> Vec<(u64, String)> {
+    let mut c = cluster.login(id, &format!("checker{id}"));
+    c.join(room);
+    c.full_history(room)
+        .iter()
+        .map(|m| {
+            (
+                m["index"].as_u64().unwrap_or(0),
+                m["id"].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+pub fn check(
+    cluster: &Cluster,
+    seen: &[Seen],
+    applied: &[Applied],
+    acks: &[Instant],
+    room: &str,
+) -> Summary {
+    let mut s = Summary {
+        faults: applied.len(),
+        ..Summary::default()
+    };
+    let mut acks = acks.to_vec();
+    acks.sort();
+    for (i, fault) in applied.iter().enumerate() {
+        // A fault's stall runs until the first ack after it was healed: at most until the
+        // next fault began, or 10 s on.
+        let end = applied
+            .get(i + 1)
+            .map_or(fault.healed + Duration::from_secs(10), |next| next.started);
+        let stall = stall_within(&acks, fault.started, end).min(
+            acks.iter()
+                .find(|t| **t > fault.healed)
+                .map_or(Duration::from_secs(10), |t| {
+                    t.saturating_duration_since(fault.started)
+                }),
+        );
+        let entry = s.per_kind.entry(fault.kind).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(stall);
+        if fault.kind.keeps_a_majority() {
+            s.worst_stall = s.worst_stall.max(stall);
+        }
+    }
+
+    let top = seen
+        .iter()
+        .flat_map(|c| c.acked.values().copied())
+        .max()
+        .unwrap_or(0);
+    let ids: Vec<u64> = (1..=NODES).collect();
+    let applied_index = cluster.wait_applied_equal(&ids, top, Duration::from_secs(90));
+    let histories: Vec<Vec<(u64, String)>> = ids
+        .iter()
+        .map(|id| history_of(cluster, *id, room))
+        .collect();
+    let digests: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            wait_for(Duration::from_secs(90), "a history digest", || {
+                cluster.history_digest(*id, applied_index)
+            })
+        })
+        .collect();
+    for (i, h) in histories.iter().enumerate().skip(1) {
+        if *h != histories[0] || digests[i] != digests[0] {
+            s.diverged += 1;
+            s.problems.push(format!(
+                "node {} history differs from node 1 ({} vs {} messages)",
+                i + 1,
+                h.len(),
+                histories[0].len()
+            ));
+        }
+    }
+    let reference = &histories[0];
+    let at: HashMap<u64, &str> = reference.iter().map(|(i, id)| (*i, id.as_str())).collect();
+    let mut counts: HashMap<&str, usize> = HashMap::new();
+    for (_, id) in reference {
+        *counts.entry(id.as_str()).or_default() += 1;
+    }
+    s.duplicated = counts.values().filter(|n| **n > 1).count();
+    let sent: HashSet<&str> = seen
+        .iter()
+        .flat_map(|c| c.sent.iter().map(String::as_str))
+        .collect();
+    s.unsent_in_history = counts.keys().filter(|id| !sent.contains(*id)).count();
+    let room_indexes: Vec<u64> = reference.iter().map(|(i, _)| *i).collect();
+    for c in seen {
+        s.acked += c.acked.len();
+        s.sessions_lost += c.sessions_lost;
+        s.never_acked += c.sent.len().saturating_sub(c.acked.len());
+        for (id, index) in &c.acked {
+            if at.get(index) != Some(&id.as_str()) {
+                s.lost += 1;
+                if s.problems.len() < 20 {
+                    s.problems.push(format!(
+                        "{id} acked at {index}, history has {:?}",
+                        at.get(index)
+                    ));
+                }
+            }
+        }
+        let stream: Vec<u64> = c.received.iter().map(|(i, _)| *i).collect();
+        s.reordered += stream.windows(2).filter(|w| w[0] >= w[1]).count();
+        for (index, id) in &c.received {
+            if at.get(index) != Some(&id.as_str()) {
+                s.diverged += 1;
+                if s.problems.len() < 20 {
+                    s.problems.push(format!(
+                        "{} received {id} at {index}, history has {:?}",
+                        c.user,
+                        at.get(index)
+                    ));
+                }
+            }
+        }
+        if let (Some(first), Some(last)) = (stream.first(), stream.last()) {
+            let got: HashSet<u64> = stream.iter().copied().collect();
+            let missing = room_indexes
+                .iter()
+                .filter(|i| **i >= *first && **i <= *last && !got.contains(i))
+                .count();
+            if missing > 0 {
+                s.problems
+                    .push(format!("{} missed {missing} messages", c.user));
+            }
+            s.gaps += missing;
+        }
+    }
+    for id in ids {
+        if cluster.log(id).contains("panicked") {
+            s.panics += 1;
+            s.problems.push(format!("node {id} logged a panic"));
+        }
+    }
+    s
+}
