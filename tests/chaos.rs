@@ -1,4 +1,4 @@
-//! The chaos suite: a 3-node cluster (each node under its own uid, node 3's data on a small
+//! The chaos suite: a 3-node cluster (each node under its own uid, node 3's data on a
 //! tmpfs), reconnecting clients on every node sending all the time, and a seeded random
 //! schedule of faults: SIGKILL and restart (leader or follower), SIGSTOP/SIGCONT, SIGTERM and
 //! restart, a full-cluster kill, quorum loss, isolation of the leader or of a follower, a
@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, wait_for};
+use common::{Cluster, free_bytes, wait_for};
 use faults::{Kind, Net, Peer};
 use raftchat::client::{Client as ChatClient, ClientConfig, Event};
 use rand::rngs::StdRng;
@@ -43,6 +43,8 @@ pub struct Seen {
     pub received: Vec<(u64, String)>,
     pub sessions_lost: usize,
     pub reconnects: usize,
+    /// Sends the cluster refused for good: (code, id).
+    pub refused: Vec<(String, Option<String>)>,
 }
 
 /// A fault as it happened: what, and when it began and was healed.
@@ -50,13 +52,6 @@ pub struct Applied {
     pub kind: Kind,
     pub started: Instant,
     pub healed: Instant,
-}
-
-fn is_root() -> bool {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"))
 }
 
 fn port(addr: &str) -> u16 {
@@ -124,6 +119,7 @@ async fn run_client(
             Some(Event::Message(m)) if m.to == ROOM => seen.received.push((m.index, m.id)),
             Some(Event::Reconnected(_)) => seen.reconnects += 1,
             Some(Event::SessionLost { .. }) => seen.sessions_lost += 1,
+            Some(Event::Refused { code, id, .. }) => seen.refused.push((code, id)),
             Some(Event::Failed(why)) => panic!("client {user} gave up: {why}"),
             Some(_) => {}
         }
@@ -249,7 +245,11 @@ impl Chaos {
             Kind::FullDisk => {
                 let dir = self.cluster.data_dir(DISK_NODE);
                 let free = free_bytes(&dir).saturating_sub(512 * 1024);
-                let _ = std::fs::write(&self.filler, vec![0u8; free as usize]);
+                // Allocated, not written: no buffer of that size in this process.
+                let _ = std::process::Command::new("fallocate")
+                    .args(["-l", &free.to_string()])
+                    .arg(&self.filler)
+                    .status();
                 // The node stops by itself when a write fails; give it a few seconds.
                 let deadline = Instant::now() + Duration::from_secs(6);
                 while self.cluster.is_running(DISK_NODE) && Instant::now() < deadline {
@@ -274,34 +274,9 @@ impl Chaos {
     }
 }
 
-fn free_bytes(dir: &std::path::Path) -> u64 {
-    let out = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(dir)
-        .output()
-        .expect("df");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// Unmounts the disk node's tmpfs when dropped.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[test]
 fn chaos_schedule_loses_nothing() {
-    if !is_root() {
+    if !common::is_root() {
         assert!(
             std::env::var("CI").is_err(),
             "CI runs as root: the chaos suite must not skip"
@@ -324,14 +299,8 @@ fn chaos_schedule_loses_nothing() {
         "[raft]\nsnapshot_every_entries = 1000\nkeep_entries_after_snapshot = 200\n",
     );
     let disk = cluster.data_dir(DISK_NODE);
-    std::fs::create_dir_all(&disk).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=256m", "tmpfs"])
-        .arg(&disk)
-        .status()
-        .expect("mount");
-    assert!(mounted.success(), "mount a tmpfs on {}", disk.display());
-    let _unmount = Mounted(disk.clone());
+    // Large enough for a long soak's history; it only takes memory as it fills.
+    let _tmpfs = common::Tmpfs::mount(&disk, "4g");
     let base_uid = 42_000 + (std::process::id() % 1000) * 10;
     let peers: Vec<Peer> = (1..=NODES)
         .map(|id| {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Client, Cluster, rss_bytes, wait_for};
+use common::{Client, Cluster, free_bytes, rss_bytes, wait_for};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
@@ -344,38 +344,9 @@ fn retention_drops_the_same_messages_on_every_node_and_says_truncated() {
     );
 }
 
-/// Unmounts a test's tmpfs when dropped.
-struct Mounted(std::path::PathBuf);
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
-fn free_bytes(dir: &std::path::Path) -> u64 {
-    let out = std::process::Command::new("df")
-        .args(["--output=avail", "-B1"])
-        .arg(dir)
-        .output()
-        .expect("df");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .nth(1)
-        .and_then(|l| l.trim().parse().ok())
-        .expect("df output")
-}
-
 #[test]
 fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.starts_with(b"0\n"));
-    if !root {
+    if !common::is_root() {
         assert!(
             std::env::var("CI").is_err(),
             "CI runs as root: this test must not skip"
@@ -386,14 +357,7 @@ fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
     let mut cluster = Cluster::configure(3, "[chat]\nmax_line_bytes = 131072\n");
     let full = 3;
     let dir = cluster.data_dir(full);
-    std::fs::create_dir_all(&dir).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64m", "tmpfs"])
-        .arg(&dir)
-        .status()
-        .expect("mount");
-    assert!(mounted.success(), "mount a tmpfs on {}", dir.display());
-    let _unmount = Mounted(dir.clone());
+    let _tmpfs = common::Tmpfs::mount(&dir, "64m");
     for id in 1..=3 {
         cluster.start_node(id);
     }

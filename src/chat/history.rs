@@ -260,6 +260,12 @@ impl<'t> Tables<'t> {
     }
 }
 
+/// Durable commits of the history also save redb's allocator state: after a crash redb then
+/// reopens at once instead of walking the whole file (a full repair is O(history)).
+fn quick_repair(txn: &mut WriteTransaction) {
+    txn.set_quick_repair(true);
+}
+
 fn read_gap(txn: &ReadTransaction) -> Result<Option<Gap>, HistoryError> {
     let meta = txn.open_table(META)?;
     let after = meta.get("gap_after")?.map(|v| v.value());
@@ -274,7 +280,8 @@ impl History {
     /// Opens (or creates) the history at `path`; `cache_bytes` bounds redb's page cache.
     pub fn open(path: &Path, cache_bytes: usize) -> Result<History, HistoryError> {
         let db = crate::disk::open_database(path, cache_bytes).map_err(HistoryError::Open)?;
-        let txn = db.begin_write()?;
+        let mut txn = db.begin_write()?;
+        quick_repair(&mut txn);
         let counted = txn
             .open_table(META)?
             .get("counts_v1")?
@@ -331,6 +338,7 @@ impl History {
         let total = self.unsynced_bytes.fetch_add(written, Relaxed) + written;
         if total >= DURABLE_EVERY_BYTES {
             self.unsynced_bytes.store(0, Relaxed);
+            quick_repair(&mut txn);
         } else {
             txn.set_durability(Durability::None)?;
         }
@@ -340,7 +348,8 @@ impl History {
 
     /// Makes every earlier write durable (one fsync).
     pub fn flush(&self) -> Result<(), HistoryError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        quick_repair(&mut txn);
         {
             let mut meta = txn.open_table(META)?;
             let n = meta.get("flushes")?.map(|v| v.value()).unwrap_or(0);
@@ -359,7 +368,8 @@ impl History {
 
     /// Records, durably, that (`after`, `upto`] was skipped; merges with an open gap.
     pub fn open_gap(&self, after: u64, upto: u64) -> Result<Option<Gap>, HistoryError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        quick_repair(&mut txn);
         let gap = {
             let mut meta = txn.open_table(META)?;
             let old_after = meta.get("gap_after")?.map(|v| v.value());
@@ -384,7 +394,8 @@ impl History {
         retention: Retention,
         now_ms: i64,
     ) -> Result<Option<Gap>, HistoryError> {
-        let txn = self.db.begin_write()?;
+        let mut txn = self.db.begin_write()?;
+        quick_repair(&mut txn);
         {
             let mut t = Tables::open(&txn)?;
             let mut rooms = BTreeSet::new();

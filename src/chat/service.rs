@@ -216,6 +216,15 @@ impl ChatService {
         // Read barrier: everything this connection reads or replays is at least as new as its
         // own attach entry, which is newer than anything the client saw before.
         if !self.consensus.wait_applied(done.index, wait).await {
+            // Release the attachment nobody will serve, so the name is not held by it.
+            if let ChatResponse::Attached { session, .. } = &done.response {
+                let consensus = self.consensus.clone();
+                let detach = ChatCommand::Detach {
+                    session: session.clone(),
+                    attachment: done.index,
+                };
+                tokio::spawn(async move { consensus.write(detach).await });
+            }
             return Err(ChatError::Unavailable(
                 "this node has not caught up with the cluster yet; try again".into(),
             ));

@@ -614,6 +614,10 @@ impl Consensus {
                     for (i, item) in pending.into_iter().zip(items) {
                         match item {
                             ItemResult::Committed(done) => results[i] = Some(Ok(done)),
+                            // The node that had it could not commit it: try the next leader.
+                            ItemResult::Failed(WriteError::Unavailable(problem)) => {
+                                last_problem = problem
+                            }
                             ItemResult::Failed(e) => results[i] = Some(Err(e)),
                             ItemResult::Retry(problem) => last_problem = problem,
                         }
@@ -661,7 +665,11 @@ impl Consensus {
                 .raft
                 .client_write_many(requests)
                 .await
-                .map_err(|e| LocalWrite::Failed(WriteError::Internal(e.to_string())))?;
+                // Raft stopped on this node (a fatal storage error): the entry's fate is
+                // unknown here, and a re-send elsewhere is deduplicated.
+                .map_err(|e| {
+                    LocalWrite::Failed(WriteError::Unavailable(format!("raft stopped: {e}")))
+                })?;
             let mut items = Vec::new();
             while let Some(next) = stream.next().await {
                 let item = match next {
@@ -675,7 +683,9 @@ impl Consensus {
                     }
                     Ok(Err(e)) => ItemResult::Failed(WriteError::Internal(e.to_string())),
                     Err(fatal) => {
-                        return Err(LocalWrite::Failed(WriteError::Internal(fatal.to_string())));
+                        return Err(LocalWrite::Failed(WriteError::Unavailable(format!(
+                            "raft stopped: {fatal}"
+                        ))));
                     }
                 };
                 items.push(item);

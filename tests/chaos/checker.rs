@@ -187,6 +187,10 @@ pub fn check(
         s.acked += c.acked.len();
         s.sessions_lost += c.sessions_lost;
         s.never_acked += c.sent.len().saturating_sub(c.acked.len());
+        for (code, id) in c.refused.iter().take(5) {
+            s.problems
+                .push(format!("{} was refused {code} for {id:?}", c.user));
+        }
         for (id, index) in &c.acked {
             if at.get(index) != Some(&id.as_str()) {
                 s.lost += 1;
