@@ -244,12 +244,7 @@ impl Chaos {
             }
             Kind::FullDisk => {
                 let dir = self.cluster.data_dir(DISK_NODE);
-                let free = free_bytes(&dir).saturating_sub(512 * 1024);
-                // Allocated, not written: no buffer of that size in this process.
-                let _ = std::process::Command::new("fallocate")
-                    .args(["-l", &free.to_string()])
-                    .arg(&self.filler)
-                    .status();
+                fill(&self.filler, free_bytes(&dir).saturating_sub(512 * 1024));
                 // The node stops by itself when a write fails; give it a few seconds.
                 let deadline = Instant::now() + Duration::from_secs(6);
                 while self.cluster.is_running(DISK_NODE) && Instant::now() < deadline {
@@ -400,4 +395,32 @@ fn chaos_schedule_loses_nothing() {
         &report,
     );
     summary.assert_clean(seed);
+}
+
+/// Fills the file system of `filler` to about `bytes` short of full. `fallocate` does it
+/// without writing; when it fails (the node wrote meanwhile, so `bytes` no longer fits) the
+/// file is topped up 1 MiB at a time until the file system refuses.
+fn fill(filler: &std::path::Path, bytes: u64) {
+    use std::io::Write;
+    let allocated = std::process::Command::new("fallocate")
+        .args(["-l", &bytes.to_string()])
+        .arg(filler)
+        .status()
+        .is_ok_and(|s| s.success());
+    if allocated {
+        return;
+    }
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(filler)
+    else {
+        return;
+    };
+    let chunk = vec![0u8; 1 << 20];
+    let mut written = 0;
+    while written < bytes && file.write_all(&chunk).is_ok() {
+        written += chunk.len() as u64;
+    }
+    let _ = file.sync_all();
 }

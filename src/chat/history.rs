@@ -588,9 +588,11 @@ impl History {
     }
 }
 
-/// A fingerprint of the history up to an index, to compare nodes without moving messages.
+/// A fingerprint of the history in (`after`, `upto`], to compare nodes without moving messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digest {
+    #[serde(default)]
+    pub after: u64,
     pub upto: u64,
     pub count: u64,
     /// FNV-1a over every kept message's index and stored form, in index order.
@@ -598,8 +600,8 @@ pub struct Digest {
 }
 
 impl History {
-    /// Reads every message up to `upto` once (O(history) time, one page of memory).
-    pub fn digest(&self, upto: u64) -> Result<Digest, HistoryError> {
+    /// Reads every message in (`after`, `upto`] once (O(range) time, one page of memory).
+    pub fn digest(&self, after: u64, upto: u64) -> Result<Digest, HistoryError> {
         const PRIME: u64 = 0x0100_0000_01b3;
         let mut fnv: u64 = 0xcbf2_9ce4_8422_2325;
         let mut feed = |bytes: &[u8]| {
@@ -611,13 +613,26 @@ impl History {
         let txn = self.db.begin_read()?;
         let table = txn.open_table(MESSAGES)?;
         let mut count = 0;
-        for row in table.range(..=upto)? {
+        if after >= upto {
+            return Ok(Digest {
+                after,
+                upto,
+                count,
+                fnv,
+            });
+        }
+        for row in table.range(after + 1..=upto)? {
             let (k, v) = row?;
             feed(&k.value().to_le_bytes());
             feed(v.value().as_bytes());
             count += 1;
         }
-        Ok(Digest { upto, count, fnv })
+        Ok(Digest {
+            after,
+            upto,
+            count,
+            fnv,
+        })
     }
 }
 

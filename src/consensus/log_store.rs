@@ -54,8 +54,11 @@ struct LogMem {
     /// Entries not yet durable, and the newest durable ones, with their approximate size.
     cache: BTreeMap<u64, (Entry, usize)>,
     cache_bytes: usize,
-    /// Every entry up to this index is in redb (and may leave the cache).
+    /// Every entry up to this index is in redb as the log has it (and may leave the cache).
     durable_upto: u64,
+    /// How many truncations happened: an append queued before the latest one may have
+    /// written entries that are no longer the log's, so it proves nothing durable.
+    truncations: u64,
     last: Option<LogId>,
     vote: Option<Vote>,
     committed: Option<LogId>,
@@ -104,6 +107,47 @@ impl LogMem {
         }
     }
 
+    /// Takes appended entries in; returns the truncation count they were appended under.
+    fn appended(&mut self, entries: &[Entry]) -> u64 {
+        for e in entries {
+            self.last = Some(e.log_id());
+            self.insert(e.clone());
+        }
+        self.truncations
+    }
+
+    /// Forgets entries from `from` on.
+    fn truncated(&mut self, from: u64, last: Option<LogId>) {
+        self.retain(|i| i < from);
+        self.last = last.or(self.last_purged);
+        // Until the truncation is written, redb still holds the old entries from `from` on:
+        // entries appended there must stay in memory until they are written themselves.
+        self.truncations += 1;
+        self.durable_upto = self.durable_upto.min(from.saturating_sub(1));
+    }
+
+    /// Records what a written batch made durable, then evicts.
+    fn written(&mut self, batch: &[Op]) {
+        for op in batch {
+            match op {
+                Op::Append(entries, _, truncations) => {
+                    // Written before a later truncation: redb holds them until that
+                    // truncation is written, but the log no longer does.
+                    if let Some(last) = entries.last()
+                        && *truncations == self.truncations
+                    {
+                        self.durable_upto = last.index();
+                    }
+                }
+                Op::Truncate(from, _) => {
+                    self.durable_upto = self.durable_upto.min(from.saturating_sub(1));
+                }
+                _ => {}
+            }
+        }
+        self.evict();
+    }
+
     fn retain(&mut self, keep: impl Fn(u64) -> bool) {
         let doomed: Vec<u64> = self.cache.keys().copied().filter(|i| !keep(*i)).collect();
         for i in doomed {
@@ -115,7 +159,8 @@ impl LogMem {
 }
 
 enum Op {
-    Append(Vec<Entry>, IOFlushed<TypeConfig>),
+    /// Entries, who to tell, and `LogMem::truncations` when they were queued.
+    Append(Vec<Entry>, IOFlushed<TypeConfig>, u64),
     SaveVote(Vote, oneshot::Sender<io::Result<()>>),
     SaveCommitted(Option<LogId>),
     /// Delete every entry from this index on.
@@ -251,21 +296,9 @@ fn storage_thread(
         let result = write_batch(db, &batch);
         if result.is_ok() {
             on_sync(started.elapsed());
-            let mut mem = mem.lock().unwrap_or_else(|p| p.into_inner());
-            for op in &batch {
-                match op {
-                    Op::Append(entries, _) => {
-                        if let Some(last) = entries.last() {
-                            mem.durable_upto = last.index();
-                        }
-                    }
-                    Op::Truncate(from, _) => {
-                        mem.durable_upto = mem.durable_upto.min(from.saturating_sub(1));
-                    }
-                    _ => {}
-                }
-            }
-            mem.evict();
+            mem.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .written(&batch);
         } else if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, "raft log write failed");
         }
@@ -275,7 +308,7 @@ fn storage_thread(
                 .map(|_| ())
                 .map_err(|e| io::Error::other(e.to_string()));
             match op {
-                Op::Append(_, done) => done.io_completed(outcome),
+                Op::Append(_, done, _) => done.io_completed(outcome),
                 Op::SaveVote(_, done) | Op::Truncate(_, done) => {
                     let _ = done.send(outcome);
                 }
@@ -292,7 +325,7 @@ fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
         let mut meta = txn.open_table(META).map_err(other)?;
         for op in batch {
             match op {
-                Op::Append(entries, _) => {
+                Op::Append(entries, _, _) => {
                     for entry in entries {
                         let bytes = serde_json::to_vec(entry).map_err(other)?;
                         logs.insert(entry.index(), bytes.as_slice())
@@ -475,23 +508,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        {
-            let mut mem = self.mem();
-            for e in &entries {
-                mem.last = Some(e.log_id());
-                mem.insert(e.clone());
-            }
-        }
-        self.send(Op::Append(entries, callback))
+        let truncations = self.mem().appended(&entries);
+        self.send(Op::Append(entries, callback, truncations))
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
         let from = last_log_id.map_or(0, |l| l.index() + 1);
-        {
-            let mut mem = self.mem();
-            mem.retain(|i| i < from);
-            mem.last = last_log_id.or(mem.last_purged);
-        }
+        self.mem().truncated(from, last_log_id);
         let (tx, rx) = oneshot::channel();
         self.send(Op::Truncate(from, tx))?;
         rx.await
@@ -508,5 +531,66 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             }
         }
         self.send(Op::Purge(log_id))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chat::command::ChatCommand;
+    use crate::consensus::types::Request;
+
+    fn entry(term: u64, index: u64, text_bytes: usize) -> Entry {
+        Entry::new_normal(
+            openraft::testing::log_id::<TypeConfig>(term, 1, index),
+            Request {
+                ts_ms: 0,
+                command: ChatCommand::Send {
+                    session: "s".into(),
+                    id: format!("{term}-{index}"),
+                    to: "#r".into(),
+                    text: "x".repeat(text_bytes),
+                },
+            },
+        )
+    }
+
+    fn term_at(mem: &LogMem, index: u64) -> Option<u64> {
+        mem.cache
+            .get(&index)
+            .map(|(e, _)| e.log_id().leader_id.term)
+    }
+
+    #[test]
+    fn entries_appended_after_a_truncation_stay_in_memory_until_written() {
+        // A follower got a large run of entries from an old leader (not yet written), then a
+        // new leader truncated them and sent its own. When the old run's write completes,
+        // redb holds the old entries at those indexes: the new ones must not be evicted in
+        // favour of reading redb, or the node would apply entries that were never committed.
+        let mut mem = LogMem::default();
+        let big = CACHE_BYTES / 100;
+        let old: Vec<Entry> = (1..=200).map(|i| entry(1, i, big)).collect();
+        let old_truncations = mem.appended(&old);
+        let new: Vec<Entry> = (101..=200).map(|i| entry(2, i, big)).collect();
+        mem.truncated(101, Some(old[99].log_id()));
+        let new_truncations = mem.appended(&new);
+        let old_write = Op::Append(old, IOFlushed::noop(), old_truncations);
+        mem.written(std::slice::from_ref(&old_write));
+        assert!(mem.durable_upto <= 100, "durable_upto {}", mem.durable_upto);
+        for i in 101..=200 {
+            assert_eq!(
+                term_at(&mem, i),
+                Some(2),
+                "entry {i} left memory before it was written"
+            );
+        }
+        // Once the truncation and the new entries are written, they may go.
+        let (tx, _rx) = oneshot::channel();
+        mem.written(&[
+            Op::Truncate(101, tx),
+            Op::Append(new, IOFlushed::noop(), new_truncations),
+        ]);
+        assert_eq!(mem.durable_upto, 200);
+        assert!(mem.cache_bytes <= CACHE_BYTES);
     }
 }

@@ -149,7 +149,7 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             Err(reason) => bad_request(reason),
         },
         "/admin/history-digest" => match decode::<HistoryRequest>(&body) {
-            Ok(req) => http::json(StatusCode::OK, &history_digest(consensus, req.upto).await),
+            Ok(req) => http::json(StatusCode::OK, &history_digest(consensus, req).await),
             Err(reason) => bad_request(reason),
         },
         "/admin/membership" => match decode::<super::AdminRequest>(&body) {
@@ -220,11 +220,13 @@ async fn history_page(consensus: &Consensus, req: HistoryRequest) -> HistoryAnsw
     }
 }
 
-/// A fingerprint of this node's history up to `upto` (for tests and operators comparing nodes).
+/// A fingerprint of this node's history in (`after`, `upto`] (for tests and operators
+/// comparing nodes; narrowing the range finds where two nodes differ).
 async fn history_digest(
     consensus: &Consensus,
-    upto: u64,
+    req: HistoryRequest,
 ) -> Result<crate::chat::history::Digest, String> {
+    let HistoryRequest { after, upto } = req;
     let chat = consensus.chat.clone();
     if chat.applied() < upto {
         return Err(format!("applied {} < {upto}", chat.applied()));
@@ -235,7 +237,7 @@ async fn history_digest(
             gap.after, gap.upto
         ));
     }
-    tokio::task::spawn_blocking(move || chat.history().digest(upto))
+    tokio::task::spawn_blocking(move || chat.history().digest(after, upto))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| e.to_string())

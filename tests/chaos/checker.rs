@@ -160,13 +160,30 @@ pub fn check(
         })
         .collect();
     for (i, h) in histories.iter().enumerate().skip(1) {
-        if *h != histories[0] || digests[i] != digests[0] {
+        if *h != histories[0] {
             s.diverged += 1;
+            let first = h
+                .iter()
+                .zip(&histories[0])
+                .position(|(a, b)| a != b)
+                .unwrap_or(h.len().min(histories[0].len()));
             s.problems.push(format!(
-                "node {} history differs from node 1 ({} vs {} messages)",
+                "node {} {room} history differs from node 1 ({} vs {} messages); first at \
+                 position {first}: {:?} vs {:?}",
                 i + 1,
                 h.len(),
-                histories[0].len()
+                histories[0].len(),
+                h.get(first),
+                histories[0].get(first),
+            ));
+        } else if digests[i] != digests[0] {
+            s.diverged += 1;
+            s.problems.push(format!(
+                "node {} history digest differs from node 1: {} vs {}; {}",
+                i + 1,
+                digests[i],
+                digests[0],
+                first_difference(cluster, i as u64 + 1, 1, applied_index)
             ));
         }
     }
@@ -236,4 +253,38 @@ pub fn check(
         }
     }
     s
+}
+
+/// Narrows a digest mismatch between nodes `a` and `b` down to one index and shows what each
+/// stores there (so a divergence report says what diverged, not only that something did).
+fn first_difference(cluster: &Cluster, a: u64, b: u64, upto: u64) -> String {
+    let digest = |id: u64, after: u64, upto: u64| {
+        wait_for(Duration::from_secs(90), "a history digest", || {
+            cluster.history_digest_range(id, after, upto)
+        })
+    };
+    let (mut lo, mut hi) = (0, upto);
+    // Invariant: (0, lo] agrees, (lo, hi] differs.
+    while hi - lo > 1 {
+        let mid = lo + (hi - lo) / 2;
+        if digest(a, lo, mid) == digest(b, lo, mid) {
+            lo = mid;
+        } else {
+            hi = mid;
+        }
+    }
+    let stored = |id: u64| {
+        cluster
+            .raft_post(
+                id,
+                "/raft/history",
+                &serde_json::json!({"after": lo, "upto": hi}),
+            )
+            .map(|(_, v)| v.to_string())
+    };
+    format!(
+        "first difference at index {hi}: node {a} has {:?}, node {b} has {:?}",
+        stored(a),
+        stored(b)
+    )
 }

@@ -216,15 +216,29 @@ impl Cluster {
 
     /// A fingerprint of node `id`'s history up to `upto` (raft port, with the secret).
     pub fn history_digest(&self, id: u64, upto: u64) -> Option<Value> {
-        let body = json!({"after": 0, "upto": upto}).to_string();
+        self.history_digest_range(id, 0, upto)
+    }
+
+    /// A POST with the cluster secret to node `id`'s raft port; the status and JSON answer.
+    pub fn raft_post(&self, id: u64, path: &str, body: &Value) -> Option<(u16, Value)> {
+        let body = body.to_string();
         let request = format!(
-            "POST /admin/history-digest HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-raftchat-secret: test-secret\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nx-raftchat-secret: test-secret\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         // Reading a large history takes a while.
         let (code, body) =
             http_raw_within(&self.node(id).raft, &request, Duration::from_secs(120)).ok()?;
-        let v: Value = serde_json::from_str(&body).ok()?;
+        Some((code, serde_json::from_str(&body).ok()?))
+    }
+
+    /// A fingerprint of node `id`'s history in (`after`, `upto`].
+    pub fn history_digest_range(&self, id: u64, after: u64, upto: u64) -> Option<Value> {
+        let (code, v) = self.raft_post(
+            id,
+            "/admin/history-digest",
+            &json!({"after": after, "upto": upto}),
+        )?;
         if v.get("Err").is_some() {
             eprintln!("node {id}: no digest yet: {v}");
         }
