@@ -242,6 +242,7 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
         consensus.clone(),
         shutdown.clone(),
     ));
+    tasks.spawn(consensus::watch_leader(consensus.clone(), shutdown.clone()));
     tasks.spawn(crate::http::serve_metrics_port(
         metrics_listener,
         state,
@@ -295,11 +296,13 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
         anyhow::bail!("raft stopped: {why}");
     }
     tracing::info!(id, "shutting down");
-    shutdown.cancel();
-    let handed_over = consensus.shutdown().await;
-    if handed_over {
+    // Hand over first, while every port still serves: writes in flight through this node
+    // finish or move to the new leader instead of waiting for an election.
+    if consensus.hand_over().await {
         tracing::info!(id, "leadership handed over");
     }
+    shutdown.cancel();
+    consensus.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(2), async {
         while tasks.join_next().await.is_some() {}
     })

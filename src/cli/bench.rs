@@ -6,8 +6,8 @@
 //! reached every client exactly once.
 //!
 //! Without `--servers` it starts a local cluster of `--nodes` child processes on free ports
-//! (release builds measure what users run); `--failovers K` then SIGKILLs the leader K times
-//! and times how long the survivors take to agree on a new one.
+//! (release builds measure what users run); `--failovers`, `--client-failovers` and
+//! `--handoffs` then crash or stop its leader and time what that costs (`failover_bench`).
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::cluster::LocalCluster;
+use super::failover_bench::{client_failovers, failovers, handoffs};
 use super::status::fetch_status;
 use crate::client::{Client, ClientConfig, Event};
 use crate::config::{self, Config, FlagOverrides, NodeConfig};
@@ -61,6 +62,10 @@ pub struct BenchArgs {
     /// and time how long the client takes to resume its session elsewhere.
     #[arg(long, default_value_t = 0)]
     client_failovers: usize,
+    /// SIGTERM the local cluster's leader this many times while `--clients` clients on the
+    /// other nodes write, and time the longest pause between acknowledgements.
+    #[arg(long, default_value_t = 0)]
+    handoffs: usize,
     /// Export the local cluster's spans over OTLP to a sink inside the bench (measures the
     /// cost of tracing).
     #[arg(long)]
@@ -115,9 +120,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         local = Some((cluster, dir));
         servers
     } else {
-        if args.failovers > 0 || args.client_failovers > 0 {
+        if args.failovers > 0 || args.client_failovers > 0 || args.handoffs > 0 {
             bail!(
-                "flags `--failovers` and `--client-failovers` need a local cluster: leave out `--servers`"
+                "flags `--failovers`, `--client-failovers` and `--handoffs` need a local cluster: leave out `--servers`"
             );
         }
         args.servers.clone()
@@ -132,33 +137,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         && let Some((cluster, _)) = local.as_mut()
     {
         let times = failovers(cluster, args.failovers).await?;
-        report.insert("failover_ms".into(), json!(times));
-        let mut sorted = times.clone();
-        sorted.sort_by(|a, b| a.total_cmp(b));
-        report.insert(
-            "failover_median_ms".into(),
-            json!(percentile(&sorted, 50.0)),
-        );
-        report.insert(
-            "failover_max_ms".into(),
-            json!(sorted.last().copied().unwrap_or(0.0)),
-        );
+        let elected: Vec<f64> = times.iter().map(|t| t.0).collect();
+        let acked: Vec<f64> = times.iter().map(|t| t.1).collect();
+        summarize(&mut report, "failover", &elected);
+        summarize(&mut report, "failover_ack", &acked);
+    }
+    if args.handoffs > 0
+        && let Some((cluster, _)) = local.as_mut()
+    {
+        let times = handoffs(cluster, args.handoffs, args.clients).await?;
+        summarize(&mut report, "handoff_pause", &times);
     }
     if args.client_failovers > 0
         && let Some((cluster, _)) = local.as_mut()
     {
         let times = client_failovers(cluster, args.client_failovers).await?;
-        let mut sorted = times.clone();
-        sorted.sort_by(|a, b| a.total_cmp(b));
-        report.insert("client_downtime_ms".into(), json!(times));
-        report.insert(
-            "client_downtime_median_ms".into(),
-            json!(percentile(&sorted, 50.0)),
-        );
-        report.insert(
-            "client_downtime_max_ms".into(),
-            json!(sorted.last().copied().unwrap_or(0.0)),
-        );
+        summarize(&mut report, "client_downtime", &times);
     }
     if let Some((cluster, _)) = &local
         && let Some(p99) = probe_p99_ms(cluster).await
@@ -183,7 +177,22 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+/// `{name}_ms` (every round), `{name}_median_ms` and `{name}_max_ms`.
+fn summarize(report: &mut serde_json::Map<String, Value>, name: &str, times: &[f64]) {
+    let mut sorted = times.to_vec();
+    sorted.sort_by(|a, b| a.total_cmp(b));
+    report.insert(format!("{name}_ms"), json!(times));
+    report.insert(
+        format!("{name}_median_ms"),
+        json!(percentile(&sorted, 50.0)),
+    );
+    report.insert(
+        format!("{name}_max_ms"),
+        json!(sorted.last().copied().unwrap_or(0.0)),
+    );
+}
+
+pub(super) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
@@ -243,7 +252,7 @@ async fn start_local(
 }
 
 /// Waits until every node not in `down` reports the same leader, which is up; returns it.
-async fn wait_for_leader(
+pub(super) async fn wait_for_leader(
     cluster: &LocalCluster,
     down: &[u64],
     timeout: Duration,
@@ -276,76 +285,10 @@ async fn wait_for_leader(
     }
 }
 
-async fn failovers(cluster: &mut LocalCluster, rounds: usize) -> anyhow::Result<Vec<f64>> {
-    let mut times = Vec::new();
-    for round in 1..=rounds {
-        let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
-        // Let the cluster settle: everyone applied to the same point.
-        wait_caught_up(cluster, Duration::from_secs(30)).await?;
-        let killed_at = Instant::now();
-        cluster.kill(leader).await;
-        let new_leader = wait_for_leader(cluster, &[leader], Duration::from_secs(30)).await?;
-        let ms = killed_at.elapsed().as_secs_f64() * 1000.0;
-        eprintln!(
-            "bench: failover {round}/{rounds}: leader {leader} killed, {new_leader} leads after {ms:.0} ms"
-        );
-        times.push(ms);
-        cluster.start_node(leader)?;
-    }
-    Ok(times)
-}
-
-/// Kills the node a client is connected to (the leader's, the worst case) `rounds` times and
-/// times how long the client takes from the kill to a resumed session on another node.
-async fn client_failovers(cluster: &mut LocalCluster, rounds: usize) -> anyhow::Result<Vec<f64>> {
-    let mut times = Vec::new();
-    for round in 1..=rounds {
-        let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
-        wait_caught_up(cluster, Duration::from_secs(30)).await?;
-        let mut servers: Vec<(u64, String)> = cluster
-            .config
-            .nodes
-            .iter()
-            .map(|n| (n.id, n.chat.clone()))
-            .collect();
-        servers.sort_by_key(|(id, _)| *id != leader);
-        let mut config = ClientConfig::new(
-            servers.into_iter().map(|(_, s)| s).collect(),
-            &format!("downtime{round}"),
-        );
-        config.rooms = vec!["#downtime".into()];
-        let mut client = Client::start(config);
-        loop {
-            match tokio::time::timeout(Duration::from_secs(30), client.next_event()).await {
-                Ok(Some(Event::Joined { .. })) => break,
-                Ok(Some(Event::Failed(e))) => bail!("downtime client: {e}"),
-                Ok(Some(_)) => {}
-                _ => bail!("downtime client did not join in 30 s"),
-            }
-        }
-        let killed_at = Instant::now();
-        cluster.kill(leader).await;
-        let downtime = loop {
-            match tokio::time::timeout(Duration::from_secs(30), client.next_event()).await {
-                Ok(Some(Event::Reconnected(r))) => break (r, killed_at.elapsed()),
-                Ok(Some(Event::Failed(e))) => bail!("downtime client: {e}"),
-                Ok(Some(_)) => {}
-                _ => bail!("the client did not reconnect in 30 s"),
-            }
-        };
-        let ms = downtime.1.as_secs_f64() * 1000.0;
-        eprintln!(
-            "bench: client failover {round}/{rounds}: node {leader} killed, resumed on node {} after {ms:.0} ms",
-            downtime.0.to_node
-        );
-        times.push(ms);
-        drop(client);
-        cluster.start_node(leader)?;
-    }
-    Ok(times)
-}
-
-async fn wait_caught_up(cluster: &LocalCluster, timeout: Duration) -> anyhow::Result<()> {
+pub(super) async fn wait_caught_up(
+    cluster: &LocalCluster,
+    timeout: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         let mut applied = Vec::new();

@@ -158,6 +158,19 @@ impl LocalCluster {
         }
     }
 
+    /// SIGTERMs node `id` and waits for it to exit (SIGKILL after `grace`).
+    pub async fn terminate(&mut self, id: u64, grace: Duration) {
+        if let Some(pos) = self.children.iter().position(|(i, _)| *i == id) {
+            let (_, mut child) = self.children.remove(pos);
+            if let Some(pid) = child.id() {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);
+            }
+            if tokio::time::timeout(grace, child.wait()).await.is_err() {
+                let _ = child.kill().await;
+            }
+        }
+    }
+
     /// SIGTERMs every node and waits for it (SIGKILL after 10 s).
     pub async fn stop(&mut self) {
         for (_, child) in &self.children {

@@ -4,6 +4,7 @@ mod admin;
 mod bench;
 mod chat;
 mod cluster;
+mod failover_bench;
 mod status;
 
 use std::path::PathBuf;

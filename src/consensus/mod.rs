@@ -2,6 +2,7 @@
 //! the raft port. This is the only module that names openraft types; the rest of the crate
 //! talks to [`Consensus`] in chat commands and plain status values.
 
+mod leader_watch;
 mod log_store;
 mod network;
 mod server;
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::chat::command::{ChatCommand, ChatResponse};
 use crate::chat::store::ChatStore;
 use crate::config::Config;
+pub use leader_watch::run as watch_leader;
 use log_store::LogStore;
 pub use log_store::SyncObserver;
 pub use network::RpcObserver;
@@ -762,9 +764,10 @@ impl Consensus {
             .is_ok()
     }
 
-    /// Leaves gracefully: a leader hands leadership to the most caught-up follower first, so the
-    /// cluster does not wait for an election timeout.
-    pub async fn shutdown(&self) -> bool {
+    /// A leader hands leadership to the most caught-up follower, so the cluster does not wait
+    /// for an election timeout; true once another node leads. Call it while this node still
+    /// serves its raft port: forwarded writes keep flowing until the new leader takes over.
+    pub async fn hand_over(&self) -> bool {
         let status = self.status();
         let mut transferred = false;
         if status.role == Role::Leader
@@ -784,10 +787,14 @@ impl Consensus {
                 transferred = handed.is_ok();
             }
         }
+        transferred
+    }
+
+    /// Stops raft on this node.
+    pub async fn shutdown(&self) {
         if let Err(e) = self.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        transferred
     }
 }
 

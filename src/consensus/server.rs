@@ -99,6 +99,7 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             Ok(req) => http::json(StatusCode::OK, &raft.pre_vote(req).await),
             Err(reason) => bad_request(reason),
         },
+        "/raft/watch" => http::json(StatusCode::OK, &super::leader_watch::hold(consensus).await),
         "/raft/history" => match decode::<HistoryRequest>(&body) {
             Ok(req) => http::json(StatusCode::OK, &history_page(consensus, req).await),
             Err(reason) => bad_request(reason),

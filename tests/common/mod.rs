@@ -193,6 +193,11 @@ impl Cluster {
         )
     }
 
+    /// SIGTERM (a graceful stop); `wait_exit` reaps it.
+    pub fn terminate(&self, id: u64) {
+        self.signal(id, "-TERM");
+    }
+
     pub fn pause(&self, id: u64) {
         self.signal(id, "-STOP");
     }
