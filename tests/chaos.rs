@@ -6,7 +6,8 @@
 //!
 //! After healing, the checker verifies what clients and nodes saw (see `checker`) and prints
 //! one summary line. `CHAOS_SEED` replays a schedule; `CHAOS_SECONDS` sets its length
-//! (default 75); `scripts/chaos --minutes N --seed S` runs a soak.
+//! (default 75); `CHAOS_KINDS` (comma-separated kind names) narrows it to some faults;
+//! `scripts/chaos --minutes N --seed S` runs a soak.
 //! Needs root (setpriv, iptables, mount); under `CI=true` it never skips.
 
 #[path = "chaos/checker.rs"]
@@ -32,6 +33,8 @@ const DISK_NODE: u64 = 3;
 const CLIENTS_PER_NODE: usize = 2;
 const IN_FLIGHT: usize = 4;
 const T: Duration = Duration::from_secs(90);
+/// How long a fault waits for the cluster to be healthy before it begins anyway.
+const HEALTHY_WITHIN: Duration = Duration::from_secs(10);
 
 /// Everything one client saw.
 #[derive(Default)]
@@ -45,11 +48,18 @@ pub struct Seen {
     pub reconnects: usize,
     /// Sends the cluster refused for good: (code, id).
     pub refused: Vec<(String, Option<String>)>,
+    /// When each ack arrived, and through which node.
+    pub ack_log: Vec<(Instant, u64)>,
 }
 
-/// A fault as it happened: what, and when it began and was healed.
+/// A fault as it happened: what, which node it hit, and when it began and was healed.
 pub struct Applied {
     pub kind: Kind,
+    /// The node killed, paused, stopped, cut off or filled (`None`: all or none).
+    pub target: Option<u64>,
+    /// Whether it began on a healthy cluster (a leader everyone follows, acks flowing); the
+    /// stall figures count only those.
+    pub healthy: bool,
     pub started: Instant,
     pub healed: Instant,
 }
@@ -77,6 +87,7 @@ async fn run_client(
         ..Seen::default()
     };
     let mut joined = false;
+    let mut node = 0u64;
     let mut n = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(5));
     loop {
@@ -113,11 +124,17 @@ async fn run_client(
             None => return seen,
             Some(Event::Joined { .. }) => joined = true,
             Some(Event::Acked { id, index }) => {
-                acks.lock().unwrap().push(Instant::now());
+                let now = Instant::now();
+                acks.lock().unwrap().push(now);
+                seen.ack_log.push((now, node));
                 seen.acked.insert(id, index);
             }
             Some(Event::Message(m)) if m.to == ROOM => seen.received.push((m.index, m.id)),
-            Some(Event::Reconnected(_)) => seen.reconnects += 1,
+            Some(Event::Connected { node: n, .. }) => node = n,
+            Some(Event::Reconnected(r)) => {
+                node = r.to_node;
+                seen.reconnects += 1;
+            }
             Some(Event::SessionLost { .. }) => seen.sessions_lost += 1,
             Some(Event::Refused { code, id, .. }) => seen.refused.push((code, id)),
             Some(Event::Failed(why)) => panic!("client {user} gave up: {why}"),
@@ -170,8 +187,8 @@ impl Chaos {
         }
     }
 
-    /// Runs one fault to its end (healed).
-    fn inject(&mut self, kind: Kind) {
+    /// Injects one fault and heals it; returns the node it hit.
+    fn inject(&mut self, kind: Kind) -> Option<u64> {
         match kind {
             Kind::KillLeader | Kind::KillFollower => {
                 let id = if kind == Kind::KillLeader {
@@ -182,6 +199,7 @@ impl Chaos {
                 self.cluster.kill(id);
                 self.hold(200, 2000);
                 self.cluster.start_node(id);
+                Some(id)
             }
             Kind::PauseLeader | Kind::PauseFollower => {
                 let id = if kind == Kind::PauseLeader {
@@ -192,12 +210,14 @@ impl Chaos {
                 self.cluster.pause(id);
                 self.hold(500, 3000);
                 self.cluster.resume(id);
+                Some(id)
             }
             Kind::TermLeader => {
                 let id = self.leader_or_any();
                 self.cluster.stop(id);
                 self.hold(100, 1000);
                 self.cluster.start_node(id);
+                Some(id)
             }
             Kind::FullRestart => {
                 for id in 1..=NODES {
@@ -207,6 +227,7 @@ impl Chaos {
                 for id in 1..=NODES {
                     self.cluster.start_node(id);
                 }
+                None
             }
             Kind::QuorumLoss => {
                 let keep = self.rng.random_range(1..=NODES);
@@ -218,6 +239,7 @@ impl Chaos {
                 for id in down {
                     self.cluster.start_node(id);
                 }
+                None
             }
             Kind::IsolateLeader | Kind::IsolateFollower => {
                 let id = if kind == Kind::IsolateLeader {
@@ -229,6 +251,7 @@ impl Chaos {
                 self.net.isolate(&peer, &self.peers);
                 self.hold(1000, 3500);
                 self.net.heal();
+                Some(id)
             }
             Kind::OneWayFromLeader => {
                 let id = self.leader_or_any();
@@ -236,11 +259,13 @@ impl Chaos {
                 self.net.one_way_from(&peer, &self.peers);
                 self.hold(1000, 3000);
                 self.net.heal();
+                Some(id)
             }
             Kind::PacketLoss => {
                 self.net.lossy(30, &self.peers);
                 self.hold(1500, 4000);
                 self.net.heal();
+                None
             }
             Kind::FullDisk => {
                 let dir = self.cluster.data_dir(DISK_NODE);
@@ -252,7 +277,39 @@ impl Chaos {
                 }
                 let _ = std::fs::remove_file(&self.filler);
                 self.restart(DISK_NODE);
+                Some(DISK_NODE)
             }
+        }
+    }
+
+    /// Waits (at most `HEALTHY_WITHIN`) until every node follows one leader and acks are
+    /// flowing; false if the cluster did not get there.
+    fn wait_healthy(&self, acks: &Mutex<Vec<Instant>>) -> bool {
+        let deadline = Instant::now() + HEALTHY_WITHIN;
+        loop {
+            let statuses: Vec<Option<serde_json::Value>> =
+                (1..=NODES).map(|id| self.cluster.status(id)).collect();
+            let leader = statuses
+                .iter()
+                .flatten()
+                .find(|s| s["role"] == "leader")
+                .and_then(|s| s["id"].as_u64());
+            let followed = leader.is_some()
+                && statuses
+                    .iter()
+                    .all(|s| s.as_ref().is_some_and(|s| s["leader"].as_u64() == leader));
+            let flowing = acks
+                .lock()
+                .unwrap()
+                .last()
+                .is_some_and(|t| t.elapsed() < Duration::from_millis(300));
+            if followed && flowing {
+                return true;
+            }
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -287,6 +344,19 @@ fn chaos_schedule_loses_nothing() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(75);
+    // CHAOS_KINDS=IsolateFollower,PauseLeader narrows the schedule (to study one fault).
+    let kinds: Vec<Kind> = match std::env::var("CHAOS_KINDS") {
+        Ok(list) => list
+            .split(',')
+            .map(|name| {
+                *Kind::ALL
+                    .iter()
+                    .find(|k| format!("{k:?}") == name.trim())
+                    .unwrap_or_else(|| panic!("CHAOS_KINDS: no fault kind {name:?}"))
+            })
+            .collect(),
+        Err(_) => Kind::ALL.to_vec(),
+    };
     eprintln!("chaos: seed {seed} ({seconds} s of faults); replay with CHAOS_SEED={seed}");
 
     let mut cluster = Cluster::configure(
@@ -352,13 +422,22 @@ fn chaos_schedule_loses_nothing() {
         filler,
     };
     let mut applied = Vec::new();
+    eprintln!(
+        "chaos: faults begin at {:?}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    );
     let until = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < until {
-        let kind = Kind::pick(&mut chaos.rng);
+        let kind = Kind::pick(&mut chaos.rng, &kinds);
+        let healthy = chaos.wait_healthy(&acks);
         let started = Instant::now();
-        chaos.inject(kind);
+        let target = chaos.inject(kind);
         applied.push(Applied {
             kind,
+            target,
+            healthy,
             started,
             healed: Instant::now(),
         });
@@ -370,6 +449,7 @@ fn chaos_schedule_loses_nothing() {
     chaos.cluster.wait_leader(&[1, 2, 3], T);
     // Keep sending a little on the healed cluster, then let every client drain.
     std::thread::sleep(Duration::from_secs(2));
+    let sending_until = Instant::now();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let seen: Vec<Seen> = clients
         .into_iter()
@@ -382,12 +462,23 @@ fn chaos_schedule_loses_nothing() {
         .collect();
     let drained = healed.elapsed();
     let acks = acks.lock().unwrap().clone();
-    let summary = checker::check(&chaos.cluster, &seen, &applied, &acks, ROOM);
+    let summary = checker::check(&chaos.cluster, &seen, &applied, &acks, sending_until, ROOM);
     let report = format!(
-        "chaos: seed {seed}, {seconds} s of faults; healed cluster drained in {drained:?}\n{}\n{}\n",
+        "chaos: seed {seed}, {seconds} s of faults; healed cluster drained in {drained:?}\n{}{}\n{}\n",
+        summary.notes(),
         summary.per_kind(),
         summary.line()
     );
+    // CHAOS_LOGS=dir keeps the node logs (timestamps match the notes' offsets).
+    if let Ok(dir) = std::env::var("CHAOS_LOGS") {
+        let _ = std::fs::create_dir_all(&dir);
+        for id in 1..=NODES {
+            let _ = std::fs::write(
+                std::path::Path::new(&dir).join(format!("node-{id}.log")),
+                chaos.cluster.log(id),
+            );
+        }
+    }
     eprint!("{report}");
     // The test runner hides a passing test's output: scripts/test prints this file.
     let _ = std::fs::write(

@@ -130,8 +130,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let mut report = serde_json::Map::new();
     if args.duration > 0 {
+        let term_before = match &local {
+            Some((cluster, _)) => Some(highest_term(cluster).await),
+            None => None,
+        };
         let load = load(&args, &servers).await?;
         report.extend(load);
+        // Every election bumps the term: a healthy cluster under load holds none.
+        if let (Some(before), Some((cluster, _))) = (term_before, &local) {
+            let after = highest_term(cluster).await;
+            report.insert(
+                "elections_during_load".into(),
+                json!(after.saturating_sub(before)),
+            );
+        }
     }
     if args.failovers > 0
         && let Some((cluster, _)) = local.as_mut()
@@ -175,6 +187,17 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     print_report(&args, &report);
     Ok(())
+}
+
+/// The highest raft term any node of the local cluster reports.
+async fn highest_term(cluster: &LocalCluster) -> u64 {
+    let mut highest = 0;
+    for n in &cluster.config.nodes {
+        if let Ok(s) = fetch_status(&n.metrics, Duration::from_millis(500)).await {
+            highest = highest.max(s["term"].as_u64().unwrap_or(0));
+        }
+    }
+    highest
 }
 
 /// `{name}_ms` (every round), `{name}_median_ms` and `{name}_max_ms`.

@@ -14,6 +14,19 @@ use super::common::{Cluster, wait_for};
 use super::faults::Kind;
 use super::{Applied, NODES, Seen};
 
+/// One fault kind's figures; stalls and gaps count only faults that began on a healthy cluster.
+#[derive(Default, Debug)]
+pub struct KindStats {
+    pub count: usize,
+    /// Began while the cluster was still recovering from the previous fault.
+    pub unhealthy_start: usize,
+    /// The longest time without any ack anywhere.
+    pub stall: Duration,
+    /// The longest time between two acks of one client that stayed on a node the fault did
+    /// not hit (the experience of someone on the majority side).
+    pub majority_gap: Duration,
+}
+
 #[derive(Default, Debug)]
 pub struct Summary {
     pub faults: usize,
@@ -28,9 +41,10 @@ pub struct Summary {
     pub sessions_lost: usize,
     pub panics: usize,
     pub worst_stall: Duration,
-    /// Per fault kind: how often, and the longest time without any ack while it lasted.
-    pub per_kind: BTreeMap<Kind, (usize, Duration)>,
+    pub per_kind: BTreeMap<Kind, KindStats>,
     pub problems: Vec<String>,
+    /// Long stalls, with when they happened (seconds from the first fault), to study.
+    pub notes: Vec<String>,
 }
 
 impl Summary {
@@ -48,12 +62,22 @@ impl Summary {
         )
     }
 
+    pub fn notes(&self) -> String {
+        self.notes.iter().map(|n| format!("chaos: {n}\n")).collect()
+    }
+
     pub fn per_kind(&self) -> String {
-        let mut out = String::from("chaos: worst stall per fault kind:");
-        for (kind, (n, stall)) in &self.per_kind {
+        let mut out = String::from(
+            "chaos: per fault kind (faults begun on a healthy cluster): worst stall anywhere, \
+             worst gap for a client on the majority side",
+        );
+        for (kind, k) in &self.per_kind {
             out.push_str(&format!(
-                "\n  {kind:?}: {n} faults, {} ms",
-                stall.as_millis()
+                "\n  {kind:?}: {} faults ({} began unhealthy), stall {} ms, majority gap {} ms",
+                k.count,
+                k.unhealthy_start,
+                k.stall.as_millis(),
+                k.majority_gap.as_millis()
             ));
         }
         out
@@ -77,19 +101,48 @@ impl Summary {
     }
 }
 
-/// The longest time without an ack that overlaps [`from`, `to`].
-fn stall_within(acks: &[Instant], from: Instant, to: Instant) -> Duration {
-    let mut worst = Duration::ZERO;
+/// The longest time without an ack that overlaps [`from`, `to`], and when it began.
+fn stall_within(acks: &[Instant], from: Instant, to: Instant) -> (Duration, Instant) {
+    let mut worst = (Duration::ZERO, from);
     let mut previous = from;
     for t in acks.iter().copied().filter(|t| *t > from) {
         let end = t.min(to);
-        worst = worst.max(end.saturating_duration_since(previous));
+        if end.saturating_duration_since(previous) > worst.0 {
+            worst = (end.saturating_duration_since(previous), previous);
+        }
         if t >= to {
             return worst;
         }
         previous = t;
     }
-    worst.max(to.saturating_duration_since(previous))
+    if to.saturating_duration_since(previous) > worst.0 {
+        worst = (to.saturating_duration_since(previous), previous);
+    }
+    worst
+}
+
+/// For a client that was on a node `fault` did not hit, and stayed there from its last ack
+/// before the fault until `end`: the longest time between its acks in [start, `end`].
+fn majority_gap(ack_log: &[(Instant, u64)], fault: &Applied, end: Instant) -> Option<Duration> {
+    let before = ack_log.iter().rev().find(|(t, _)| *t <= fault.started)?;
+    let node = before.1;
+    if Some(node) == fault.target {
+        return None;
+    }
+    let during: Vec<&(Instant, u64)> = ack_log
+        .iter()
+        .filter(|(t, _)| *t > fault.started && *t <= end)
+        .collect();
+    if during.iter().any(|(_, n)| *n != node) {
+        return None; // It moved: its gap is a reconnect, not the majority's experience.
+    }
+    let mut previous = fault.started;
+    let mut worst = Duration::ZERO;
+    for (t, _) in during {
+        worst = worst.max(*t - previous);
+        previous = *t;
+    }
+    Some(worst.max(end.saturating_duration_since(previous)))
 }
 
 fn history_of(cluster: &Cluster, id: u64, room: &str) -> Vec<(u64, String)> {
@@ -111,6 +164,7 @@ pub fn check(
     seen: &[Seen],
     applied: &[Applied],
     acks: &[Instant],
+    sending_until: Instant,
     room: &str,
 ) -> Summary {
     let mut s = Summary {
@@ -124,19 +178,51 @@ pub fn check(
         // next fault began, or 10 s on.
         let end = applied
             .get(i + 1)
-            .map_or(fault.healed + Duration::from_secs(10), |next| next.started);
-        let stall = stall_within(&acks, fault.started, end).min(
+            .map_or(fault.healed + Duration::from_secs(10), |next| next.started)
+            .min(sending_until);
+        let (within, stall_began) = stall_within(&acks, fault.started, end);
+        let stall = within.min(
             acks.iter()
                 .find(|t| **t > fault.healed)
                 .map_or(Duration::from_secs(10), |t| {
                     t.saturating_duration_since(fault.started)
                 }),
         );
+        if stall > Duration::from_secs(1) && fault.healthy && fault.kind.keeps_a_majority() {
+            let at = |t: Instant| {
+                t.saturating_duration_since(applied[0].started)
+                    .as_secs_f64()
+            };
+            s.notes.push(format!(
+                "{:?} on node {:?} from +{:.2}s, healed +{:.2}s: no ack from +{:.2}s for {} ms",
+                fault.kind,
+                fault.target,
+                at(fault.started),
+                at(fault.healed),
+                at(stall_began),
+                stall.as_millis()
+            ));
+        }
         let entry = s.per_kind.entry(fault.kind).or_default();
-        entry.0 += 1;
-        entry.1 = entry.1.max(stall);
+        entry.count += 1;
+        if !fault.healthy {
+            entry.unhealthy_start += 1;
+            continue;
+        }
+        entry.stall = entry.stall.max(stall);
         if fault.kind.keeps_a_majority() {
             s.worst_stall = s.worst_stall.max(stall);
+            let gap_end = applied
+                .get(i + 1)
+                .map_or(fault.healed + Duration::from_secs(2), |next| next.started)
+                .min(fault.healed + Duration::from_secs(2))
+                .min(sending_until);
+            let gap = seen
+                .iter()
+                .filter_map(|c| majority_gap(&c.ack_log, fault, gap_end))
+                .max()
+                .unwrap_or_default();
+            entry.majority_gap = entry.majority_gap.max(gap);
         }
     }
 

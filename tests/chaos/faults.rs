@@ -50,10 +50,13 @@ impl Kind {
         Kind::FullDisk,
     ];
 
-    /// Picks a fault; the ones that take the cluster down entirely are rarer.
-    pub fn pick(rng: &mut StdRng) -> Kind {
+    /// Picks a fault among `allowed`; the ones that take the cluster down entirely are rarer.
+    pub fn pick(rng: &mut StdRng, allowed: &[Kind]) -> Kind {
         loop {
-            let kind = Kind::ALL[rng.random_range(0..Kind::ALL.len())];
+            let kind = allowed[rng.random_range(0..allowed.len())];
+            if allowed.len() == 1 {
+                return kind;
+            }
             let rare = matches!(kind, Kind::FullRestart | Kind::QuorumLoss | Kind::FullDisk);
             if !rare || rng.random_bool(0.4) {
                 return kind;
