@@ -7,7 +7,7 @@
 //!                                                                        │ commands
 //!                                                                        ▼
 //!  raft port ◄──► consensus (openraft: log store, state machine, snapshots, transport,
-//!                            forwarding, history pages for peers)
+//!                            forwarding, history pages for peers, leader watch)
 //!                                                                        │ applied entries, in order
 //!                                                                        ▼
 //!                  chat::store (ChatState + History on disk) ──► events ──► connections

@@ -50,6 +50,8 @@ pub struct Seen {
     pub refused: Vec<(String, Option<String>)>,
     /// When each ack arrived, and through which node.
     pub ack_log: Vec<(Instant, u64)>,
+    /// Why the client stopped for good, if it did.
+    pub gave_up: Option<String>,
 }
 
 /// A fault as it happened: what, which node it hit, and when it began and was healed.
@@ -137,7 +139,11 @@ async fn run_client(
             }
             Some(Event::SessionLost { .. }) => seen.sessions_lost += 1,
             Some(Event::Refused { code, id, .. }) => seen.refused.push((code, id)),
-            Some(Event::Failed(why)) => panic!("client {user} gave up: {why}"),
+            Some(Event::Failed(why)) => {
+                // Reported by the checker, with everything else this run saw.
+                seen.gave_up = Some(why);
+                return seen;
+            }
             Some(_) => {}
         }
     }

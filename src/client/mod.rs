@@ -181,6 +181,7 @@ impl Client {
             unacked: VecDeque::new(),
             rooms: BTreeSet::new(),
             node: None,
+            gave_up_on_resume: None,
         };
         tokio::spawn(driver.run(command_rx));
         Client {
@@ -258,7 +259,15 @@ struct Driver {
     unacked: VecDeque<Pending>,
     rooms: BTreeSet<String>,
     node: Option<u64>,
+    /// When this client last gave up waiting for the answer to a resuming `hello`. That hello
+    /// may still be committed later, after a newer one, and take the session over from the
+    /// connection that replaced it: that is not someone else's claim.
+    gave_up_on_resume: Option<Instant>,
 }
+
+/// How long a resuming `hello` this client gave up on may still take its session over: the
+/// server retries a write for `chat.write_timeout_ms` (5 s by default) and then some.
+const STALE_RESUME_WINDOW: Duration = Duration::from_secs(30);
 
 /// How a connection ended.
 enum Ended {
@@ -399,6 +408,7 @@ impl Driver {
 
     /// Connects and says hello (resuming the session when there is one).
     async fn open(&mut self, server: &str) -> Result<(FrameReader, FrameWriter, Value), String> {
+        let hello_sent = std::sync::atomic::AtomicBool::new(false);
         let connecting = async {
             let (mut reader, mut writer) = connect(server).await.map_err(|e| e.to_string())?;
             let mut hello = json!({"type": "hello", "user": self.config.user});
@@ -407,15 +417,21 @@ impl Driver {
                 hello["resume_from"] = json!(self.last_index);
             }
             writer.send(&hello).await.map_err(|e| e.to_string())?;
+            hello_sent.store(true, Ordering::Relaxed);
             let welcome = reader
                 .reply("welcome", self.config.read_timeout * 4)
                 .await
                 .map_err(|e| e.to_string())?;
             Ok((reader, writer, welcome))
         };
-        tokio::time::timeout(self.config.read_timeout * 5, connecting)
+        let opened = tokio::time::timeout(self.config.read_timeout * 5, connecting)
             .await
-            .map_err(|_| format!("{server}: no welcome in time"))?
+            .map_err(|_| format!("{server}: no welcome in time"))
+            .and_then(|r| r);
+        if opened.is_err() && hello_sent.load(Ordering::Relaxed) && self.session.is_some() {
+            self.gave_up_on_resume = Some(Instant::now());
+        }
+        opened
     }
 
     fn learn_nodes(&mut self, welcome: &Value) {
@@ -597,6 +613,15 @@ impl Driver {
                     }
                     // The connection is being closed for a reason a new one fixes.
                     ("unavailable", None) => return Some(Ended::Lost(text("message"))),
+                    // This client's own earlier resume, committed late, took the session
+                    // over: resume again (the newest resume wins).
+                    ("name_taken", None)
+                        if self
+                            .gave_up_on_resume
+                            .is_some_and(|t| t.elapsed() < STALE_RESUME_WINDOW) =>
+                    {
+                        return Some(Ended::Lost(text("message")));
+                    }
                     ("name_taken", None) => return Some(Ended::Fatal(text("message"))),
                     (_, Some(id)) => {
                         if let Some(pos) = self.unacked.iter().position(|p| &p.id == id) {
@@ -663,6 +688,59 @@ pub fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::{TcpListener, TcpStream};
+
+    async fn next_hello(listener: &TcpListener) -> (BufReader<TcpStream>, Value) {
+        let (stream, _) = listener.accept().await.unwrap();
+        let mut stream = BufReader::new(stream);
+        let mut line = String::new();
+        stream.read_line(&mut line).await.unwrap();
+        (stream, serde_json::from_str(&line).unwrap())
+    }
+
+    async fn say(stream: &mut BufReader<TcpStream>, frame: Value) {
+        let line = format!("{frame}\n");
+        stream.get_mut().write_all(line.as_bytes()).await.unwrap();
+    }
+
+    fn welcome(resumed: bool) -> Value {
+        json!({"type": "welcome", "session": "s1", "node": 1, "resumed": resumed, "nodes": []})
+    }
+
+    #[tokio::test]
+    async fn a_late_commit_of_its_own_abandoned_resume_does_not_stop_the_client() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut config = ClientConfig::new(vec![addr], "alice");
+        config.read_timeout = Duration::from_millis(100);
+        let mut client = Client::start(config);
+        let (mut first, _) = next_hello(&listener).await;
+        say(&mut first, welcome(false)).await;
+        drop(first);
+        // A resume nobody answers: the client gives up on it...
+        let (_abandoned, hello) = next_hello(&listener).await;
+        assert_eq!(hello["session"], "s1");
+        // ...and resumes on the next connection, which the abandoned one, committed late,
+        // then takes over.
+        let (mut third, _) = next_hello(&listener).await;
+        say(&mut third, welcome(true)).await;
+        say(
+            &mut third,
+            json!({"type": "error", "code": "name_taken",
+                   "message": "the session was resumed by another connection"}),
+        )
+        .await;
+        let (_fourth, hello) = tokio::time::timeout(Duration::from_secs(10), next_hello(&listener))
+            .await
+            .expect("the client resumes again");
+        assert_eq!(hello["session"], "s1");
+        while let Ok(Some(event)) =
+            tokio::time::timeout(Duration::from_millis(50), client.next_event()).await
+        {
+            assert!(!matches!(event, Event::Failed(_)), "{event:?}");
+        }
+    }
 
     #[test]
     fn backoff_grows_and_is_capped() {

@@ -39,6 +39,7 @@ pub struct Summary {
     pub unsent_in_history: usize,
     pub never_acked: usize,
     pub sessions_lost: usize,
+    pub clients_gave_up: usize,
     pub panics: usize,
     pub worst_stall: Duration,
     pub per_kind: BTreeMap<Kind, KindStats>,
@@ -92,6 +93,7 @@ impl Summary {
             && self.unsent_in_history == 0
             && self.never_acked == 0
             && self.sessions_lost == 0
+            && self.clients_gave_up == 0
             && self.panics == 0;
         assert!(
             clean,
@@ -289,6 +291,10 @@ pub fn check(
     for c in seen {
         s.acked += c.acked.len();
         s.sessions_lost += c.sessions_lost;
+        if let Some(why) = &c.gave_up {
+            s.clients_gave_up += 1;
+            s.problems.push(format!("{} gave up: {why}", c.user));
+        }
         s.never_acked += c.sent.len().saturating_sub(c.acked.len());
         for (code, id) in c.refused.iter().take(5) {
             s.problems
