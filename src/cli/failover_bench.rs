@@ -2,7 +2,8 @@
 //! restart of the leader costs the people chatting, timed from outside on a local cluster.
 //!
 //! - `--failovers K`: SIGKILL the leader; time until the survivors agree on a new one, and
-//!   until a client on a surviving node (sending one message at a time) is acknowledged again.
+//!   until a client on a surviving node (sending one message at a time) has a message sent
+//!   after the kill acknowledged (so committed under the new leader).
 //! - `--client-failovers K`: SIGKILL the node a client is connected to (the leader); time until
 //!   the client has resumed its session elsewhere.
 //! - `--handoffs K`: SIGTERM the leader while clients on the other nodes keep writing; the
@@ -17,9 +18,10 @@ use super::bench::{wait_caught_up, wait_for_leader};
 use super::cluster::LocalCluster;
 use crate::client::{Client, ClientConfig, Event};
 
-/// Clients that keep writing and record when each acknowledgement arrived.
+/// Clients that keep writing and record each acknowledgement: (when it arrived, when its
+/// message was sent).
 struct Canaries {
-    acks: Arc<Mutex<Vec<Instant>>>,
+    acks: Arc<Mutex<Vec<(Instant, Instant)>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
@@ -57,8 +59,9 @@ impl Canaries {
         self.acks.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
-    /// The first acknowledgement after `t`, waiting up to `timeout` for it.
-    async fn first_ack_after(&self, t: Instant, timeout: Duration) -> Option<Instant> {
+    /// The first acknowledgement of a message sent after `t` (so committed by whoever leads
+    /// after it), waiting up to `timeout` for it.
+    async fn first_ack_sent_after(&self, t: Instant, timeout: Duration) -> Option<Instant> {
         let deadline = Instant::now() + timeout;
         loop {
             let found = self
@@ -66,10 +69,8 @@ impl Canaries {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .iter()
-                .rev()
-                .take_while(|a| **a > t)
-                .last()
-                .copied();
+                .find(|(_, sent)| *sent > t)
+                .map(|(acked, _)| *acked);
             if found.is_some() || Instant::now() > deadline {
                 return found;
             }
@@ -79,7 +80,13 @@ impl Canaries {
 
     /// The longest time without an acknowledgement in [`from`, `to`].
     fn longest_pause(&self, from: Instant, to: Instant) -> Duration {
-        let mut acks = self.acks.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut acks: Vec<Instant> = self
+            .acks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(acked, _)| *acked)
+            .collect();
         acks.sort();
         let mut last = from;
         let mut longest = Duration::ZERO;
@@ -114,17 +121,18 @@ impl Drop for Canaries {
 async fn canary(
     config: ClientConfig,
     window: usize,
-    acks: Arc<Mutex<Vec<Instant>>>,
+    acks: Arc<Mutex<Vec<(Instant, Instant)>>>,
     joined: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut client = Client::start(config);
     let mut joined = Some(joined);
-    let mut in_flight = 0;
+    // Send times, oldest first: one connection acknowledges in order.
+    let mut in_flight = std::collections::VecDeque::new();
     loop {
         if joined.is_none() {
-            while in_flight < window {
+            while in_flight.len() < window {
                 client.send("#failover", "still here");
-                in_flight += 1;
+                in_flight.push_back(Instant::now());
             }
         }
         match client.next_event().await {
@@ -134,15 +142,19 @@ async fn canary(
                 }
             }
             Some(Event::Acked { .. }) => {
+                let sent = in_flight.pop_front().unwrap_or_else(Instant::now);
                 acks.lock()
                     .unwrap_or_else(|p| p.into_inner())
-                    .push(Instant::now());
-                in_flight -= 1;
+                    .push((Instant::now(), sent));
             }
-            Some(Event::Refused { id: Some(_), .. }) => in_flight -= 1,
+            Some(Event::Refused { id: Some(_), .. }) => {
+                in_flight.pop_front();
+            }
             // A lost session does not re-send: those messages are no longer in flight.
             Some(Event::SessionLost { unacked, .. }) => {
-                in_flight = in_flight.saturating_sub(unacked.len());
+                for _ in 0..unacked.len() {
+                    in_flight.pop_front();
+                }
             }
             Some(Event::Failed(_)) | None => return,
             Some(_) => {}
@@ -181,7 +193,7 @@ pub async fn failovers(
         };
         let ((new_leader, elected_after), acked) = tokio::join!(
             elected,
-            writer.first_ack_after(killed_at, Duration::from_secs(30)),
+            writer.first_ack_sent_after(killed_at, Duration::from_secs(30)),
         );
         let new_leader = new_leader?;
         let Some(acked) = acked else {
