@@ -119,6 +119,10 @@ pub struct StoredMessage {
     pub text: String,
     /// Milliseconds since the Unix epoch, set by the leader that appended the entry.
     pub ts_ms: i64,
+    /// For a direct message: the ids of the sessions that may see it (sender and target at
+    /// commit time). Empty for rooms, and for direct messages stored before it existed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parties: Vec<u64>,
 }
 
 /// A committed message on its way to this node's connections; each dialect encodes it once

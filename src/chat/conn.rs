@@ -173,17 +173,7 @@ pub async fn deliver<R: Render>(
                     .unwrap_or_default();
                 follow.filter.set_rooms(rooms);
                 let after = follow.filter.last();
-                if let Err(e) = replay(
-                    &svc,
-                    &follow.session,
-                    &follow.user,
-                    after,
-                    upto,
-                    &render,
-                    &out,
-                )
-                .await
-                {
+                if let Err(e) = replay(&svc, &follow.session, after, upto, &render, &out).await {
                     tracing::warn!(error = %e, "resync after snapshot failed");
                     reason.set("error");
                     let why = format!("cannot replay after a snapshot: {e}");
@@ -205,13 +195,12 @@ pub async fn deliver<R: Render>(
 pub async fn replay<R: Render>(
     svc: &ChatService,
     session: &str,
-    user: &str,
     after: u64,
     upto: u64,
     render: &R,
     out: &mpsc::Sender<Outbound>,
 ) -> Result<u64, super::service::ChatError> {
-    let plan = svc.replay(session, user, after, upto).await?;
+    let plan = svc.replay(session, after, upto).await?;
     replay_planned(svc, &plan, render, out).await
 }
 

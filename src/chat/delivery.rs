@@ -26,6 +26,8 @@ pub enum Delivery {
 
 pub struct DeliveryFilter {
     session: String,
+    /// The session's public id: direct messages name who may see them by it.
+    session_id: u64,
     attachment: u64,
     user_key: String,
     rooms: HashSet<String>,
@@ -36,6 +38,7 @@ pub struct DeliveryFilter {
 impl DeliveryFilter {
     pub fn new(
         session: String,
+        session_id: u64,
         attachment: u64,
         user: &str,
         rooms: impl IntoIterator<Item = String>,
@@ -43,6 +46,7 @@ impl DeliveryFilter {
     ) -> Self {
         DeliveryFilter {
             session,
+            session_id,
             attachment,
             user_key: fold(user),
             rooms: rooms.into_iter().collect(),
@@ -72,6 +76,8 @@ impl DeliveryFilter {
                 }
                 let mine = if is_room_target(&m.to) {
                     self.rooms.contains(&fold(&m.to))
+                } else if !m.parties.is_empty() {
+                    m.parties.contains(&self.session_id)
                 } else {
                     fold(&m.to) == self.user_key || fold(&m.from) == self.user_key
                 };
@@ -127,6 +133,10 @@ mod tests {
     use super::*;
 
     fn msg(index: u64, to: &str, from: &str) -> Event {
+        dm(index, to, from, Vec::new())
+    }
+
+    fn dm(index: u64, to: &str, from: &str, parties: Vec<u64>) -> Event {
         Event::Message(MessageEvent::new(crate::chat::command::StoredMessage {
             index,
             to: to.into(),
@@ -134,12 +144,34 @@ mod tests {
             id: "x".into(),
             text: "t".into(),
             ts_ms: 0,
+            parties,
         }))
     }
 
     #[test]
+    fn a_direct_message_reaches_only_the_sessions_it_names() {
+        // Session 7 holds "bob" now; session 3 held it when the message was committed.
+        let mut new_holder = DeliveryFilter::new("s7".into(), 7, 7, "bob", [], 7);
+        assert!(
+            new_holder
+                .on_event(&dm(8, "bob", "alice", vec![2, 3]))
+                .is_none()
+        );
+        let mut sender = DeliveryFilter::new("s2".into(), 2, 2, "alice", [], 7);
+        assert!(matches!(
+            sender.on_event(&dm(8, "bob", "alice", vec![2, 3])),
+            Some(Delivery::Message(_))
+        ));
+        let mut target = DeliveryFilter::new("s3".into(), 3, 3, "bob", [], 7);
+        assert!(matches!(
+            target.on_event(&dm(8, "bob", "alice", vec![2, 3])),
+            Some(Delivery::Message(_))
+        ));
+    }
+
+    #[test]
     fn follows_own_membership_in_order() {
-        let mut f = DeliveryFilter::new("s".into(), 1, "Alice", [], 1);
+        let mut f = DeliveryFilter::new("s".into(), 1, 1, "Alice", [], 1);
         assert!(f.on_event(&msg(2, "#r", "bob")).is_none());
         let join = Event::Presence {
             index: 3,
@@ -180,7 +212,7 @@ mod tests {
 
     #[test]
     fn closes_when_resumed_elsewhere() {
-        let mut f = DeliveryFilter::new("s".into(), 5, "a", [], 5);
+        let mut f = DeliveryFilter::new("s".into(), 5, 5, "a", [], 5);
         let other = Event::SessionAttached {
             index: 9,
             session: "s".into(),

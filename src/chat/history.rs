@@ -114,10 +114,13 @@ pub struct History {
     unsynced_bytes: std::sync::atomic::AtomicU64,
 }
 
-/// The keys a message is filed under: its room, or both ends of a direct message.
+/// The keys a message is filed under: its room, or the sessions of a direct message (by
+/// name for direct messages stored before sessions had ids; no session replays those).
 fn target_keys(msg: &StoredMessage) -> Vec<String> {
     if is_room_target(&msg.to) {
         vec![fold(&msg.to)]
+    } else if !msg.parties.is_empty() {
+        msg.parties.iter().map(|id| party_key(*id)).collect()
     } else {
         let mut keys = vec![user_key(&msg.from), user_key(&msg.to)];
         keys.dedup();
@@ -125,7 +128,12 @@ fn target_keys(msg: &StoredMessage) -> Vec<String> {
     }
 }
 
-/// The key under which a user's direct messages are filed.
+/// The key under which the direct messages a session may see are filed.
+pub fn party_key(session_id: u64) -> String {
+    format!("~{session_id}")
+}
+
+/// The key under which direct messages were filed before sessions had ids.
 pub fn user_key(user: &str) -> String {
     format!("@{}", fold(user))
 }
@@ -655,6 +663,7 @@ mod tests {
             id: index.to_string(),
             text: "t".into(),
             ts_ms: index as i64 * 1000,
+            parties: Vec::new(),
         }
     }
 

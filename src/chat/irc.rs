@@ -588,6 +588,7 @@ impl IrcConn {
         }
         let filter = DeliveryFilter::new(
             attached.session.clone(),
+            attached.id,
             attached.attachment,
             &me,
             rooms,
@@ -907,6 +908,7 @@ mod tests {
             id: "1".into(),
             text: format!("two\nlines {}", "x".repeat(2000)),
             ts_ms: 0,
+            parties: Vec::new(),
         };
         let plain = privmsg(&m, false, false);
         let text = std::str::from_utf8(&plain).unwrap();

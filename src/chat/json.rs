@@ -602,7 +602,7 @@ impl Connection {
         let replay = match resume_from.filter(|_| attached.resumed) {
             Some(after) => Some(
                 self.svc
-                    .replay(&attached.session, &attached.user, after, sub.applied)
+                    .replay(&attached.session, after, sub.applied)
                     .await?,
             ),
             None => None,
@@ -622,6 +622,7 @@ impl Connection {
         self.reply(welcome.encode()).await;
         let mut filter = DeliveryFilter::new(
             attached.session.clone(),
+            attached.id,
             attached.attachment,
             &attached.user,
             rooms,
@@ -830,6 +831,7 @@ mod tests {
             id: "1".into(),
             text: "hi\nthere".into(),
             ts_ms: 0,
+            parties: Vec::new(),
         };
         let line = ServerFrame::Message((&m).into()).encode();
         assert_eq!(line.iter().filter(|b| **b == b'\n').count(), 1);

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::command::{ChatCommand, ChatResponse, StoredMessage};
-use super::history::{Page, Retention, user_key};
+use super::history::{Page, Retention, party_key};
 use super::names::{fold, is_room_target, is_valid_room, is_valid_user};
 use super::state::Settings;
 use super::store::ChatStore;
@@ -50,6 +50,8 @@ pub struct Attached {
     pub user: String,
     pub resumed: bool,
     pub attachment: u64,
+    /// The session's public id (who may see a direct message).
+    pub id: u64,
 }
 
 /// Messages one page of a resume replay holds.
@@ -235,12 +237,17 @@ impl ChatService {
                 user,
                 resumed,
                 attachment,
-            } => Ok(Attached {
-                session,
-                user,
-                resumed,
-                attachment,
-            }),
+            } => {
+                // Applied here (the read barrier above), so the state knows the session.
+                let id = self.store.state().session(&session).map_or(0, |s| s.id);
+                Ok(Attached {
+                    session,
+                    user,
+                    resumed,
+                    attachment,
+                    id,
+                })
+            }
             ChatResponse::NameTaken => Err(ChatError::NameTaken(user.to_string())),
             other => Err(unexpected(other)),
         }
@@ -478,22 +485,18 @@ impl ChatService {
         Ok((name, page))
     }
 
-    /// What `session` (of `user`) missed after `after`, up to what this node has applied:
-    /// its rooms and direct messages, how many, and whether retention cut some.
-    pub async fn replay(
-        &self,
-        session: &str,
-        user: &str,
-        after: u64,
-        upto: u64,
-    ) -> Result<Replay, ChatError> {
+    /// What `session` missed after `after`, up to what this node has applied: its rooms and
+    /// the direct messages it may see, how many, and whether retention cut some.
+    pub async fn replay(&self, session: &str, after: u64, upto: u64) -> Result<Replay, ChatError> {
         let mut keys: Vec<String> = self
             .store
             .state()
             .session(session)
             .map(|s| s.rooms.iter().cloned().collect())
             .unwrap_or_default();
-        keys.push(user_key(user));
+        if let Some(id) = self.store.state().session(session).map(|s| s.id) {
+            keys.push(party_key(id));
+        }
         let read_keys = keys.clone();
         let (count, pruned, oldest) = self
             .read_history(move |h| {

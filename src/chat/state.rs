@@ -59,6 +59,11 @@ pub struct Session {
     pub attached: Option<Attachment>,
     pub last_active_ms: i64,
     sent: DedupWindow,
+    /// The index of the entry that created the session: its public identity (the token is a
+    /// secret). Direct messages name the sessions that may see them by it. 0 in states from
+    /// before it existed, until the session next attaches or takes part in a direct message.
+    #[serde(default)]
+    pub id: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -210,6 +215,9 @@ impl ChatState {
         {
             session.attached = Some(attachment);
             session.last_active_ms = ts;
+            if session.id == 0 {
+                session.id = index;
+            }
             let user = session.user.clone();
             events.push(Event::SessionAttached {
                 index,
@@ -239,6 +247,7 @@ impl ChatState {
                 attached: Some(attachment),
                 last_active_ms: ts,
                 sent: DedupWindow::default(),
+                id: index,
             },
         );
         events.push(Event::SessionAttached {
@@ -332,30 +341,42 @@ impl ChatState {
             };
         }
         let key = fold(to);
-        let target = if is_room_target(to) {
+        let (target, parties) = if is_room_target(to) {
             if !session.rooms.contains(&key) {
                 return ChatResponse::NotMember {
                     room: to.to_string(),
                 };
             }
-            self.rooms
+            let room = self
+                .rooms
                 .get(&key)
-                .map_or_else(|| to.to_string(), |r| r.name.clone())
+                .map_or_else(|| to.to_string(), |r| r.name.clone());
+            (room, Vec::new())
         } else {
-            match self.names.get(&key).and_then(|t| self.sessions.get(t)) {
-                Some(target) => target.user.clone(),
-                None => {
-                    return ChatResponse::NoSuchUser {
-                        user: to.to_string(),
-                    };
-                }
-            }
+            let Some(target_token) = self.names.get(&key).cloned() else {
+                return ChatResponse::NoSuchUser {
+                    user: to.to_string(),
+                };
+            };
+            let Some(target) = self.sessions.get(&target_token).map(|t| t.user.clone()) else {
+                return ChatResponse::NoSuchUser {
+                    user: to.to_string(),
+                };
+            };
+            // Only the two sessions holding the names now may ever see it.
+            let mut parties = vec![
+                self.session_id(token, index),
+                self.session_id(&target_token, index),
+            ];
+            parties.dedup();
+            (target, parties)
+        };
+        let Some(session) = self.sessions.get_mut(token) else {
+            return ChatResponse::UnknownSession;
         };
         let from = session.user.clone();
-        if let Some(session) = self.sessions.get_mut(token) {
-            session.sent.insert(id.to_string(), index);
-            session.last_active_ms = ts;
-        }
+        session.sent.insert(id.to_string(), index);
+        session.last_active_ms = ts;
         events.push(Event::Message(MessageEvent::new(StoredMessage {
             index,
             to: target,
@@ -363,6 +384,7 @@ impl ChatState {
             id: id.to_string(),
             text: text.to_string(),
             ts_ms: ts,
+            parties,
         })));
         ChatResponse::Sent {
             index,
@@ -441,6 +463,19 @@ impl ChatState {
     /// The entry time of the last applied entry (never decreasing).
     pub fn last_ts_ms(&self) -> i64 {
         self.last_ts_ms
+    }
+
+    /// The public identity of session `token`, assigning one (`index`) to a session from a
+    /// state written before identities existed.
+    fn session_id(&mut self, token: &str, index: u64) -> u64 {
+        match self.sessions.get_mut(token) {
+            Some(s) if s.id == 0 => {
+                s.id = index;
+                index
+            }
+            Some(s) => s.id,
+            None => 0,
+        }
     }
 
     pub fn session(&self, token: &str) -> Option<&Session> {
