@@ -89,6 +89,8 @@ pub struct ChatConfig {
     pub hello_timeout_ms: u64,
     /// Events a client may fall behind by before it is disconnected (it can resume).
     pub client_queue_events: usize,
+    /// Bytes queued for one connection's socket before it is disconnected as `slow`.
+    pub max_output_bytes: usize,
     /// IRC: ping a client that has been quiet this long...
     pub irc_ping_interval_ms: u64,
     /// ...and drop it when it has not answered this long after the ping.
@@ -182,6 +184,7 @@ impl Default for ChatConfig {
             session_idle_timeout_secs: 24 * 3600,
             hello_timeout_ms: 30_000,
             client_queue_events: 8_192,
+            max_output_bytes: 8 * 1024 * 1024,
             irc_ping_interval_ms: 60_000,
             irc_ping_timeout_ms: 120_000,
             motd: Some("Welcome to raftchat: every message is replicated by Raft.".into()),
@@ -361,6 +364,9 @@ impl Config {
                 "keys `chat.rate_limit_per_sec` and `chat.rate_limit_burst` must be positive"
                     .into(),
             );
+        }
+        if c.max_output_bytes < 64 * 1024 {
+            return bad("key `chat.max_output_bytes` must be at least 65536".into());
         }
         if c.write_timeout_ms == 0 {
             return bad("key `chat.write_timeout_ms` must be positive".into());

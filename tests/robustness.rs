@@ -114,10 +114,81 @@ fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
     let mut saw_error = false;
     while let Some(v) = slow.next_reply(Duration::from_secs(5)) {
         if v["type"] == "error" {
-            assert_eq!(v["code"], "unavailable", "{v}");
+            // Too far behind the event stream, or too many bytes queued: either closes it.
+            assert!(v["code"] == "unavailable" || v["code"] == "slow", "{v}");
             saw_error = true;
         }
     }
     assert!(saw_error, "the slow client got no disconnect reason");
     assert!(slow.closed_within(T));
+}
+
+#[test]
+fn a_client_that_asks_for_much_and_never_reads_is_cut_off_at_its_output_budget() {
+    let cluster = Cluster::start(
+        3,
+        "[chat]\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\n",
+    );
+    cluster.wait_leader(&[1, 2, 3], T);
+    // 300 messages of 15 KB: every full history answer is megabytes.
+    let mut filler = cluster.login(2, "filler");
+    filler.join("#big");
+    let text = "z".repeat(15 * 1024);
+    for i in 0..300 {
+        let ack = filler.say("#big", &format!("b{i}"), &text);
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let pid = cluster.pid(1).unwrap();
+    let rss_before = rss_bytes(pid).unwrap();
+
+    let mut attacker = cluster.login(1, "hoarder");
+    attacker.join("#big");
+    let mut bystander = cluster.login(1, "bystander");
+    bystander.join("#calm");
+    // Ask again and again, never read: without a byte budget each request queues megabytes.
+    let mut sent = 0;
+    for _ in 0..300 {
+        let asked = json!({"type": "history", "room": "#big", "limit": 1000});
+        if attacker.send(asked).is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    assert!(sent > 0);
+    wait_for(T, "the node to cut the hoarder off", || {
+        cluster.log(1).contains("telling it `slow`").then_some(())
+    });
+    // Reading again: what the socket held, then why it was cut off, then the end.
+    let hoarder = std::thread::spawn(move || {
+        let mut told = None;
+        while let Some(v) = attacker.next_reply(Duration::from_secs(10)) {
+            if v["type"] == "error" {
+                told = Some(v);
+            }
+        }
+        (told, attacker.closed_within(T))
+    });
+    // The node goes on serving others on the same node meanwhile.
+    for i in 0..20 {
+        let ack = bystander.say("#calm", &format!("c{i}"), "still fine");
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    let rss_after = rss_bytes(pid).unwrap();
+    assert!(
+        rss_after < 300 * 1024 * 1024,
+        "node RSS {rss_after} bytes (was {rss_before}) after a client hoarded output"
+    );
+    let (told, closed) = hoarder.join().unwrap();
+    let told = told.expect("the hoarder was told why it was disconnected");
+    assert_eq!(told["code"], "slow", "{told}");
+    assert!(closed);
+    wait_for(T, "the slow disconnect to be counted", || {
+        let metrics = http_get(&cluster.node(1).metrics, "/metrics").ok()?.1;
+        metrics
+            .lines()
+            .any(|l| {
+                l.starts_with("raftchat_client_disconnects_total") && l.contains("reason=\"slow\"")
+            })
+            .then_some(())
+    });
 }

@@ -3,6 +3,8 @@
 //! events.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, BufWriter};
@@ -36,18 +38,77 @@ impl CloseReason {
     }
 }
 
-/// Writes queued frames, flushing when the queue runs dry; stops after a `Fatal` frame or
-/// when `closed` fires (after draining what is queued).
-pub async fn write_loop(
+/// The frames queued for one connection's socket, bounded in bytes: a client that does not
+/// read what it is sent costs at most `chat.max_output_bytes` (one frame larger than that
+/// still goes out to a client that reads), then it is told `slow` and disconnected.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Outbound>,
+    shared: Arc<OutboxShared>,
+}
+
+struct OutboxShared {
+    queued: AtomicUsize,
+    max_bytes: usize,
+    slow: AtomicBool,
+    closed: CancellationToken,
+    reason: Arc<CloseReason>,
+}
+
+impl OutboxShared {
+    fn too_slow(&self) {
+        self.reason.set("slow");
+        if !self.slow.swap(true, Ordering::SeqCst) {
+            tracing::info!(
+                queued_bytes = self.queued.load(Ordering::SeqCst),
+                "a client does not read what it is sent: telling it `slow` and disconnecting"
+            );
+        }
+        self.closed.cancel();
+    }
+}
+
+/// The connection is closing: nothing more is written.
+#[derive(Debug)]
+pub struct Closed;
+
+impl Outbox {
+    pub async fn send(&self, item: Outbound) -> Result<(), Closed> {
+        if let Outbound::Frame(frame) = &item {
+            let len = frame.len();
+            let before = self.shared.queued.fetch_add(len, Ordering::SeqCst);
+            if before > 0 && before + len > self.shared.max_bytes {
+                self.shared.queued.fetch_sub(len, Ordering::SeqCst);
+                self.shared.too_slow();
+                return Err(Closed);
+            }
+        }
+        self.tx.send(item).await.map_err(|_| Closed)
+    }
+}
+
+/// How long the last words to a connection that is closing normally may take.
+const FAREWELL: Duration = Duration::from_millis(500);
+
+/// Writes queued frames, flushing when the queue runs dry; stops after a `Fatal` frame, when
+/// `closed` fires (after draining what is queued), or when the socket accepts nothing for
+/// `write_timeout` (a `slow` client).
+async fn write_loop(
     write: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Outbound>,
-    closed: CancellationToken,
+    shared: Arc<OutboxShared>,
+    write_timeout: Duration,
+    slow_frame: Bytes,
 ) {
     let mut writer = BufWriter::new(write);
+    let closed = shared.closed.clone();
     loop {
         let item = tokio::select! {
             item = rx.recv() => item,
             _ = closed.cancelled() => {
+                if shared.slow.load(Ordering::SeqCst) {
+                    break;
+                }
                 // Drain what is already queued (the last acks or an error), then stop.
                 rx.try_recv().ok()
             }
@@ -57,19 +118,44 @@ pub async fn write_loop(
             Outbound::Frame(b) => (b, false),
             Outbound::Fatal(b) => (b, true),
         };
-        if writer.write_all(&bytes).await.is_err() {
-            break;
+        let flush = last || rx.is_empty();
+        let wrote = tokio::time::timeout(write_timeout, async {
+            writer.write_all(&bytes).await?;
+            if flush {
+                writer.flush().await?;
+            }
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+        if !last {
+            shared.queued.fetch_sub(bytes.len(), Ordering::SeqCst);
         }
-        if (last || rx.is_empty()) && writer.flush().await.is_err() {
-            break;
+        match wrote {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => break,
+            Err(_) => {
+                shared.too_slow();
+                break;
+            }
         }
         if last {
             closed.cancel();
             break;
         }
     }
-    let _ = writer.flush().await;
-    let _ = writer.shutdown().await;
+    // A socket that accepts nothing must not hold this task: the last words are best effort.
+    // A slow client gets `write_timeout` to take them (what is queued is dropped first).
+    let slow = shared.slow.load(Ordering::SeqCst);
+    drop(rx);
+    let farewell = if slow { write_timeout } else { FAREWELL };
+    let _ = tokio::time::timeout(farewell, async {
+        if slow {
+            writer.write_all(&slow_frame).await?;
+        }
+        writer.flush().await?;
+        writer.shutdown().await
+    })
+    .await;
 }
 
 /// Counts a connection in the `dialect` metrics around `serve`, which reports why it closed.
@@ -120,7 +206,7 @@ pub async fn deliver<R: Render>(
     svc: Arc<ChatService>,
     mut follow: Follow,
     render: R,
-    out: mpsc::Sender<Outbound>,
+    out: Outbox,
     closed: CancellationToken,
     reason: Arc<CloseReason>,
 ) {
@@ -198,7 +284,7 @@ pub async fn replay<R: Render>(
     after: u64,
     upto: u64,
     render: &R,
-    out: &mpsc::Sender<Outbound>,
+    out: &Outbox,
 ) -> Result<u64, super::service::ChatError> {
     let plan = svc.replay(session, after, upto).await?;
     replay_planned(svc, &plan, render, out).await
@@ -209,7 +295,7 @@ pub async fn replay_planned<R: Render>(
     svc: &ChatService,
     plan: &super::service::Replay,
     render: &R,
-    out: &mpsc::Sender<Outbound>,
+    out: &Outbox,
 ) -> Result<u64, super::service::ChatError> {
     let mut cursor = plan.after;
     let mut sent = 0;
@@ -233,7 +319,7 @@ pub async fn replay_planned<R: Render>(
 /// to a writer task; `closed` stops everything.
 pub struct Wire {
     pub reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
-    pub out: mpsc::Sender<Outbound>,
+    pub out: Outbox,
     pub closed: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
 }
@@ -248,14 +334,34 @@ pub struct SendPipeline {
 const OUT_QUEUE: usize = 1024;
 
 impl Wire {
-    pub fn open(stream: tokio::net::TcpStream, shutdown: &CancellationToken) -> Wire {
+    /// `slow_frame` is what a client that stops reading is told (the dialect's words).
+    pub fn open(
+        stream: tokio::net::TcpStream,
+        shutdown: &CancellationToken,
+        config: &crate::config::ChatConfig,
+        slow_frame: Bytes,
+        reason: Arc<CloseReason>,
+    ) -> Wire {
         let (read, write) = stream.into_split();
-        let (out, out_rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
+        let (tx, rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
         let closed = shutdown.child_token();
-        let writer = tokio::spawn(write_loop(write, out_rx, closed.clone()));
+        let shared = Arc::new(OutboxShared {
+            queued: AtomicUsize::new(0),
+            max_bytes: config.max_output_bytes,
+            slow: AtomicBool::new(false),
+            closed: closed.clone(),
+            reason,
+        });
+        let writer = tokio::spawn(write_loop(
+            write,
+            rx,
+            shared.clone(),
+            Duration::from_millis(config.write_timeout_ms),
+            slow_frame,
+        ));
         Wire {
             reader: tokio::io::BufReader::new(read),
-            out,
+            out: Outbox { tx, shared },
             closed,
             writer,
         }
@@ -280,6 +386,15 @@ impl Wire {
         }
         drop(self.out);
         let _ = self.writer.await;
+        // Closing with unread input makes the kernel reset the connection, and a reset can
+        // discard what the client has not read yet (its last error line): read and discard
+        // for a moment, until the client closes its side.
+        let mut reader = self.reader;
+        let _ = tokio::time::timeout(
+            FAREWELL,
+            tokio::io::copy(&mut reader, &mut tokio::io::sink()),
+        )
+        .await;
     }
 }
 

@@ -42,6 +42,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const DURABLE_EVERY_BYTES: u64 = 16 * 1024 * 1024;
 /// Most messages one page of any read holds.
 pub const MAX_PAGE: usize = 1000;
+/// Most bytes of stored messages one `history` answer carries (at least one message): a page
+/// of large messages is cut short, and the client pages on from the last index it got.
+pub const MAX_PAGE_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HistoryError {
@@ -486,29 +489,38 @@ impl History {
         let high = before.map_or(upto, |b| b.saturating_sub(1).min(upto));
         let low = after.map_or(0, |a| a.saturating_add(1));
         let mut page = Page::default();
+        // Whether the byte budget, not the range or `limit`, ended the page.
+        let mut capped = false;
         if low <= high {
             let range = by_target.range((key, low)..=(key, high))?;
-            let mut indexes = Vec::new();
-            if after.is_some() {
-                for row in range.take(limit) {
-                    indexes.push(row?.0.value().1);
-                }
+            let rows: Box<dyn Iterator<Item = _>> = if after.is_some() {
+                Box::new(range)
             } else {
-                for row in range.rev().take(limit) {
-                    indexes.push(row?.0.value().1);
+                Box::new(range.rev())
+            };
+            let mut bytes = 0;
+            for row in rows {
+                if page.messages.len() == limit {
+                    break;
                 }
-                indexes.reverse();
+                let i = row?.0.value().1;
+                let Some(v) = messages.get(i)? else { continue };
+                let stored = v.value();
+                if !page.messages.is_empty() && bytes + stored.len() > MAX_PAGE_BYTES {
+                    capped = true;
+                    break;
+                }
+                bytes += stored.len();
+                page.messages.push(decode(i, stored)?);
             }
-            for i in indexes {
-                if let Some(v) = messages.get(i)? {
-                    page.messages.push(decode(i, v.value())?);
-                }
+            if after.is_none() {
+                page.messages.reverse();
             }
         }
         // Older messages were asked for (explicitly, or by a page that reached the oldest
         // kept one) and retention had removed some of them.
-        let reached_oldest =
-            page.messages.len() < limit || page.messages.first().map(|m| m.index) == oldest;
+        let reached_oldest = (!capped && page.messages.len() < limit)
+            || page.messages.first().map(|m| m.index) == oldest;
         page.truncated = pruned > 0
             && match after {
                 Some(a) => a < pruned,
@@ -673,6 +685,25 @@ mod tests {
 
     fn idx(v: Vec<StoredMessage>) -> Vec<u64> {
         v.into_iter().map(|m| m.index).collect()
+    }
+
+    #[test]
+    fn a_page_of_large_messages_stops_at_the_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(&dir);
+        let batch: Vec<_> = (1..=10)
+            .map(|i| StoredMessage {
+                text: "x".repeat(300 * 1024),
+                ..msg(i, "#big")
+            })
+            .collect();
+        h.write(&batch.iter().collect::<Vec<_>>(), Retention::default(), 0)
+            .unwrap();
+        let page = |after| idx(h.page("#big", after, None, 1000, 100).unwrap().messages);
+        // 1 MiB holds three of them: the earliest after an index, or the latest.
+        assert_eq!(page(Some(0)), vec![1, 2, 3]);
+        assert_eq!(page(Some(3)), vec![4, 5, 6]);
+        assert_eq!(page(None), vec![8, 9, 10]);
     }
 
     #[test]

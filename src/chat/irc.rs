@@ -17,7 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
-    CloseReason, Follow, Outbound, Render, SendPipeline, Wire, counted, deliver, rate_limiter,
+    CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
+    rate_limiter,
 };
 use super::delivery::DeliveryFilter;
 use super::json::rfc3339;
@@ -156,7 +157,8 @@ async fn serve_until_closed(
     shutdown: CancellationToken,
     reason: Arc<CloseReason>,
 ) {
-    let mut wire = Wire::open(stream, &shutdown);
+    let slow = raw("ERROR :Closing link: this client did not read what it was sent".into());
+    let mut wire = Wire::open(stream, &shutdown, &svc.config, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = IrcConn {
         svc: svc.clone(),
@@ -267,7 +269,7 @@ async fn serve_until_closed(
 
 struct IrcConn {
     svc: Arc<ChatService>,
-    out: mpsc::Sender<Outbound>,
+    out: Outbox,
     closed: CancellationToken,
     reason: Arc<CloseReason>,
     caps: Caps,
@@ -803,7 +805,7 @@ async fn send_loop(
     svc: Arc<ChatService>,
     session: String,
     mut rx: mpsc::Receiver<Outgoing>,
-    out: mpsc::Sender<Outbound>,
+    out: Outbox,
     nick: String,
 ) {
     let mut batch = Vec::with_capacity(SEND_BATCH);

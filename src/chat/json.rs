@@ -12,8 +12,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
-    CloseReason, Follow, Outbound, Render, SendPipeline, Wire, counted, deliver, rate_limiter,
-    replay_planned,
+    CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
+    rate_limiter, replay_planned,
 };
 use super::delivery::DeliveryFilter;
 use super::lines::{Line, Verdict, read_line};
@@ -39,6 +39,7 @@ pub enum ErrorCode {
     Unavailable,
     NotMember,
     Internal,
+    Slow,
 }
 
 impl ErrorCode {
@@ -51,6 +52,7 @@ impl ErrorCode {
             ErrorCode::LineTooLong => "line_too_long",
             ErrorCode::NotLoggedIn => "not_logged_in",
             ErrorCode::NameTaken => "name_taken",
+            ErrorCode::Slow => "slow",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::BadEncoding => "bad_encoding",
             ErrorCode::Unavailable => "unavailable",
@@ -351,7 +353,11 @@ async fn serve_until_closed(
     shutdown: CancellationToken,
     reason: Arc<CloseReason>,
 ) {
-    let mut wire = Wire::open(stream, &shutdown);
+    let slow = error_frame(&ProtocolError::new(
+        ErrorCode::Slow,
+        "this client did not read what it was sent; disconnecting",
+    ));
+    let mut wire = Wire::open(stream, &shutdown, &svc.config, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = Connection {
         svc: svc.clone(),
@@ -443,7 +449,7 @@ async fn serve_until_closed(
 
 struct Connection {
     svc: Arc<ChatService>,
-    out: mpsc::Sender<Outbound>,
+    out: Outbox,
     closed: CancellationToken,
     attached: Option<Attached>,
     sends: Option<SendPipeline>,
@@ -699,7 +705,7 @@ async fn send_loop(
     svc: Arc<ChatService>,
     session: String,
     mut rx: mpsc::Receiver<Outgoing>,
-    out: mpsc::Sender<Outbound>,
+    out: Outbox,
     mut reconnect_span: Option<tracing::Span>,
 ) {
     let mut batch = Vec::with_capacity(SEND_BATCH);
