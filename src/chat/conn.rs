@@ -76,9 +76,9 @@ impl Outbox {
     pub async fn send(&self, item: Outbound) -> Result<(), Closed> {
         if let Outbound::Frame(frame) = &item {
             let len = frame.len();
-            let before = self.shared.queued.fetch_add(len, Ordering::SeqCst);
+            let before = self.shared.queued.fetch_add(len, Ordering::Relaxed);
             if before > 0 && before + len > self.shared.max_bytes {
-                self.shared.queued.fetch_sub(len, Ordering::SeqCst);
+                self.shared.queued.fetch_sub(len, Ordering::Relaxed);
                 self.shared.too_slow();
                 return Err(Closed);
             }
@@ -102,6 +102,8 @@ async fn write_loop(
 ) {
     let mut writer = BufWriter::new(write);
     let closed = shared.closed.clone();
+    let stall = tokio::time::sleep(write_timeout);
+    tokio::pin!(stall);
     loop {
         let item = tokio::select! {
             item = rx.recv() => item,
@@ -119,21 +121,32 @@ async fn write_loop(
             Outbound::Fatal(b) => (b, true),
         };
         let flush = last || rx.is_empty();
-        let wrote = tokio::time::timeout(write_timeout, async {
+        // One timer for the whole connection, moved on at most every half timeout (a new
+        // timer per frame costs more than the write): a write stuck for between half and the
+        // whole of `write_timeout` ends the connection.
+        let now = tokio::time::Instant::now();
+        if stall.deadline() < now + write_timeout / 2 {
+            stall.as_mut().reset(now + write_timeout);
+        }
+        let write = async {
             writer.write_all(&bytes).await?;
             if flush {
                 writer.flush().await?;
             }
             Ok::<_, std::io::Error>(())
-        })
-        .await;
+        };
+        let wrote = tokio::select! {
+            biased;
+            wrote = write => Some(wrote),
+            _ = &mut stall => None,
+        };
         if !last {
-            shared.queued.fetch_sub(bytes.len(), Ordering::SeqCst);
+            shared.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
         }
         match wrote {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => break,
-            Err(_) => {
+            Some(Ok(())) => {}
+            Some(Err(_)) => break,
+            None => {
                 shared.too_slow();
                 break;
             }

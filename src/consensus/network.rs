@@ -38,6 +38,9 @@ pub const VOTE_HEADER: &str = "x-raftchat-vote";
 /// misconfigured address cannot make a leader replicate to itself.
 pub const TARGET_HEADER: &str = "x-raftchat-target";
 
+/// How long an AppendEntries that carries entries may take (see `append_entries`).
+const REPLICATION_RPC_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Observes each RPC: (rpc name, target node, duration).
 pub type RpcObserver = Arc<dyn Fn(&'static str, u64, Duration) + Send + Sync>;
 
@@ -239,8 +242,16 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("append", "/raft/append", &req, option.soft_ttl())
-            .await
+        // openraft gives every AppendEntries the heartbeat interval. A request abandoned that
+        // early also closes its connection, and on a lossy link the next one first waits for
+        // a new handshake (a lost SYN costs a second): a seconds-long stall where TCP would
+        // have retransmitted in 200 ms. Entries get longer; heartbeats keep openraft's limit.
+        let timeout = if req.entries.is_empty() {
+            option.soft_ttl()
+        } else {
+            option.hard_ttl().max(REPLICATION_RPC_TIMEOUT)
+        };
+        self.call("append", "/raft/append", &req, timeout).await
     }
 
     async fn vote(

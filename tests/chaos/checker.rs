@@ -219,11 +219,32 @@ pub fn check(
                 .map_or(fault.healed + Duration::from_secs(2), |next| next.started)
                 .min(fault.healed + Duration::from_secs(2))
                 .min(sending_until);
-            let gap = seen
+            let worst = seen
                 .iter()
-                .filter_map(|c| majority_gap(&c.ack_log, fault, gap_end))
-                .max()
-                .unwrap_or_default();
+                .filter_map(|c| majority_gap(&c.ack_log, fault, gap_end).map(|g| (g, c)))
+                .max_by_key(|(g, _)| *g);
+            let gap = worst.map_or(Duration::ZERO, |(g, _)| g);
+            if let Some((g, c)) = worst
+                && g > Duration::from_secs(1)
+            {
+                let at = |t: Instant| {
+                    t.saturating_duration_since(applied[0].started)
+                        .as_secs_f64()
+                };
+                let node = c
+                    .ack_log
+                    .iter()
+                    .rev()
+                    .find(|(t, _)| *t <= fault.started)
+                    .map(|a| a.1);
+                s.notes.push(format!(
+                    "{:?} from +{:.2}s: {} on node {node:?} waited {} ms between acks",
+                    fault.kind,
+                    at(fault.started),
+                    c.user,
+                    g.as_millis()
+                ));
+            }
             entry.majority_gap = entry.majority_gap.max(gap);
         }
     }
