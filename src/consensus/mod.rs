@@ -203,8 +203,6 @@ pub struct Consensus {
 
 /// How long an acknowledgement of a forwarded write waits for this node to apply it.
 const APPLIED_WAIT: Duration = Duration::from_millis(300);
-/// When a forward of messages still unanswered is sent again on another connection.
-const HEDGE_AFTER: [Duration; 2] = [Duration::from_millis(400), Duration::from_millis(900)];
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -741,58 +739,17 @@ impl Consensus {
         };
         let waiter = self.raft.wait(None);
         let leader_changed = waiter.metrics(|m| m.current_leader != Some(leader), "leader changed");
-        let call = || {
-            self.rpc.post::<_, ForwardAnswer>(
-                "forward",
-                leader,
-                &addr,
-                "/api/write",
-                &request,
-                timeout,
-                &headers,
-            )
-        };
-        // Messages are deduplicated by id, so a forward that is slow to answer (a lost packet
-        // waits for TCP's retransmission, a lost SYN for a second) can be sent again on
-        // another connection, and the first answer wins. Other commands are sent once.
-        let hedged = request
-            .commands
-            .iter()
-            .all(|c| matches!(c, ChatCommand::Send { .. }));
-        let answer = async {
-            let started = tokio::time::Instant::now();
-            let mut hedges: std::collections::VecDeque<Duration> = if hedged {
-                HEDGE_AFTER.iter().copied().collect()
-            } else {
-                Default::default()
-            };
-            let mut calls = futures_util::stream::FuturesUnordered::new();
-            calls.push(call());
-            loop {
-                let next_hedge = hedges.front().map(|after| started + *after);
-                let hedge_due = async {
-                    match next_hedge {
-                        Some(at) => tokio::time::sleep_until(at).await,
-                        None => std::future::pending().await,
-                    }
-                };
-                tokio::select! {
-                    done = calls.next() => match done {
-                        Some(Ok(answer)) => return Ok(answer),
-                        // Another attempt may still answer; without one, the caller retries.
-                        Some(Err(e)) if calls.is_empty() => return Err(e),
-                        Some(Err(_)) => {}
-                        None => std::future::pending::<()>().await,
-                    },
-                    _ = hedge_due => {
-                        hedges.pop_front();
-                        calls.push(call());
-                    }
-                }
-            }
-        };
+        let call = self.rpc.post::<_, ForwardAnswer>(
+            "forward",
+            leader,
+            &addr,
+            "/api/write",
+            &request,
+            timeout,
+            &headers,
+        );
         tokio::select! {
-            answer = answer => match answer {
+            answer = call => match answer {
                 Ok(ForwardAnswer::Results(items)) => Ok(items),
                 Ok(ForwardAnswer::NotLeader) => Err(LocalWrite::Retry(format!("node {leader} is no longer the leader"))),
                 Err(e) => Err(LocalWrite::Retry(e.to_string())),
