@@ -89,6 +89,8 @@ impl Outbox {
 
 /// How long the last words to a connection that is closing normally may take.
 const FAREWELL: Duration = Duration::from_millis(500);
+/// How long a client cut off as `slow` has to read what its socket holds and the reason.
+const SLOW_FAREWELL: Duration = Duration::from_secs(30);
 
 /// Writes queued frames, flushing when the queue runs dry; stops after a `Fatal` frame, when
 /// `closed` fires (after draining what is queued), or when the socket accepts nothing for
@@ -156,11 +158,12 @@ async fn write_loop(
             break;
         }
     }
-    // A socket that accepts nothing must not hold this task: the last words are best effort.
-    // A slow client gets `write_timeout` to take them (what is queued is dropped first).
+    // A socket that accepts nothing must not hold this task for long: the last words are
+    // best effort. A slow client may still come back and read what its socket holds, so it
+    // gets longer to take `slow` (what is queued is dropped first; the socket is kept).
     let slow = shared.slow.load(Ordering::SeqCst);
     drop(rx);
-    let farewell = if slow { write_timeout } else { FAREWELL };
+    let farewell = if slow { SLOW_FAREWELL } else { FAREWELL };
     let _ = tokio::time::timeout(farewell, async {
         if slow {
             writer.write_all(&slow_frame).await?;
