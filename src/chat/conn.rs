@@ -123,12 +123,12 @@ async fn write_loop(
             Outbound::Fatal(b) => (b, true),
         };
         let flush = last || rx.is_empty();
-        // One timer for the whole connection, moved on at most every half timeout (a new
-        // timer per frame costs more than the write): a write stuck for between half and the
-        // whole of `write_timeout` ends the connection.
+        // One timer for the whole connection, moved on at most once per timeout (a new timer
+        // per frame costs more than the write): a write stuck for between one and two
+        // `write_timeout`s ends the connection.
         let now = tokio::time::Instant::now();
-        if stall.deadline() < now + write_timeout / 2 {
-            stall.as_mut().reset(now + write_timeout);
+        if stall.deadline() < now + write_timeout {
+            stall.as_mut().reset(now + 2 * write_timeout);
         }
         let write = async {
             writer.write_all(&bytes).await?;
