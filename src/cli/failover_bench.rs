@@ -162,6 +162,13 @@ async fn canary(
     }
 }
 
+/// The leader, once every node agrees on it and has applied the same entries.
+async fn settled_leader(cluster: &LocalCluster) -> anyhow::Result<u64> {
+    let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
+    wait_caught_up(cluster, Duration::from_secs(30)).await?;
+    Ok(leader)
+}
+
 fn chat_addrs(cluster: &LocalCluster, except: Option<u64>) -> Vec<String> {
     cluster
         .config
@@ -179,8 +186,7 @@ pub async fn failovers(
 ) -> anyhow::Result<Vec<(f64, f64)>> {
     let mut times = Vec::new();
     for round in 1..=rounds {
-        let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
-        wait_caught_up(cluster, Duration::from_secs(30)).await?;
+        let leader = settled_leader(cluster).await?;
         // One client on a surviving node, one message at a time.
         let survivor = chat_addrs(cluster, Some(leader));
         let writer = Canaries::start(&survivor[..1], 1, 1, &format!("survivor{round}x")).await?;
@@ -220,19 +226,11 @@ pub async fn client_failovers(
 ) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::new();
     for round in 1..=rounds {
-        let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
-        wait_caught_up(cluster, Duration::from_secs(30)).await?;
-        let mut servers: Vec<(u64, String)> = cluster
-            .config
-            .nodes
-            .iter()
-            .map(|n| (n.id, n.chat.clone()))
-            .collect();
-        servers.sort_by_key(|(id, _)| *id != leader);
-        let mut config = ClientConfig::new(
-            servers.into_iter().map(|(_, s)| s).collect(),
-            &format!("downtime{round}"),
-        );
+        let leader = settled_leader(cluster).await?;
+        // The leader's node first: the client sits where the kill hurts most.
+        let mut servers = vec![cluster.config.node(leader)?.chat.clone()];
+        servers.extend(chat_addrs(cluster, Some(leader)));
+        let mut config = ClientConfig::new(servers, &format!("downtime{round}"));
         config.rooms = vec!["#downtime".into()];
         let mut client = Client::start(config);
         loop {
@@ -274,8 +272,7 @@ pub async fn handoffs(
 ) -> anyhow::Result<Vec<f64>> {
     let mut times = Vec::new();
     for round in 1..=rounds {
-        let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
-        wait_caught_up(cluster, Duration::from_secs(30)).await?;
+        let leader = settled_leader(cluster).await?;
         let others = chat_addrs(cluster, Some(leader));
         let writers = Canaries::start(&others, clients, 4, &format!("handoff{round}x")).await?;
         writers.wait_for_acks(200, Duration::from_secs(10)).await?;
