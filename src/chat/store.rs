@@ -70,6 +70,9 @@ impl ChatStore {
                 e.command
                     .map(|cmd| state.apply(e.index, e.ts_ms, cmd, &mut events))
             };
+            if let (Some(cmd), Some(r)) = (e.command, &response) {
+                trace_outcome(e.index, cmd, r);
+            }
             responses.push(response);
         }
         self.write_history(&events[run_start..])?;
@@ -164,5 +167,54 @@ impl ChatStore {
         self.applied.store(applied, Ordering::Release);
         let _ = self.events.send(Arc::new(Event::Resync { index: applied }));
         Ok(())
+    }
+}
+
+/// What applying decided for a refused or resumed entry, at debug level: when nodes disagree,
+/// their logs say at which entry (tokens are secrets and are not logged).
+fn trace_outcome(index: u64, command: &ChatCommand, response: &ChatResponse) {
+    match (command, response) {
+        (
+            ChatCommand::Send { id, to, .. },
+            ChatResponse::Sent {
+                duplicate: false, ..
+            },
+        ) => {
+            tracing::trace!(index, id, to, "applied: sent");
+        }
+        (ChatCommand::Send { id, to, .. }, r) => {
+            tracing::debug!(index, id, to, outcome = ?r, "applied: send not stored");
+        }
+        (
+            ChatCommand::Attach {
+                user, node, resume, ..
+            },
+            r,
+        ) => {
+            tracing::debug!(index, user, node, resuming = resume.is_some(), outcome = %outcome_kind(r), "applied: attach");
+        }
+        (ChatCommand::Join { room, .. }, r) => {
+            tracing::debug!(index, room, outcome = %outcome_kind(r), "applied: join");
+        }
+        (ChatCommand::Leave { room, .. }, r) => {
+            tracing::debug!(index, room, outcome = %outcome_kind(r), "applied: leave");
+        }
+        _ => {}
+    }
+}
+
+fn outcome_kind(response: &ChatResponse) -> &'static str {
+    match response {
+        ChatResponse::Attached { resumed: true, .. } => "resumed",
+        ChatResponse::Attached { resumed: false, .. } => "new session",
+        ChatResponse::NameTaken => "name taken",
+        ChatResponse::SessionMismatch => "session mismatch",
+        ChatResponse::UnknownSession => "unknown session",
+        ChatResponse::Joined { .. } => "joined",
+        ChatResponse::Left { .. } => "left",
+        ChatResponse::Sent { .. } => "sent",
+        ChatResponse::NotMember { .. } => "not a member",
+        ChatResponse::NoSuchUser { .. } => "no such user",
+        ChatResponse::Done => "done",
     }
 }

@@ -153,6 +153,15 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             Ok(req) => http::json(StatusCode::OK, &history_digest(consensus, req).await),
             Err(reason) => bad_request(reason),
         },
+        "/admin/state-digest" => {
+            let state = consensus.chat.state();
+            let answer = StateDigest {
+                applied: consensus.chat.applied(),
+                fingerprint: state.fingerprint(),
+            };
+            drop(state);
+            http::json(StatusCode::OK, &answer)
+        }
         "/admin/membership" => match decode::<super::AdminRequest>(&body) {
             Ok(req) => {
                 tracing::info!(?req, "membership change requested");
@@ -170,6 +179,13 @@ fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, String> {
 
 fn bad_request(reason: String) -> HttpResponse {
     http::text(StatusCode::BAD_REQUEST, reason)
+}
+
+/// A node's applied index and a fingerprint of its chat state there.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct StateDigest {
+    pub applied: u64,
+    pub fingerprint: u64,
 }
 
 /// A peer asks for a page of history in (`after`, `upto`] to fill its gap.

@@ -296,6 +296,23 @@ pub fn check(
             ));
         }
     }
+    // The chat states must agree too (sessions, rooms, dedup windows): a state that diverged
+    // shows in the history only once some message is decided differently.
+    // Detaches of the stopped clients may still be applying: compare at one applied index.
+    let states: Vec<(u64, u64)> =
+        wait_for(Duration::from_secs(60), "equal applied indexes", || {
+            let states: Vec<(u64, u64)> = ids
+                .iter()
+                .map(|id| cluster.state_digest(*id))
+                .collect::<Option<_>>()?;
+            states.iter().all(|d| d.0 == states[0].0).then_some(states)
+        });
+    if states.iter().any(|d| d.1 != states[0].1) {
+        s.diverged += 1;
+        s.problems.push(format!(
+            "chat states differ: (applied index, fingerprint) per node {states:?}"
+        ));
+    }
     let reference = &histories[0];
     let at: HashMap<u64, &str> = reference.iter().map(|(i, id)| (*i, id.as_str())).collect();
     let mut counts: HashMap<&str, usize> = HashMap::new();

@@ -250,6 +250,15 @@ impl Cluster {
         (code == 200).then(|| v.get("Ok").cloned()).flatten()
     }
 
+    /// Node `id`'s applied index and chat-state fingerprint (`/admin/state-digest`).
+    pub fn state_digest(&self, id: u64) -> Option<(u64, u64)> {
+        let (code, v) = self.raft_post(id, "/admin/state-digest", &json!({}))?;
+        if code != 200 {
+            return None;
+        }
+        Some((v["applied"].as_u64()?, v["fingerprint"].as_u64()?))
+    }
+
     pub fn is_running(&mut self, id: u64) -> bool {
         self.children
             .get_mut(&id)
