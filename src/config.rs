@@ -16,6 +16,8 @@ use serde::{Deserialize, Serialize};
 pub enum ConfigError {
     #[error("config file {path}: {reason}")]
     File { path: PathBuf, reason: String },
+    #[error("environment: {reason}")]
+    Env { reason: String },
     #[error("config: {0}")]
     Invalid(String),
 }
@@ -44,6 +46,10 @@ pub struct NodeConfig {
     pub chat: String,
     pub raft: String,
     pub metrics: String,
+    /// The chat address given to clients in `welcome.nodes` (default: `chat`), for clients
+    /// outside the cluster's own network (a load balancer, a NodePort, a published port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_chat: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -242,11 +248,17 @@ pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, Config
         figment = figment.merge(Toml::string(&text));
     }
     figment = figment
-        .merge(Env::prefixed("RAFTCHAT_").split("__").ignore(&["config"]))
+        .merge(environment())
         .merge(Serialized::defaults(flags));
     let config: Config = figment.extract().map_err(|e| {
+        let from_env = e.clone().into_iter().any(|err| {
+            err.metadata
+                .as_ref()
+                .is_some_and(|m| m.name.contains("environment"))
+        });
         let reason = describe_figment_error(&e);
         match &file {
+            _ if from_env => ConfigError::Env { reason },
             Some(path) => ConfigError::File {
                 path: path.clone(),
                 reason,
@@ -258,6 +270,47 @@ pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, Config
     Ok(config)
 }
 
+/// Top-level keys a `RAFTCHAT_*` variable may set (`RAFTCHAT_CHAT__MAX_CLIENTS` sets
+/// `chat.max_clients`).
+const TOP_LEVEL_KEYS: [&str; 8] = [
+    "secret",
+    "data_dir",
+    "bind_host",
+    "nodes",
+    "raft",
+    "health",
+    "chat",
+    "telemetry",
+];
+
+/// The `RAFTCHAT_*` environment layer. Kubernetes gives every pod variables for each Service
+/// in its namespace (`RAFTCHAT_PORT=tcp://…`, `RAFTCHAT_CHAT_SERVICE_HOST`, …): variables of
+/// that shape which name no config key are not ours and are ignored. Any other unknown
+/// `RAFTCHAT_*` variable is an error naming it (a typo must not be silently ignored).
+fn environment() -> Env {
+    Env::prefixed("RAFTCHAT_")
+        .split("__")
+        .ignore(&["config"])
+        .filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            // `split` has turned `__` into `.` by now.
+            let top = key.split('.').next().unwrap_or_default();
+            TOP_LEVEL_KEYS.contains(&top) || !is_service_link(&key)
+        })
+}
+
+/// Whether `key` (after `RAFTCHAT_`, lowercased) is shaped like a Kubernetes service-link
+/// variable: `<service>_port`, `<service>_port_<port>_<proto>[_addr|_port|_proto]`,
+/// `<service>_service_host`, `<service>_service_port[_<name>]`; or the bare `port`,
+/// `service_host`, `service_port…` of the Service named `raftchat`.
+fn is_service_link(key: &str) -> bool {
+    let key = format!("_{key}");
+    key.ends_with("_port")
+        || key.contains("_port_")
+        || key.ends_with("_service_host")
+        || key.contains("_service_port")
+}
+
 /// Figment's own message, with the offending key path and source in one line.
 fn describe_figment_error(e: &figment::Error) -> String {
     let mut parts = Vec::new();
@@ -267,7 +320,13 @@ fn describe_figment_error(e: &figment::Error) -> String {
             .metadata
             .as_ref()
             .filter(|m| !m.name.contains("TOML source string"))
-            .map(|m| format!(" (from {})", m.name))
+            .map(|m| {
+                if m.name.contains("environment") && !err.path.is_empty() {
+                    format!(" (from RAFTCHAT_{})", err.path.join("__").to_uppercase())
+                } else {
+                    format!(" (from {})", m.name)
+                }
+            })
             .unwrap_or_default();
         if key.is_empty() {
             parts.push(format!("{}{source}", err.kind));
@@ -314,6 +373,14 @@ impl Config {
                         node.id
                     ));
                 }
+            }
+            if let Some(addr) = &node.advertise_chat
+                && !is_host_port(addr)
+            {
+                return bad(format!(
+                    "key `nodes.advertise_chat` of node {}: `{addr}` is not a host:port address",
+                    node.id
+                ));
             }
         }
         let r = &self.raft;
@@ -419,6 +486,7 @@ impl Config {
                     chat: format!("127.0.0.1:{}", port(0)),
                     raft: format!("127.0.0.1:{}", port(100)),
                     metrics: format!("127.0.0.1:{}", port(200)),
+                    advertise_chat: None,
                 }
             })
             .collect();

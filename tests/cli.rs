@@ -75,6 +75,15 @@ fn config_errors_exit_2_naming_the_problem() {
     assert_eq!(code, Some(2));
     assert!(err.contains("heartbeat_ms"), "{err}");
 
+    // A bad key from the environment names the variable and does not blame the file.
+    let (code, err) = run_node(&write("ok4.toml", &good), "1", &[("RAFTCHAT_SECRT", "x")]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("RAFTCHAT_SECRT") && err.starts_with("raftchat: environment"),
+        "{err}"
+    );
+    assert!(!err.contains("ok4.toml"), "{err}");
+
     let (code, err) = run_node(&dir.path().join("missing.toml"), "1", &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("missing.toml"), "{err}");
@@ -90,6 +99,59 @@ fn config_errors_exit_2_naming_the_problem() {
         let out = Command::new(BIN).args([sub, "--help"]).output().unwrap();
         assert_eq!(out.status.code(), Some(0), "{sub} --help");
     }
+}
+
+/// What Kubernetes sets in every pod for the Services `raftchat` and `raftchat-chat`.
+const SERVICE_LINKS: [(&str, &str); 12] = [
+    ("RAFTCHAT_PORT", "tcp://10.0.0.1:7100"),
+    ("RAFTCHAT_PORT_7100_TCP", "tcp://10.0.0.1:7100"),
+    ("RAFTCHAT_PORT_7100_TCP_ADDR", "10.0.0.1"),
+    ("RAFTCHAT_PORT_7100_TCP_PORT", "7100"),
+    ("RAFTCHAT_PORT_7100_TCP_PROTO", "tcp"),
+    ("RAFTCHAT_SERVICE_HOST", "10.0.0.1"),
+    ("RAFTCHAT_SERVICE_PORT", "7100"),
+    ("RAFTCHAT_SERVICE_PORT_RAFT", "7100"),
+    ("RAFTCHAT_CHAT_PORT", "tcp://10.0.0.2:7000"),
+    ("RAFTCHAT_CHAT_PORT_7000_TCP_ADDR", "10.0.0.2"),
+    ("RAFTCHAT_CHAT_SERVICE_HOST", "10.0.0.2"),
+    ("RAFTCHAT_CHAT_SERVICE_PORT_CHAT", "7000"),
+];
+
+#[test]
+fn a_node_starts_with_kubernetes_service_link_variables_and_logs_without_colour() {
+    let cluster = Cluster::configure(1, "");
+    let log_path = cluster.config.with_extension("log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut node = Command::new(BIN)
+        .args(["node", "--config"])
+        .arg(&cluster.config)
+        .args(["--id", "1"])
+        .envs(SERVICE_LINKS)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let leader = wait_for(T, "the node to lead (or exit)", || {
+        if let Ok(Some(status)) = node.try_wait() {
+            panic!(
+                "node exited {status}: {}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            );
+        }
+        cluster
+            .status(1)
+            .filter(|s| s["role"] == "leader")
+            .and_then(|s| s["leader"].as_u64())
+    });
+    assert_eq!(leader, 1);
+    let _ = node.kill();
+    let _ = node.wait();
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert!(text.contains("node started"), "{text}");
+    assert!(
+        !text.contains('\u{1b}'),
+        "ANSI escape codes in a log file:\n{text}"
+    );
 }
 
 #[test]

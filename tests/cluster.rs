@@ -367,3 +367,38 @@ fn heavy_writes_with_frequent_snapshots_and_a_lagging_node() {
         .count();
     assert_eq!(snapshots, 3, "every node holds a snapshot");
 }
+
+#[test]
+fn welcome_gives_clients_each_nodes_advertised_chat_address() {
+    let mut cluster = Cluster::configure(2, "");
+    let text = std::fs::read_to_string(&cluster.config).unwrap();
+    let node2 = format!("metrics = \"{}\"\n", cluster.node(2).metrics);
+    let text = text.replace(
+        &node2,
+        &format!("{node2}advertise_chat = \"chat-2.example.net:7000\"\n"),
+    );
+    std::fs::write(&cluster.config, text).unwrap();
+    cluster.start_node(1);
+    cluster.start_node(2);
+    cluster.wait_leader(&[1, 2], T);
+    let mut c = cluster.client(1);
+    let w = c.hello("ada");
+    let nodes = w["nodes"].as_array().cloned().unwrap_or_default();
+    let chat_of = |id: u64| {
+        nodes
+            .iter()
+            .find(|n| n["id"] == id)
+            .and_then(|n| n["chat"].as_str())
+            .map(String::from)
+    };
+    assert_eq!(
+        chat_of(2).as_deref(),
+        Some("chat-2.example.net:7000"),
+        "{w}"
+    );
+    assert_eq!(
+        chat_of(1).as_deref(),
+        Some(cluster.node(1).chat.as_str()),
+        "{w}"
+    );
+}

@@ -174,6 +174,200 @@ fn dashboard_is_structurally_sound() {
     }
 }
 
+fn kubernetes_validate() -> PathBuf {
+    // scripts/test installs the PyPI package into this virtualenv when it is missing.
+    let venv = repo("target/test-venv/bin/kubernetes-validate");
+    if venv.is_file() {
+        return venv;
+    }
+    tool_or(
+        "kubernetes-validate",
+        "run scripts/test, which installs the PyPI package `kubernetes-validate`",
+    )
+}
+
+fn tool_or(name: &str, how: &str) -> PathBuf {
+    std::env::var_os("PATH")
+        .and_then(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| panic!("`{name}` is not installed: {how}"))
+}
+
+fn manifests() -> Vec<(PathBuf, Value)> {
+    let mut docs = Vec::new();
+    for entry in std::fs::read_dir(repo("deploy/k8s")).unwrap() {
+        let path = entry.unwrap().path();
+        let text = std::fs::read_to_string(&path).unwrap();
+        for doc in serde_norway::Deserializer::from_str(&text) {
+            let v: Value = serde::Deserialize::deserialize(doc)
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            docs.push((path.clone(), v));
+        }
+    }
+    docs
+}
+
+#[test]
+fn kubernetes_manifests_are_schema_valid_and_production_shaped() {
+    // Strict schema validation of every built-in kind; the Prometheus Operator's kinds have
+    // no bundled schema (the rules inside are checked by promtool above).
+    let files: Vec<PathBuf> = std::fs::read_dir(repo("deploy/k8s"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    let out = Command::new(kubernetes_validate())
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .expect("run kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "kubernetes-validate --strict:\n{text}"
+    );
+    for line in text.lines().filter(|l| !l.starts_with("INFO")) {
+        assert!(
+            line.contains("PodMonitor") || line.contains("PrometheusRule"),
+            "unexpected: {line}\n{text}"
+        );
+    }
+    let docs = manifests();
+    let kind = |k: &str| -> Vec<&Value> {
+        docs.iter()
+            .filter(|(_, v)| v["kind"] == k)
+            .map(|(_, v)| v)
+            .collect()
+    };
+    // No secret value is shipped: the user creates the Secret.
+    assert!(
+        kind("Secret").is_empty(),
+        "a Secret with a literal value is shipped"
+    );
+    for (path, _) in &docs {
+        let text = std::fs::read_to_string(path).unwrap();
+        assert!(
+            !text.contains("change-me"),
+            "{} ships an example secret",
+            path.display()
+        );
+    }
+    let sts = kind("StatefulSet");
+    let pod = &sts[0]["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["enableServiceLinks"], false,
+        "service links collide with RAFTCHAT_*"
+    );
+    let psc = &pod["securityContext"];
+    assert_eq!(psc["runAsNonRoot"], true);
+    let dockerfile = std::fs::read_to_string(repo("deploy/Dockerfile")).unwrap();
+    let uid = psc["runAsUser"].as_u64().expect("numeric runAsUser");
+    assert!(
+        dockerfile.contains(&format!("--uid {uid}")) && dockerfile.contains(&format!("USER {uid}")),
+        "the image's user is not uid {uid}"
+    );
+    assert_eq!(
+        psc["fsGroup"].as_u64(),
+        Some(uid),
+        "a fresh volume must be writable"
+    );
+    let container = &pod["containers"][0];
+    let csc = &container["securityContext"];
+    assert_eq!(csc["readOnlyRootFilesystem"], true);
+    assert_eq!(csc["allowPrivilegeEscalation"], false);
+    assert_eq!(csc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(container["resources"]["requests"]["memory"].is_string());
+    assert!(container["resources"]["limits"]["memory"].is_string());
+    let anti =
+        &pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname");
+    let env = container["env"].as_array().unwrap();
+    let secret = env
+        .iter()
+        .find(|e| e["name"] == "RAFTCHAT_SECRET")
+        .expect("RAFTCHAT_SECRET");
+    assert!(secret["valueFrom"]["secretKeyRef"].is_object(), "{secret}");
+    let pdb = kind("PodDisruptionBudget");
+    assert_eq!(pdb[0]["spec"]["maxUnavailable"], 1);
+    let policy = kind("NetworkPolicy");
+    let raft_rule = policy[0]["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["ports"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p["port"] == 7100)
+        })
+        .expect("a rule for the raft port");
+    assert_eq!(
+        raft_rule["from"][0]["podSelector"]["matchLabels"]["app"],
+        "raftchat"
+    );
+    // One Service per pod for clients outside the cluster.
+    let per_pod: Vec<&Value> = kind("Service")
+        .into_iter()
+        .filter(|s| s["spec"]["selector"]["statefulset.kubernetes.io/pod-name"].is_string())
+        .collect();
+    assert_eq!(per_pod.len(), 3, "one external Service per node");
+}
+
+#[test]
+fn compose_systemd_and_docker_files_hold_up() {
+    // Compose: host clients are told the published ports, so they can fail over.
+    let compose: Value = serde_norway::from_str(
+        &std::fs::read_to_string(repo("deploy/docker-compose.yml")).unwrap(),
+    )
+    .unwrap();
+    let cfg = std::fs::read_to_string(repo("deploy/compose/cluster.toml")).unwrap();
+    let cfg: toml::Value = toml::from_str(&cfg).unwrap();
+    assert!(cfg.get("secret").is_none(), "compose ships a secret value");
+    for node in cfg["nodes"].as_array().unwrap() {
+        let id = node["id"].as_integer().unwrap();
+        let advertised = node["advertise_chat"].as_str().expect("advertise_chat");
+        let port = advertised.rsplit(':').next().unwrap();
+        let published = compose["services"][format!("node{id}")]["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| {
+                p.as_str()
+                    .is_some_and(|p| p.starts_with(&format!("{port}:")))
+            });
+        assert!(
+            published,
+            "node {id} advertises {advertised}, not a published port"
+        );
+    }
+    // systemd: start limits are [Unit] settings (ignored in [Service]).
+    let unit = std::fs::read_to_string(repo("deploy/systemd/raftchat@.service")).unwrap();
+    let mut section = "";
+    for line in unit.lines() {
+        if line.starts_with('[') {
+            section = line;
+        }
+        if line.starts_with("StartLimit") {
+            assert_eq!(section, "[Unit]", "{line} is in {section}");
+        }
+    }
+    assert!(unit.contains("StartLimitIntervalSec"));
+    // The build context leaves out build output.
+    let ignore = std::fs::read_to_string(repo(".dockerignore")).expect(".dockerignore");
+    assert!(
+        ignore
+            .lines()
+            .any(|l| l.trim() == "target/" || l.trim() == "target")
+    );
+}
+
 #[test]
 fn kubernetes_manifests_parse_and_carry_the_same_rules() {
     let dir = repo("deploy/k8s");
@@ -229,6 +423,7 @@ fn kubernetes_manifests_parse_and_carry_the_same_rules() {
         .args(["node", "--config"])
         .arg(dir.path().join("c.toml"))
         .args(["--id", "9"])
+        .env("RAFTCHAT_SECRET", "a-secret-from-the-environment")
         .output()
         .unwrap();
     assert_eq!(

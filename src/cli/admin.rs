@@ -32,6 +32,9 @@ enum Change {
         /// Its metrics address.
         #[arg(long)]
         metrics: String,
+        /// The chat address its clients are given, when not `--chat`.
+        #[arg(long)]
+        advertise_chat: Option<String>,
     },
     /// Remove a node from the voters; stop its process afterwards.
     RemoveNode {
@@ -47,12 +50,14 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             chat,
             raft,
             metrics,
+            advertise_chat,
         } => (
             AdminRequest::AddNode {
                 id,
                 chat,
                 raft,
                 metrics,
+                advertise_chat,
             },
             format!("node {id} added"),
         ),

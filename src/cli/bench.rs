@@ -247,6 +247,7 @@ async fn start_local(
             chat: format!("127.0.0.1:{}", ports[3 * i]),
             raft: format!("127.0.0.1:{}", ports[3 * i + 1]),
             metrics: format!("127.0.0.1:{}", ports[3 * i + 2]),
+            advertise_chat: None,
         })
         .collect();
     let mut config = Config {

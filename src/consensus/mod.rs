@@ -111,6 +111,8 @@ pub enum AdminRequest {
         chat: String,
         raft: String,
         metrics: String,
+        #[serde(default)]
+        advertise_chat: Option<String>,
     },
     RemoveNode {
         id: u64,
@@ -288,6 +290,7 @@ impl Consensus {
                         chat: n.chat.clone(),
                         raft: n.raft.clone(),
                         metrics: n.metrics.clone(),
+                        advertise_chat: n.advertise_chat.clone(),
                     },
                 )
             })
@@ -332,12 +335,17 @@ impl Consensus {
         let from_membership: Vec<(u64, String)> = m
             .membership_config
             .nodes()
-            .map(|(id, node)| (*id, node.chat.clone()))
+            .map(|(id, node)| {
+                // The config file is the operator's current word on a member's address for
+                // clients; the membership remembers what it was when the member joined.
+                let node = self.members.get(id).unwrap_or(node);
+                (*id, node.client_chat().to_string())
+            })
             .collect();
         if from_membership.is_empty() {
             self.members
                 .iter()
-                .map(|(id, n)| (*id, n.chat.clone()))
+                .map(|(id, n)| (*id, n.client_chat().to_string()))
                 .collect()
         } else {
             from_membership
@@ -407,11 +415,13 @@ impl Consensus {
                 chat,
                 raft,
                 metrics,
+                advertise_chat,
             } => {
                 let node = NodeAddr {
                     chat,
                     raft,
                     metrics,
+                    advertise_chat,
                 };
                 // Wait (bounded) for the new node to catch up as a learner before it votes.
                 match tokio::time::timeout(

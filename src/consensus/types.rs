@@ -26,6 +26,16 @@ pub struct NodeAddr {
     pub chat: String,
     pub raft: String,
     pub metrics: String,
+    /// What clients are told to connect to, when not `chat`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise_chat: Option<String>,
+}
+
+impl NodeAddr {
+    /// The chat address clients are given.
+    pub fn client_chat(&self) -> &str {
+        self.advertise_chat.as_deref().unwrap_or(&self.chat)
+    }
 }
 
 openraft::declare_raft_types!(
