@@ -5,7 +5,10 @@
 //! known leader down (openraft keeps naming a dead leader until its own election timer fires).
 //! A failover is a new leader after a loss, never the first election; its duration runs from
 //! the last message this node got from the lost leader to knowing the new one. A change that
-//! follows an announced leadership transfer is planned, not a failover.
+//! follows an announced leadership transfer is planned, not a failover. Regaining the same
+//! leader in the same term (this node was paused or cut off, the cluster was not) is a
+//! recovery: no leader change, no failover. Leaderless time runs from the last contact with
+//! the lost leader, so it is the whole gap, not only the part after the loss was noticed.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -74,6 +77,11 @@ pub enum LeadershipEvent {
         previous: Option<u64>,
         new: u64,
     },
+    /// The lost leader is back, in the term it was lost in.
+    Recovered {
+        leader: u64,
+        after: Duration,
+    },
 }
 
 /// The tracker's memory between observations.
@@ -85,7 +93,8 @@ pub struct Tracker {
     had_leader: bool,
     /// When the lost leader was last heard from.
     lost_since: Option<Instant>,
-    lost_leader: Option<u64>,
+    /// The lost leader and the term it led.
+    lost_leader: Option<(u64, u64)>,
     last_observed: Option<Instant>,
 }
 
@@ -102,7 +111,7 @@ impl Tracker {
         transfer: Option<Instant>,
     ) -> (Vec<LeadershipEvent>, Duration) {
         let me = status.id;
-        let leaderless_for = match (self.current, self.last_observed) {
+        let mut leaderless_for = match (self.current, self.last_observed) {
             (None, Some(last)) => now.saturating_duration_since(last),
             _ => Duration::ZERO,
         };
@@ -113,16 +122,39 @@ impl Tracker {
             (Some((old, term)), Some(new)) => old != new || status.term > term && new != me,
             (None, Some(_)) => true,
             (Some(_), None) => {
-                let (previous, _) = self.current.take().unwrap_or_default();
-                self.lost_leader = Some(previous);
-                self.lost_since = Some(last_contact(previous).unwrap_or(now).min(now));
+                let (previous, term) = self.current.take().unwrap_or_default();
+                self.lost_leader = Some((previous, term));
+                let since = last_contact(previous).unwrap_or(now).min(now);
+                self.lost_since = Some(since);
+                // Leaderless since the last contact, not since the loss was noticed.
+                leaderless_for += now.saturating_duration_since(since);
                 events.push(LeadershipEvent::Lost { previous });
                 false
             }
             (None, None) => false,
         };
+        if changed
+            && let Some(new) = effective
+            && self.current.is_none()
+            && self.lost_leader == Some((new, status.term))
+        {
+            // The same leader in the same term: this node lost contact, the cluster did not
+            // change leaders.
+            let since = self.lost_since.unwrap_or(now);
+            events.push(LeadershipEvent::Recovered {
+                leader: new,
+                after: now.saturating_duration_since(since),
+            });
+            self.current = Some((new, status.term));
+            self.lost_since = None;
+            self.lost_leader = None;
+            return (events, leaderless_for);
+        }
         if changed && let Some(new) = effective {
-            let previous = self.current.map(|(l, _)| l).or(self.lost_leader);
+            let previous = self
+                .current
+                .map(|(l, _)| l)
+                .or(self.lost_leader.map(|(l, _)| l));
             events.push(LeadershipEvent::Changed {
                 term: status.term,
                 previous,
@@ -139,6 +171,10 @@ impl Tracker {
                         .or_else(|| previous.and_then(&last_contact))
                         .unwrap_or(now)
                         .min(now);
+                    if self.lost_since.is_none() {
+                        // Replaced without a leaderless observation in between.
+                        leaderless_for += now.saturating_duration_since(since);
+                    }
                     events.push(LeadershipEvent::Failover {
                         previous,
                         new,
@@ -205,6 +241,8 @@ fn publish_gauges(metrics: &Metrics, status: &RaftStatus, leader: Option<u64>, p
         .raft_last_log_index
         .set(status.last_log_index as i64);
     metrics.raft_applied_index.set(status.applied_index as i64);
+    metrics.raft_commit_index.set(status.commit_index as i64);
+    metrics.raft_voters.set(status.voters as i64);
     for peer in peers {
         let lag = status.replication_lag.get(peer).copied().unwrap_or(0);
         metrics
@@ -228,7 +266,16 @@ fn report(metrics: &Metrics, event: &LeadershipEvent) {
             span.in_scope(|| tracing::info!(term, previous = id(previous), new, "leader changed"));
         }
         LeadershipEvent::Lost { previous } => {
+            metrics.raft_leader_lost.inc();
             tracing::warn!(previous, "leader lost");
+        }
+        LeadershipEvent::Recovered { leader, after } => {
+            metrics.raft_leader_recovered.inc();
+            tracing::info!(
+                leader,
+                after_ms = after.as_secs_f64() * 1000.0,
+                "leader reachable again (same leader, same term)"
+            );
         }
         LeadershipEvent::Failover {
             previous,
@@ -287,6 +334,7 @@ mod tests {
             replication_lag: BTreeMap::new(),
             leader_lease_valid: true,
             fatal: None,
+            voters: 3,
         }
     }
 
@@ -363,6 +411,83 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn the_same_leader_regained_in_its_term_is_a_recovery_not_a_failover() {
+        // A paused follower: the leader looks dead to it, then is heard from again.
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        t.observe(&status(Some(2), 4), t0, |_| true, |_| None, None);
+        let contact = t0 + Duration::from_millis(100);
+        let lost_at = t0 + Duration::from_millis(1600);
+        let (events, leaderless) = t.observe(
+            &status(Some(2), 4),
+            lost_at,
+            |_| false,
+            |_| Some(contact),
+            None,
+        );
+        assert_eq!(events, vec![LeadershipEvent::Lost { previous: 2 }]);
+        assert_eq!(
+            leaderless,
+            Duration::from_millis(1500),
+            "counted from the last contact"
+        );
+        let (events, leaderless) = t.observe(
+            &status(Some(2), 4),
+            lost_at + Duration::from_millis(20),
+            |_| true,
+            |_| Some(lost_at),
+            None,
+        );
+        assert_eq!(
+            events,
+            vec![LeadershipEvent::Recovered {
+                leader: 2,
+                after: Duration::from_millis(1520)
+            }]
+        );
+        assert_eq!(leaderless, Duration::from_millis(20));
+        // A later real change still counts as a failover.
+        let (events, _) = t.observe(
+            &status(Some(3), 5),
+            lost_at + Duration::from_secs(5),
+            |_| true,
+            |_| None,
+            None,
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, LeadershipEvent::Failover { .. }))
+        );
+    }
+
+    #[test]
+    fn the_same_leader_in_a_new_term_is_a_change() {
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        t.observe(&status(Some(2), 4), t0, |_| true, |_| None, None);
+        t.observe(
+            &status(Some(2), 4),
+            t0 + Duration::from_secs(1),
+            |_| false,
+            |_| None,
+            None,
+        );
+        let (events, _) = t.observe(
+            &status(Some(2), 5),
+            t0 + Duration::from_secs(2),
+            |_| true,
+            |_| None,
+            None,
+        );
+        assert!(
+            events
+                .iter()
+                .any(|e| matches!(e, LeadershipEvent::Changed { term: 5, .. }))
+        );
     }
 
     #[test]

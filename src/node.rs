@@ -1,6 +1,7 @@
 //! One node: opens its data directory, starts consensus, and serves the chat, raft and
 //! metrics ports plus the health prober until SIGINT/SIGTERM.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +24,8 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// redb's page cache for the history (its default is 1 GiB).
 const HISTORY_CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// How long a node whose raft stopped fatally keeps reporting why before it exits.
+/// The message history's file in the data directory.
+const HISTORY_FILE: &str = "chat-history.redb";
 const FATAL_EXIT_DELAY: Duration = Duration::from_secs(3);
 
 /// What the metrics port reads.
@@ -137,14 +140,54 @@ fn liveness(
 fn observers(metrics: &Arc<Metrics>) -> Observers {
     let sync = metrics.storage_sync_duration.clone();
     let rpc = metrics.raft_rpc_duration.clone();
+    let failures = metrics.raft_rpc_failures.clone();
+    let snapshots = metrics.snapshot_duration.clone();
     Observers {
+        snapshot_built: Arc::new(move |d: Duration| snapshots.observe(d.as_secs_f64())),
         storage_sync: Arc::new(move |d: Duration| sync.observe(d.as_secs_f64())),
-        rpc: Arc::new(move |name: &'static str, peer: u64, d: Duration| {
-            if matches!(name, "append" | "vote" | "snapshot" | "forward") {
-                rpc.with_label_values(&[name, &peer.to_string()])
-                    .observe(d.as_secs_f64());
+        rpc: Arc::new(
+            move |name: &'static str, peer: u64, d: Duration, ok: bool| {
+                if !matches!(name, "append" | "vote" | "snapshot" | "forward") {
+                    return;
+                }
+                let peer = peer.to_string();
+                // A timeout is a failure, not a latency sample.
+                if ok {
+                    rpc.with_label_values(&[name, &peer])
+                        .observe(d.as_secs_f64());
+                } else {
+                    failures.with_label_values(&[name, &peer]).inc();
+                }
+            },
+        ),
+    }
+}
+
+/// How often the stores' sizes on disk are measured.
+const STORAGE_EVERY: Duration = Duration::from_secs(5);
+
+/// Keeps `raftchat_storage_bytes` and `raftchat_snapshot_bytes` current (a `stat` per store).
+async fn measure_storage(data_dir: PathBuf, metrics: Arc<Metrics>, shutdown: CancellationToken) {
+    let files = [
+        ("log", data_dir.join(consensus::LOG_FILE)),
+        ("history", data_dir.join(HISTORY_FILE)),
+        ("state", data_dir.join(consensus::SNAPSHOT_FILE)),
+    ];
+    loop {
+        for (store, path) in &files {
+            let bytes = tokio::fs::metadata(path).await.map_or(0, |m| m.len());
+            metrics
+                .storage_bytes
+                .with_label_values(&[store])
+                .set(bytes as i64);
+            if *store == "state" {
+                metrics.snapshot_bytes.set(bytes as i64);
             }
-        }),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(STORAGE_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
     }
 }
 
@@ -194,7 +237,7 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     let raft_listener = bind(&config.listen_addr(&me.raft), "raft").await?;
     let metrics_listener = bind(&config.listen_addr(&me.metrics), "metrics").await?;
 
-    let history_path = data_dir.join("chat-history.redb");
+    let history_path = data_dir.join(HISTORY_FILE);
     let history = History::open(&history_path, HISTORY_CACHE_BYTES)
         .and_then(|h| ChatStore::new(h, config.chat.client_queue_events))
         .with_context(|| format!("cannot open the message history {}", history_path.display()))?;
@@ -280,6 +323,11 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     tasks.spawn(crate::chat::backfill::run(
         chat.store.clone(),
         consensus.clone(),
+        shutdown.clone(),
+    ));
+    tasks.spawn(measure_storage(
+        data_dir.clone(),
+        metrics.clone(),
         shutdown.clone(),
     ));
     tracing::info!(id, chat = %me.chat, raft = %me.raft, metrics = %me.metrics, data_dir = %data_dir.display(), "node started");

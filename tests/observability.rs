@@ -45,6 +45,17 @@ const FAMILIES: &[(&str, &str)] = &[
     ("raftchat_messages_delivered_total", "counter"),
     ("raftchat_bad_requests_total", "counter"),
     ("raftchat_build_info", "gauge"),
+    // SPEC 9d.
+    ("raftchat_messages_failed_total", "counter"),
+    ("raftchat_raft_commit_index", "gauge"),
+    ("raftchat_raft_voters", "gauge"),
+    ("raftchat_raft_rpc_failures_total", "counter"),
+    ("raftchat_storage_bytes", "gauge"),
+    ("raftchat_snapshot_duration_seconds", "histogram"),
+    ("raftchat_snapshot_bytes", "gauge"),
+    ("raftchat_client_output_bytes", "gauge"),
+    ("raftchat_raft_leader_lost_total", "counter"),
+    ("raftchat_raft_leader_recovered_total", "counter"),
     ("process_resident_memory_bytes", "gauge"),
 ];
 
@@ -174,6 +185,24 @@ fn metrics_follow_health_leadership_failover_and_reconnects() {
             },
         );
     }
+
+    // RPCs to the dead node are counted as failures (not as latency samples); the new
+    // families carry real values.
+    wait_for(T, "failed RPCs to the killed node", || {
+        let failed: f64 = survivors
+            .iter()
+            .filter_map(|id| scrape(&cluster, *id))
+            .map(|s| value(&s, "raftchat_raft_rpc_failures_total", &[("peer", &killed)]))
+            .sum();
+        (failed > 0.0).then_some(())
+    });
+    let s = wait_for(T, "storage sizes measured", || {
+        let s = scrape(&cluster, a)?;
+        (value(&s, "raftchat_storage_bytes", &[("store", "log")]) > 0.0).then_some(s)
+    });
+    assert_eq!(value(&s, "raftchat_raft_voters", &[]), 3.0);
+    assert!(value(&s, "raftchat_raft_commit_index", &[]) > 0.0);
+    assert!(value(&s, "raftchat_storage_bytes", &[("store", "history")]) > 0.0);
 
     // A node cut off from the majority is not ready, and is again once it heals.
     cluster.wait_leader(&survivors, T);
@@ -367,5 +396,47 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
             .all(|n| names.contains(n))
             .then_some(())
         },
+    );
+}
+
+#[test]
+fn a_paused_follower_counts_no_leader_change_and_no_failover() {
+    let cluster = Cluster::start(
+        3,
+        "[health]\nprobe_interval_ms = 200\nprobe_timeout_ms = 200\n",
+    );
+    let leader = cluster.wait_leader(&[1, 2, 3], T);
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let counters = |s: &Scrape| {
+        (
+            value(s, "raftchat_raft_leader_changes_total", &[]),
+            value(s, "raftchat_failovers_total", &[]),
+            value(s, "raftchat_raft_term", &[]),
+        )
+    };
+    let before = wait_for(T, "a scrape", || scrape(&cluster, follower));
+    cluster.pause(follower);
+    std::thread::sleep(Duration::from_millis(1500));
+    cluster.resume(follower);
+    // The follower hears from its leader again (same leader, same term); a loss it noticed
+    // is reported as recovered.
+    let after = wait_for(T, "the follower to know its leader again", || {
+        let s = scrape(&cluster, follower)?;
+        let lost = value(&s, "raftchat_raft_leader_lost_total", &[]);
+        let recovered = value(&s, "raftchat_raft_leader_recovered_total", &[]);
+        (value(&s, "raftchat_raft_has_leader", &[]) == 1.0
+            && value(&s, "raftchat_raft_leader_id", &[]) == leader as f64
+            && lost == recovered)
+            .then_some(s)
+    });
+    assert_eq!(
+        cluster.wait_leader(&[1, 2, 3], T),
+        leader,
+        "the leader did not change"
+    );
+    assert_eq!(
+        counters(&after),
+        counters(&before),
+        "(leader changes, failovers, term) moved on the paused follower"
     );
 }

@@ -49,6 +49,8 @@ pub struct Outbox {
 
 struct OutboxShared {
     queued: AtomicUsize,
+    /// Bytes queued across the node's connections (`raftchat_client_output_bytes`).
+    node_queued: prometheus::IntGauge,
     max_bytes: usize,
     slow: AtomicBool,
     closed: CancellationToken,
@@ -56,6 +58,11 @@ struct OutboxShared {
 }
 
 impl OutboxShared {
+    fn dequeued(&self, len: usize) {
+        self.queued.fetch_sub(len, Ordering::Relaxed);
+        self.node_queued.sub(len as i64);
+    }
+
     fn too_slow(&self) {
         self.reason.set("slow");
         if !self.slow.swap(true, Ordering::SeqCst) {
@@ -82,6 +89,12 @@ impl Outbox {
                 self.shared.too_slow();
                 return Err(Closed);
             }
+            self.shared.node_queued.add(len as i64);
+            if self.tx.send(item).await.is_err() {
+                self.shared.dequeued(len);
+                return Err(Closed);
+            }
+            return Ok(());
         }
         self.tx.send(item).await.map_err(|_| Closed)
     }
@@ -143,7 +156,7 @@ async fn write_loop(
             _ = &mut stall => None,
         };
         if !last {
-            shared.queued.fetch_sub(bytes.len(), Ordering::Relaxed);
+            shared.dequeued(bytes.len());
         }
         match wrote {
             Some(Ok(())) => {}
@@ -162,6 +175,13 @@ async fn write_loop(
     // best effort. A slow client may still come back and read what its socket holds, so it
     // gets longer to take `slow` (what is queued is dropped first; the socket is kept).
     let slow = shared.slow.load(Ordering::SeqCst);
+    // What is still queued is dropped: it no longer counts as queued output.
+    rx.close();
+    while let Ok(item) = rx.try_recv() {
+        if let Outbound::Frame(b) = item {
+            shared.dequeued(b.len());
+        }
+    }
     drop(rx);
     let farewell = if slow { SLOW_FAREWELL } else { FAREWELL };
     let _ = tokio::time::timeout(farewell, async {
@@ -354,15 +374,17 @@ impl Wire {
     pub fn open(
         stream: tokio::net::TcpStream,
         shutdown: &CancellationToken,
-        config: &crate::config::ChatConfig,
+        svc: &ChatService,
         slow_frame: Bytes,
         reason: Arc<CloseReason>,
     ) -> Wire {
+        let config = &svc.config;
         let (read, write) = stream.into_split();
         let (tx, rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
         let closed = shutdown.child_token();
         let shared = Arc::new(OutboxShared {
             queued: AtomicUsize::new(0),
+            node_queued: svc.metrics.client_output_bytes.clone(),
             max_bytes: config.max_output_bytes,
             slow: AtomicBool::new(false),
             closed: closed.clone(),

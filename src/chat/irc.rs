@@ -158,7 +158,7 @@ async fn serve_until_closed(
     reason: Arc<CloseReason>,
 ) {
     let slow = raw("ERROR :Closing link: this client did not read what it was sent".into());
-    let mut wire = Wire::open(stream, &shutdown, &svc.config, slow, reason.clone());
+    let mut wire = Wire::open(stream, &shutdown, &svc, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = IrcConn {
         svc: svc.clone(),

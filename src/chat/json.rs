@@ -357,7 +357,7 @@ async fn serve_until_closed(
         ErrorCode::Slow,
         "this client did not read what it was sent; disconnecting",
     ));
-    let mut wire = Wire::open(stream, &shutdown, &svc.config, slow, reason.clone());
+    let mut wire = Wire::open(stream, &shutdown, &svc, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = Connection {
         svc: svc.clone(),

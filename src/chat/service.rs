@@ -32,6 +32,19 @@ pub enum ChatError {
     Internal(String),
 }
 
+impl ChatError {
+    /// The `reason` label of `raftchat_messages_failed_total` for a message that failed so.
+    pub fn failure_reason(&self) -> &'static str {
+        match self {
+            ChatError::Unavailable(_) => "unavailable",
+            ChatError::Internal(_) => "internal",
+            ChatError::UnknownSession => "unknown_session",
+            ChatError::NotMember(_) | ChatError::NoSuchUser(_) => "refused",
+            _ => "bad_request",
+        }
+    }
+}
+
 impl From<WriteError> for ChatError {
     fn from(e: WriteError) -> Self {
         match e {
@@ -411,7 +424,7 @@ impl ChatService {
             .write_batch_traced(commands, traceparents)
             .await;
         drop(spans);
-        results
+        let outcomes: Vec<Result<Sent, ChatError>> = results
             .into_iter()
             .zip(received)
             .map(|(r, received)| match r?.response {
@@ -430,7 +443,11 @@ impl ChatService {
                 ChatResponse::UnknownSession => Err(ChatError::UnknownSession),
                 other => Err(unexpected(other)),
             })
-            .collect()
+            .collect();
+        for failed in outcomes.iter().filter_map(|o| o.as_ref().err()) {
+            self.metrics.message_failed(failed.failure_reason());
+        }
+        outcomes
     }
 
     /// Refuses reads while this node lacks part of the history.

@@ -5,6 +5,7 @@
 mod leader_watch;
 mod log_store;
 mod network;
+mod reachability;
 mod server;
 mod snapshot_store;
 mod state_machine;
@@ -82,6 +83,10 @@ impl Role {
     }
 }
 
+/// The raft log's file in the data directory.
+pub const LOG_FILE: &str = "raft-log.redb";
+pub use snapshot_store::SNAPSHOT_FILE;
+
 /// This node's view of the cluster, from openraft's metrics.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RaftStatus {
@@ -101,6 +106,8 @@ pub struct RaftStatus {
     pub leader_lease_valid: bool,
     /// openraft stopped with a fatal error (storage failure, panic).
     pub fatal: Option<String>,
+    /// Voting members in the membership this node holds.
+    pub voters: u64,
 }
 
 /// A membership change, sent by `raftchat admin` to the raft port.
@@ -139,7 +146,7 @@ pub async fn admin_request(
     secret: &str,
     request: &AdminRequest,
 ) -> Result<AdminAnswer, String> {
-    let rpc = RpcClient::new(secret, Arc::new(|_, _, _| {}));
+    let rpc = RpcClient::new(secret, Arc::new(|_, _, _, _| {}));
     rpc.post(
         "admin",
         0,
@@ -218,13 +225,16 @@ fn now_ms() -> i64 {
 pub struct Observers {
     pub storage_sync: SyncObserver,
     pub rpc: RpcObserver,
+    /// How long each snapshot build took, until it was durable.
+    pub snapshot_built: SyncObserver,
 }
 
 impl Default for Observers {
     fn default() -> Self {
         Observers {
             storage_sync: Arc::new(|_| {}),
-            rpc: Arc::new(|_, _, _| {}),
+            rpc: Arc::new(|_, _, _, _| {}),
+            snapshot_built: Arc::new(|_| {}),
         }
     }
 }
@@ -244,12 +254,12 @@ impl Consensus {
             path: data_dir.display().to_string(),
             reason,
         };
-        let log_path = data_dir.join("raft-log.redb");
+        let log_path = data_dir.join(LOG_FILE);
         let fresh = !log_path.exists();
         let log = LogStore::open(&log_path, observers.storage_sync.clone())
             .map_err(|e| storage_err(e.to_string()))?;
-        let sm =
-            StateMachine::open(data_dir, chat.clone()).map_err(|e| storage_err(e.to_string()))?;
+        let sm = StateMachine::open(data_dir, chat.clone(), observers.snapshot_built.clone())
+            .map_err(|e| storage_err(e.to_string()))?;
         let snapshots = sm.snapshots();
         check_log_covers_state(&log, &sm)
             .await
@@ -376,8 +386,9 @@ impl Consensus {
                     .collect()
             })
             .unwrap_or_default();
+        let voters = m.membership_config.membership().voter_ids().count() as u64;
         // A lone voter is its own quorum.
-        let alone = m.membership_config.membership().voter_ids().count() <= 1;
+        let alone = voters <= 1;
         let leader_lease_valid = m.state == ServerState::Leader
             && (alone
                 || m.last_quorum_acked
@@ -396,6 +407,7 @@ impl Consensus {
             replication_lag,
             leader_lease_valid,
             fatal: m.running_state.as_ref().err().map(|e| e.to_string()),
+            voters,
         }
     }
 

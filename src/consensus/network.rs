@@ -42,7 +42,8 @@ pub const TARGET_HEADER: &str = "x-raftchat-target";
 const REPLICATION_RPC_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Observes each RPC: (rpc name, target node, duration).
-pub type RpcObserver = Arc<dyn Fn(&'static str, u64, Duration) + Send + Sync>;
+/// Sees each RPC: its name, the peer, how long it took and whether it succeeded.
+pub type RpcObserver = Arc<dyn Fn(&'static str, u64, Duration, bool) + Send + Sync>;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RpcError {
@@ -66,6 +67,7 @@ pub struct RpcClient {
     http: Client<HttpConnector, Body>,
     secret: Arc<str>,
     observer: RpcObserver,
+    reachability: Arc<super::reachability::Reachability>,
 }
 
 impl RpcClient {
@@ -81,6 +83,7 @@ impl RpcClient {
             http,
             secret: secret.into(),
             observer,
+            reachability: Arc::default(),
         }
     }
 
@@ -185,7 +188,8 @@ impl RpcClient {
                 timeout.as_millis()
             ))),
         };
-        (self.observer)(rpc, target, started.elapsed());
+        (self.observer)(rpc, target, started.elapsed(), result.is_ok());
+        self.reachability.record(rpc, target, &result);
         result
     }
 }

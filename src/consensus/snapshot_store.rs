@@ -24,6 +24,9 @@ use serde::{Deserialize, Serialize};
 use super::types::SnapshotMeta;
 use crate::chat::state::ChatState;
 
+/// The current snapshot's file in the data directory.
+pub const SNAPSHOT_FILE: &str = "snapshot.json";
+
 const FORMAT: u32 = 2;
 /// A header line longer than this is not a snapshot header.
 const MAX_HEADER: u64 = 1024 * 1024;
@@ -97,7 +100,7 @@ impl SnapshotStore {
                 let _ = std::fs::remove_file(dir.join(name.as_ref()));
             }
         }
-        let path = dir.join("snapshot.json");
+        let path = dir.join(SNAPSHOT_FILE);
         let restored = match File::open(&path) {
             Ok(file) => Some(read_file(&file, &path)?),
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,

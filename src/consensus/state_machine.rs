@@ -19,6 +19,7 @@ use openraft::entry::RaftEntry;
 use openraft::storage::{EntryResponder, RaftStateMachine};
 use openraft::{EntryPayload, RaftSnapshotBuilder};
 
+use super::log_store::SyncObserver;
 use super::snapshot_store::{SnapshotBlob, SnapshotStore, read_blob};
 use super::types::{LogId, SnapshotMeta, StoredMembership, TypeConfig};
 use crate::chat::command::ChatResponse;
@@ -35,6 +36,7 @@ struct Inner {
     chat: Arc<ChatStore>,
     snapshots: Arc<SnapshotStore>,
     applied: Mutex<Applied>,
+    on_built: SyncObserver,
 }
 
 #[derive(Clone, Default)]
@@ -59,7 +61,11 @@ fn index_of(meta: &SnapshotMeta) -> u64 {
 
 impl StateMachine {
     /// Restores the last snapshot in `dir`, if any, into `chat`.
-    pub fn open(dir: &Path, chat: Arc<ChatStore>) -> io::Result<StateMachine> {
+    pub fn open(
+        dir: &Path,
+        chat: Arc<ChatStore>,
+        on_built: SyncObserver,
+    ) -> io::Result<StateMachine> {
         let (snapshots, restored) = SnapshotStore::open(dir)?;
         let mut applied = Applied::default();
         if let Some((meta, state)) = restored {
@@ -73,6 +79,7 @@ impl StateMachine {
                 chat,
                 snapshots: Arc::new(snapshots),
                 applied: Mutex::new(applied),
+                on_built,
             }),
         })
     }
@@ -163,6 +170,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // Called in sequence with `apply`, so the state is a consistent point in time. It is
         // written to a temporary file right here, from the live state: no copy of it is held
         // in memory while the snapshot is completed.
+        let started = std::time::Instant::now();
         let a = self.applied().clone();
         let meta = SnapshotMeta {
             last_log_id: a.last,
@@ -179,6 +187,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             sm: self.clone(),
             written: Some(written),
             meta,
+            started,
         }
     }
 
@@ -225,6 +234,7 @@ pub struct SnapshotBuilder {
     /// The state's temporary file, written when the builder was made.
     written: Option<io::Result<std::path::PathBuf>>,
     meta: SnapshotMeta,
+    started: std::time::Instant,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
@@ -248,6 +258,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             return Err(io::Error::other("snapshot vanished after it was written"));
         };
         if written {
+            (self.sm.inner.on_built)(self.started.elapsed());
             tracing::info!(index = index_of(&meta), "built snapshot");
         } else {
             tracing::info!(
@@ -314,7 +325,7 @@ mod tests {
     #[tokio::test]
     async fn an_older_build_finishing_late_never_replaces_a_newer_snapshot() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        let mut sm = StateMachine::open(dir.path(), store(dir.path()), Arc::new(|_| {})).unwrap();
         apply(&mut sm, 1..=5).await;
         let mut older = sm.get_snapshot_builder().await;
         apply(&mut sm, 6..=9).await;
@@ -327,14 +338,19 @@ mod tests {
         assert_eq!((index_of(&meta), reflects(&state)), (9, 9));
         // And the node restarts on it.
         drop((sm, older, newer));
-        let sm = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        let sm = StateMachine::open(dir.path(), store(dir.path()), Arc::new(|_| {})).unwrap();
         assert_eq!(sm.snapshot_log_id().map(|l| l.index()), Some(9));
     }
 
     #[tokio::test]
     async fn an_install_is_not_undone_by_a_build_that_started_before_it() {
         let leader_dir = tempfile::tempdir().unwrap();
-        let mut leader = StateMachine::open(leader_dir.path(), store(leader_dir.path())).unwrap();
+        let mut leader = StateMachine::open(
+            leader_dir.path(),
+            store(leader_dir.path()),
+            Arc::new(|_| {}),
+        )
+        .unwrap();
         apply(&mut leader, 1..=20).await;
         leader
             .get_snapshot_builder()
@@ -345,7 +361,8 @@ mod tests {
         let sent = leader.get_current_snapshot().await.unwrap().unwrap();
 
         let dir = tempfile::tempdir().unwrap();
-        let mut follower = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        let mut follower =
+            StateMachine::open(dir.path(), store(dir.path()), Arc::new(|_| {})).unwrap();
         apply(&mut follower, 1..=3).await;
         let mut stale = follower.get_snapshot_builder().await;
         // The leader's snapshot arrives as a file in the data directory.
@@ -374,7 +391,7 @@ mod tests {
     #[tokio::test]
     async fn current_snapshot_meta_always_matches_its_state_under_concurrent_builds() {
         let dir = tempfile::tempdir().unwrap();
-        let mut sm = StateMachine::open(dir.path(), store(dir.path())).unwrap();
+        let mut sm = StateMachine::open(dir.path(), store(dir.path()), Arc::new(|_| {})).unwrap();
         let reader = sm.clone();
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let stop_reading = stop.clone();
@@ -416,7 +433,7 @@ mod tests {
     async fn a_snapshot_holds_no_history() {
         let dir = tempfile::tempdir().unwrap();
         let chat = store(dir.path());
-        let mut sm = StateMachine::open(dir.path(), chat).unwrap();
+        let mut sm = StateMachine::open(dir.path(), chat, Arc::new(|_| {})).unwrap();
         apply(&mut sm, 1..=1).await;
         let join = ChatCommand::Join {
             session: "s1".into(),

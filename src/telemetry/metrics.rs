@@ -40,6 +40,18 @@ pub const BAD_REQUEST_REASONS: [&str; 9] = [
 
 const RPCS: [&str; 4] = ["append", "vote", "snapshot", "forward"];
 
+/// Why a message was not stored (the `reason` label of failed messages).
+pub const MESSAGE_FAILURES: [&str; 5] = [
+    "unavailable",
+    "internal",
+    "unknown_session",
+    "refused",
+    "bad_request",
+];
+
+/// The stores of `raftchat_storage_bytes`.
+pub const STORES: [&str; 3] = ["log", "history", "state"];
+
 /// Sub-millisecond probes and RPCs up to multi-second stalls.
 const FAST_BUCKETS: [f64; 16] = [
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -67,6 +79,8 @@ pub struct Metrics {
     pub history_gap_entries: IntGauge,
     pub raft_leader_id: IntGauge,
     pub raft_leader_changes: IntCounter,
+    pub raft_leader_lost: IntCounter,
+    pub raft_leader_recovered: IntCounter,
     pub raft_last_log_index: IntGauge,
     pub raft_applied_index: IntGauge,
     pub raft_replication_lag: IntGaugeVec,
@@ -88,6 +102,16 @@ pub struct Metrics {
     pub messages_committed: IntCounter,
     pub message_commit_duration: Histogram,
     pub messages_delivered: IntCounter,
+    pub messages_failed: IntCounterVec,
+    // Raft internals and storage.
+    pub raft_commit_index: IntGauge,
+    pub raft_voters: IntGauge,
+    pub raft_rpc_failures: IntCounterVec,
+    pub storage_bytes: IntGaugeVec,
+    pub snapshot_duration: Histogram,
+    pub snapshot_bytes: IntGauge,
+    /// Bytes queued for client sockets, across this node's connections.
+    pub client_output_bytes: IntGauge,
     pub bad_requests: IntCounterVec,
 }
 
@@ -212,6 +236,16 @@ impl Metrics {
                 "raftchat_raft_leader_changes_total",
                 "Times this node learned of a new leader (the first election included).",
             )?,
+            raft_leader_lost: counter(
+                &r,
+                "raftchat_raft_leader_lost_total",
+                "Times this node lost contact with its leader (whether or not the leader changed).",
+            )?,
+            raft_leader_recovered: counter(
+                &r,
+                "raftchat_raft_leader_recovered_total",
+                "Times this node regained the leader it had lost, in the same term (no failover).",
+            )?,
             raft_last_log_index: gauge(
                 &r,
                 "raftchat_raft_last_log_index",
@@ -316,6 +350,50 @@ impl Metrics {
                 "raftchat_messages_delivered_total",
                 "Messages pushed to clients of this node.",
             )?,
+            messages_failed: counter_vec(
+                &r,
+                "raftchat_messages_failed_total",
+                "Messages received on this node and answered with an error, by reason.",
+                &["reason"],
+            )?,
+            raft_commit_index: gauge(
+                &r,
+                "raftchat_raft_commit_index",
+                "Index of the last entry this node knows is committed.",
+            )?,
+            raft_voters: gauge(
+                &r,
+                "raftchat_raft_voters",
+                "Voting members in the raft membership this node holds.",
+            )?,
+            raft_rpc_failures: counter_vec(
+                &r,
+                "raftchat_raft_rpc_failures_total",
+                "Raft RPCs and forwarded writes to a peer that failed (unreachable, timeout, error answer).",
+                &["rpc", "peer"],
+            )?,
+            storage_bytes: gauge_vec(
+                &r,
+                "raftchat_storage_bytes",
+                "Bytes on disk of this node's stores: the raft log, the message history, the state snapshot.",
+                &["store"],
+            )?,
+            snapshot_duration: histogram(
+                &r,
+                "raftchat_snapshot_duration_seconds",
+                "Duration of building (and making durable) a raft snapshot of the chat state.",
+                &FAST_BUCKETS,
+            )?,
+            snapshot_bytes: gauge(
+                &r,
+                "raftchat_snapshot_bytes",
+                "Size of the current raft snapshot (the chat state, no history).",
+            )?,
+            client_output_bytes: gauge(
+                &r,
+                "raftchat_client_output_bytes",
+                "Bytes queued for client sockets across this node's connections.",
+            )?,
             bad_requests: counter_vec(
                 &r,
                 "raftchat_bad_requests_total",
@@ -348,6 +426,7 @@ impl Metrics {
             m.raft_replication_lag.with_label_values(&[&peer]);
             for rpc in RPCS {
                 m.raft_rpc_duration.with_label_values(&[rpc, &peer]);
+                m.raft_rpc_failures.with_label_values(&[rpc, &peer]);
             }
         }
         m.raft_leader_transfers.with_label_values(&["planned"]);
@@ -362,6 +441,12 @@ impl Metrics {
         for reason in BAD_REQUEST_REASONS {
             m.bad_requests.with_label_values(&[reason]);
         }
+        for reason in MESSAGE_FAILURES {
+            m.messages_failed.with_label_values(&[reason]);
+        }
+        for store in STORES {
+            m.storage_bytes.with_label_values(&[store]);
+        }
         Ok(m)
     }
 
@@ -372,6 +457,12 @@ impl Metrics {
             tracing::warn!(error = %e, "metrics encoding failed");
         }
         String::from_utf8(out).unwrap_or_default()
+    }
+
+    pub fn message_failed(&self, reason: &str) {
+        if MESSAGE_FAILURES.contains(&reason) {
+            self.messages_failed.with_label_values(&[reason]).inc();
+        }
     }
 
     pub fn bad_request(&self, reason: &str) {

@@ -26,7 +26,8 @@ use tracing_subscriber::{Layer, Registry};
 use crate::config::{LogFormat, TelemetryConfig};
 
 /// openraft logs every election and heartbeat problem at info and above; keep it to warnings.
-const DEFAULT_FILTER: &str = "info,openraft=warn";
+/// openraft warns on every failed RPC; `consensus::reachability` logs peers' transitions instead.
+const DEFAULT_FILTER: &str = "info,openraft=error";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {

@@ -149,7 +149,7 @@ impl Cluster {
             .args(["--id", &id.to_string()])
             .env(
                 "RUST_LOG",
-                std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+                std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "info,openraft=error".into()),
             )
             // Export spans quickly so tests need not wait for the default 5 s batch.
             .env("OTEL_BSP_SCHEDULE_DELAY", "100")
