@@ -184,6 +184,17 @@ async fn measure_storage(data_dir: PathBuf, metrics: Arc<Metrics>, shutdown: Can
                 metrics.snapshot_bytes.set(bytes as i64);
             }
         }
+        let dir = data_dir.clone();
+        let fs = tokio::task::spawn_blocking(move || nix::sys::statvfs::statvfs(&dir)).await;
+        if let Ok(Ok(fs)) = fs {
+            let block = fs.fragment_size() as i64;
+            metrics
+                .storage_available_bytes
+                .set(fs.blocks_available() as i64 * block);
+            metrics
+                .storage_capacity_bytes
+                .set(fs.blocks() as i64 * block);
+        }
         tokio::select! {
             _ = tokio::time::sleep(STORAGE_EVERY) => {}
             _ = shutdown.cancelled() => return,

@@ -76,12 +76,18 @@ fn promtool_accepts_the_rules_their_tests_and_the_scrape_config() {
             "{name} lacks severity"
         );
         assert!(rule["for"].is_string(), "{name} lacks for");
-        let anchor = rule["annotations"]["runbook_url"]
-            .as_str()
-            .unwrap()
-            .split('#')
-            .nth(1)
-            .unwrap();
+        let url = rule["annotations"]["runbook_url"].as_str().unwrap();
+        // Alertmanager and Grafana link it as is: a relative path is a broken link.
+        assert!(
+            url.starts_with("https://"),
+            "{name}: runbook_url {url} is not absolute"
+        );
+        let anchor = url.split('#').nth(1).unwrap();
+        let description = rule["annotations"]["description"].as_str().unwrap();
+        assert!(
+            description.contains("$value") || description.contains("$labels."),
+            "{name}: the description shows neither the value nor the labels"
+        );
         let heading = format!("## {name}");
         assert!(
             runbook.contains(&heading) && anchor == name.to_lowercase(),

@@ -56,6 +56,8 @@ const FAMILIES: &[(&str, &str)] = &[
     ("raftchat_client_output_bytes", "gauge"),
     ("raftchat_raft_leader_lost_total", "counter"),
     ("raftchat_raft_leader_recovered_total", "counter"),
+    ("raftchat_storage_available_bytes", "gauge"),
+    ("raftchat_storage_capacity_bytes", "gauge"),
     ("process_resident_memory_bytes", "gauge"),
 ];
 
@@ -203,6 +205,7 @@ fn metrics_follow_health_leadership_failover_and_reconnects() {
     assert_eq!(value(&s, "raftchat_raft_voters", &[]), 3.0);
     assert!(value(&s, "raftchat_raft_commit_index", &[]) > 0.0);
     assert!(value(&s, "raftchat_storage_bytes", &[("store", "history")]) > 0.0);
+    assert!(value(&s, "raftchat_storage_capacity_bytes", &[]) > 0.0);
 
     // A node cut off from the majority is not ready, and is again once it heals.
     cluster.wait_leader(&survivors, T);
@@ -438,5 +441,32 @@ fn a_paused_follower_counts_no_leader_change_and_no_failover() {
         counters(&after),
         counters(&before),
         "(leader changes, failovers, term) moved on the paused follower"
+    );
+}
+
+#[test]
+fn a_peer_down_for_ten_seconds_is_logged_once_not_on_every_heartbeat() {
+    let mut cluster = Cluster::start(3, "");
+    let leader = cluster.wait_leader(&[1, 2, 3], T);
+    let dead = (1..=3).find(|id| *id != leader).unwrap();
+    let before = cluster.log(leader).len();
+    cluster.kill(dead);
+    std::thread::sleep(Duration::from_secs(10));
+    let log = cluster.log(leader);
+    let warnings: Vec<&str> = log[before..]
+        .lines()
+        .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+        .collect();
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("raft RPCs to the peer fail")),
+        "the failure is logged: {warnings:#?}"
+    );
+    assert!(
+        warnings.len() <= 4,
+        "{} warnings in 10 s for one dead peer:\n{}",
+        warnings.len(),
+        warnings.join("\n")
     );
 }

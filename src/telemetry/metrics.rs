@@ -108,6 +108,8 @@ pub struct Metrics {
     pub raft_voters: IntGauge,
     pub raft_rpc_failures: IntCounterVec,
     pub storage_bytes: IntGaugeVec,
+    pub storage_available_bytes: IntGauge,
+    pub storage_capacity_bytes: IntGauge,
     pub snapshot_duration: Histogram,
     pub snapshot_bytes: IntGauge,
     /// Bytes queued for client sockets, across this node's connections.
@@ -377,6 +379,16 @@ impl Metrics {
                 "raftchat_storage_bytes",
                 "Bytes on disk of this node's stores: the raft log, the message history, the state snapshot.",
                 &["store"],
+            )?,
+            storage_available_bytes: gauge(
+                &r,
+                "raftchat_storage_available_bytes",
+                "Bytes available to this node on the filesystem of its data directory.",
+            )?,
+            storage_capacity_bytes: gauge(
+                &r,
+                "raftchat_storage_capacity_bytes",
+                "Size of the filesystem of this node's data directory.",
             )?,
             snapshot_duration: histogram(
                 &r,
