@@ -167,9 +167,61 @@ fn dashboard_is_structurally_sound() {
         rows, 7,
         "overview, failover, probes, raft, clients, messages, process"
     );
+    // Stat, gauge and state panels say what is good and bad: thresholds or value mappings,
+    // so "Has leader = 0" is red, not green.
+    for p in d["panels"].as_array().unwrap() {
+        if ["stat", "gauge", "state-timeline"].contains(&p["type"].as_str().unwrap_or("")) {
+            let defaults = &p["fieldConfig"]["defaults"];
+            let steps = defaults["thresholds"]["steps"]
+                .as_array()
+                .map_or(0, Vec::len);
+            let mappings = defaults["mappings"].as_array().map_or(0, Vec::len);
+            assert!(
+                steps + mappings > 0,
+                "{} has neither thresholds nor mappings",
+                p["title"]
+            );
+        }
+    }
+    let has_leader = d["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["title"] == "Has leader")
+        .unwrap();
+    let steps = &has_leader["fieldConfig"]["defaults"]["thresholds"]["steps"];
+    assert_eq!(steps[0]["color"], "red", "no leader renders red");
+    // A per-node leader timeline and an annotation on leader changes.
+    assert!(
+        dashboard_exprs(&d)
+            .iter()
+            .any(|(_, e)| e.starts_with("raftchat_raft_is_leader")),
+        "no per-node leader timeline"
+    );
+    assert!(
+        d["annotations"]["list"][0]["expr"]
+            .as_str()
+            .is_some_and(|e| e.contains("raftchat_raft_leader_changes_total")),
+        "no annotation on leader changes"
+    );
+    // A `job` variable; no query is pinned to one job.
+    assert!(vars.iter().any(|v| v["name"] == "job"), "no $job variable");
+    for (title, expr) in dashboard_exprs(&d) {
+        assert!(
+            !expr.contains("job=\"raftchat\""),
+            "{title} pins the job: {expr}"
+        );
+        // Latency quantiles per node: summed across nodes they hide the slow one.
+        if expr.contains("histogram_quantile") && expr.contains("sum by") {
+            assert!(
+                expr.contains("sum by (instance"),
+                "{title} mixes nodes: {expr}"
+            );
+        }
+    }
     // Only `job`/`instance` matchers may be relied on; other variables only in =~.
     for (title, expr) in dashboard_exprs(&d) {
-        for var in ["$instance"] {
+        for var in ["$instance", "$job"] {
             if expr.contains(var) {
                 assert!(
                     expr.contains(&format!("=~\"{var}\"")),
@@ -585,7 +637,8 @@ fn real_prometheus_runs_every_dashboard_query_and_fires_the_alerts() {
         let concrete = expr
             .replace("$__rate_interval", "1m")
             .replace("$__range", "5m")
-            .replace("$instance", ".*");
+            .replace("$instance", ".*")
+            .replace("$job", "raftchat");
         let v = prom.query(&concrete);
         let n = v["data"]["result"].as_array().map_or(0, Vec::len);
         assert!(n > 0, "panel {title}: no series for {concrete}");
@@ -595,7 +648,10 @@ fn real_prometheus_runs_every_dashboard_query_and_fires_the_alerts() {
     let mut rounds = 0;
     while !prom.firing("RaftchatLeaderFlapping") {
         rounds += 1;
-        assert!(rounds <= 12, "RaftchatLeaderFlapping never fired");
+        if rounds > 12 {
+            let rules = http_get(&prom.addr, "/api/v1/rules").map(|r| r.1);
+            panic!("RaftchatLeaderFlapping never fired; rules: {rules:?}");
+        }
         let leader = cluster.wait_leader(&[1, 2, 3], T);
         cluster.kill(leader);
         let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
@@ -619,7 +675,13 @@ fn real_prometheus_runs_every_dashboard_query_and_fires_the_alerts() {
 
     // One node down and kept down: the node-down alert fires.
     cluster.kill(3);
-    wait_for(T, "RaftchatNodeDown to fire", || {
-        prom.firing("RaftchatNodeDown").then_some(())
-    });
+    let deadline = std::time::Instant::now() + T;
+    while !prom.firing("RaftchatNodeDown") {
+        if std::time::Instant::now() > deadline {
+            let rules = http_get(&prom.addr, "/api/v1/rules").map(|r| r.1);
+            let up = prom.query("up");
+            panic!("RaftchatNodeDown did not fire; up: {up}; rules: {rules:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
