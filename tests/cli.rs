@@ -198,13 +198,22 @@ fn cluster_command_serves_and_stops_cleanly() {
             .all(|o| std::net::TcpListener::bind(("127.0.0.1", base + o)).is_ok());
         ok.then_some(base)
     });
+    use std::os::unix::process::CommandExt;
     let mut child = Command::new(BIN)
         .args(["cluster", "--base-port", &base.to_string(), "--data-dir"])
         .arg(dir.path())
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
+        // Like a shell job: Ctrl-C goes to the whole process group.
+        .process_group(0)
         .spawn()
         .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let errors = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
+        text
+    });
     let stdout = BufReader::new(child.stdout.take().unwrap());
     let printed: Vec<String> = stdout.lines().take(7).map(|l| l.unwrap()).collect();
     let text = printed.join("\n");
@@ -247,11 +256,11 @@ fn cluster_command_serves_and_stops_cleanly() {
     );
     let children = pgrep_children(child.id());
     assert_eq!(children.len(), 3, "three node processes");
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(ok.success());
+    // Ctrl-C at the terminal: SIGINT to the process group.
+    let group = nix::unistd::Pid::from_raw(child.id() as i32);
+    assert!(group.as_raw() > 1);
+    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT).unwrap();
+    let stopping = std::time::Instant::now();
     let status = wait_for(T, "raftchat cluster to exit", || {
         child.try_wait().ok().flatten()
     });
@@ -259,6 +268,22 @@ fn cluster_command_serves_and_stops_cleanly() {
     wait_for(T, "every node process to be gone", || {
         children.iter().all(|p| !alive(*p)).then_some(())
     });
+    assert!(
+        stopping.elapsed() < Duration::from_secs(5),
+        "stopping took {:?}",
+        stopping.elapsed()
+    );
+    // The nodes stop in order (followers, then the leader), and the leader does not try to
+    // hand over to nodes that are gone.
+    let errors = errors.join().unwrap();
+    assert!(
+        !errors.contains("handing leadership over"),
+        "a hand-over while every node stops:\n{errors}"
+    );
+    assert!(
+        errors.contains("no live follower to hand leadership over to"),
+        "{errors}"
+    );
 }
 
 fn rand_u16() -> u16 {

@@ -289,3 +289,58 @@ fn bench_on_a_live_cluster_reports_no_loss() {
     assert_eq!(report["duplicated"], 0, "{report}");
     assert_eq!(report["clients"], 8);
 }
+
+#[test]
+fn history_and_who_are_answered_in_a_pipeline_before_exit() {
+    let cluster = Cluster::start(3, "");
+    cluster.wait_leader(&[1, 2, 3], T);
+    let mut writer = cluster.login(1, "dora");
+    writer.join("#lobby");
+    for i in 0..3 {
+        assert_eq!(
+            writer.say("#lobby", &format!("h{i}"), &format!("old news {i}"))["type"],
+            "ack"
+        );
+    }
+    let servers: Vec<&str> = cluster.nodes.iter().map(|n| n.chat.as_str()).collect();
+    let mut child = Command::new(BIN)
+        .args([
+            "chat",
+            "--servers",
+            &servers.join(","),
+            "--user",
+            "carol",
+            "--room",
+            "#lobby",
+            "--timeout",
+            "20",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"/history 5\n/who\n").unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in 0..3 {
+        assert!(
+            stdout.contains(&format!("old news {i}")),
+            "history not printed: {stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("#lobby: ") && stdout.contains("dora"),
+        "who not printed: {stdout}"
+    );
+}

@@ -110,6 +110,8 @@ async fn chat(args: ChatArgs) -> ExitCode {
     let mut connected = false;
     let mut eof_at: Option<Instant> = None;
     let mut quitting = false;
+    // Answers still owed to stdin's commands: in a pipeline each is printed before exit.
+    let mut owed = Owed::default();
     let mut check = tokio::time::interval(Duration::from_millis(50));
     loop {
         tokio::select! {
@@ -126,17 +128,27 @@ async fn chat(args: ChatArgs) -> ExitCode {
                         Input::Join(r) => {
                             if is_valid_room(&r) {
                                 client.join(&r);
+                                owed.joins += 1;
                                 room = r;
                             } else {
                                 eprintln!("raftchat: {r:?} is not a room name");
                             }
                         }
-                        Input::Leave(r) => client.leave(r.as_deref().unwrap_or(&room)),
+                        Input::Leave(r) => {
+                            client.leave(r.as_deref().unwrap_or(&room));
+                            owed.leaves += 1;
+                        }
                         Input::Msg(user, text) => {
                             client.send(&user, &text);
                         }
-                        Input::Who(r) => client.who(r.as_deref().unwrap_or(&room)),
-                        Input::History(n) => client.history(&room, n.clamp(1, 1000)),
+                        Input::Who(r) => {
+                            client.who(r.as_deref().unwrap_or(&room));
+                            owed.who += 1;
+                        }
+                        Input::History(n) => {
+                            client.history(&room, n.clamp(1, 1000));
+                            owed.history += 1;
+                        }
                         Input::Quit => quitting = true,
                         Input::Help(text) => eprintln!("raftchat: {text}"),
                     }
@@ -175,12 +187,27 @@ async fn chat(args: ChatArgs) -> ExitCode {
                         }
                     }
                     Event::Joined { room, members } => {
+                        owed.joins = owed.joins.saturating_sub(1);
                         eprintln!("joined {room} ({} members: {})", members.len(), members.join(", "));
                     }
-                    Event::Left { room } => eprintln!("left {room}"),
-                    Event::Members { room, users } => println!("{room}: {}", users.join(", ")),
-                    Event::History { messages, .. } => messages.iter().for_each(print_message),
-                    Event::Refused { code, message, .. } => eprintln!("raftchat: {code}: {message}"),
+                    Event::Left { room } => {
+                        owed.leaves = owed.leaves.saturating_sub(1);
+                        eprintln!("left {room}");
+                    }
+                    Event::Members { room, users } => {
+                        owed.who = owed.who.saturating_sub(1);
+                        println!("{room}: {}", users.join(", "));
+                    }
+                    Event::History { messages, .. } => {
+                        owed.history = owed.history.saturating_sub(1);
+                        messages.iter().for_each(print_message);
+                    }
+                    Event::Refused { code, message, id } => {
+                        if id.is_none() {
+                            owed.refused();
+                        }
+                        eprintln!("raftchat: {code}: {message}");
+                    }
                     Event::Acked { .. } => {}
                     Event::SessionLost { unacked, .. } => eprintln!(
                         "raftchat: session lost (expired or taken over); continuing in a new session; {} unacknowledged message(s) not re-sent: they may or may not have been delivered",
@@ -194,7 +221,7 @@ async fn chat(args: ChatArgs) -> ExitCode {
             }
             _ = check.tick() => {}
         }
-        let done = connected && client.unacked() == 0;
+        let done = connected && client.unacked() == 0 && owed.none();
         if (eof_at.is_some() || quitting) && done {
             return ExitCode::SUCCESS;
         }
@@ -216,6 +243,36 @@ async fn chat(args: ChatArgs) -> ExitCode {
                     limit.as_secs()
                 );
                 return ExitCode::from(1);
+            }
+        }
+    }
+}
+
+/// Answers owed to commands read from stdin, by kind.
+#[derive(Default)]
+struct Owed {
+    joins: usize,
+    leaves: usize,
+    who: usize,
+    history: usize,
+}
+
+impl Owed {
+    fn none(&self) -> bool {
+        self.joins + self.leaves + self.who + self.history == 0
+    }
+
+    /// A request (not a message) was refused: one answer fewer is owed.
+    fn refused(&mut self) {
+        for n in [
+            &mut self.history,
+            &mut self.who,
+            &mut self.joins,
+            &mut self.leaves,
+        ] {
+            if *n > 0 {
+                *n -= 1;
+                return;
             }
         }
     }

@@ -143,6 +143,9 @@ impl LocalCluster {
             .arg(&self.config_path)
             .arg("--id")
             .arg(id.to_string())
+            // Its own process group: a terminal's Ctrl-C reaches only this supervisor, which
+            // then stops the nodes in order.
+            .process_group(0)
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("cannot start node {id}"))?;
@@ -171,8 +174,33 @@ impl LocalCluster {
         }
     }
 
-    /// SIGTERMs every node and waits for it (SIGKILL after 10 s).
+    /// Stops every node: the followers first, then the leader (which then has nobody to hand
+    /// leadership to, and does not try). SIGKILL after 10 s.
     pub async fn stop(&mut self) {
+        let leader = self.leader().await;
+        let (last, first): (Vec<_>, Vec<_>) = std::mem::take(&mut self.children)
+            .into_iter()
+            .partition(|(id, _)| Some(*id) == leader);
+        for group in [first, last] {
+            self.children = group;
+            self.stop_all().await;
+        }
+    }
+
+    /// The leader, as the first node that answers says.
+    async fn leader(&self) -> Option<u64> {
+        for n in &self.config.nodes {
+            if let Ok(status) =
+                super::status::fetch_status(&n.metrics, Duration::from_millis(500)).await
+                && let Some(leader) = status["leader"].as_u64()
+            {
+                return Some(leader);
+            }
+        }
+        None
+    }
+
+    async fn stop_all(&mut self) {
         for (_, child) in &self.children {
             if let Some(pid) = child.id() {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGTERM);

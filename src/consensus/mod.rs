@@ -338,6 +338,16 @@ impl Consensus {
         self.id
     }
 
+    /// Member `id`'s raft address, from the membership.
+    fn raft_addr(&self, id: u64) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        m.membership_config
+            .nodes()
+            .find(|(n, _)| **n == id)
+            .map(|(_, node)| node.raft.clone())
+    }
+
     /// The configured members and their chat addresses.
     pub fn member_chat_addrs(&self) -> Vec<(u64, String)> {
         let metrics = self.raft.metrics();
@@ -796,8 +806,46 @@ impl Consensus {
     pub async fn hand_over(&self) -> bool {
         let status = self.status();
         let mut transferred = false;
+        // Only a follower that acknowledged a heartbeat within the lease can take over (the
+        // others may be stopping too): the least behind of them.
+        let live: Vec<u64> = {
+            let metrics = self.raft.metrics();
+            let m = metrics.borrow_watched();
+            m.heartbeat
+                .iter()
+                .flatten()
+                .filter(|(_, acked)| acked.as_ref().is_some_and(|t| t.elapsed() < self.lease))
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let mut candidates: Vec<(u64, u64)> = status
+            .replication_lag
+            .iter()
+            .filter(|(id, _)| live.contains(id))
+            .map(|(id, lag)| (*id, *lag))
+            .collect();
+        candidates.sort_by_key(|(_, lag)| *lag);
+        // A follower that stopped a moment ago still has a fresh heartbeat: its raft port
+        // refusing connections tells.
+        let mut target = None;
+        for (id, lag) in candidates {
+            if let Some(addr) = self.raft_addr(id)
+                && tokio::time::timeout(
+                    Duration::from_millis(200),
+                    tokio::net::TcpStream::connect(&addr),
+                )
+                .await
+                .is_ok_and(|c| c.is_ok())
+            {
+                target = Some((id, lag));
+                break;
+            }
+        }
+        if status.role == Role::Leader && target.is_none() {
+            tracing::info!("no live follower to hand leadership over to");
+        }
         if status.role == Role::Leader
-            && let Some((&to, _)) = status.replication_lag.iter().min_by_key(|(_, lag)| **lag)
+            && let Some((to, _)) = target
         {
             tracing::info!(to, "handing leadership over before shutdown");
             self.note_transfer();
