@@ -196,12 +196,7 @@ impl Tracker {
 }
 
 /// Runs the tracker until `shutdown`, publishing metrics, logs and spans.
-pub async fn run(
-    liveness: LeaderLiveness,
-    metrics: Arc<Metrics>,
-    peers: Vec<u64>,
-    shutdown: CancellationToken,
-) {
+pub async fn run(liveness: LeaderLiveness, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let consensus = liveness.consensus.clone();
     let mut tracker = Tracker::default();
     let mut watch = consensus.watch();
@@ -220,6 +215,11 @@ pub async fn run(
             |l| consensus.last_contact(l),
             consensus.transfer_announced(),
         );
+        let peers: Vec<u64> = consensus
+            .peer_chat_addrs()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect();
         publish_gauges(&metrics, &status, tracker.has_leader(), &peers);
         if !leaderless.is_zero() {
             metrics.leaderless_seconds.inc_by(leaderless.as_secs_f64());

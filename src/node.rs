@@ -15,7 +15,7 @@ use crate::chat::service::ChatService;
 use crate::chat::store::ChatStore;
 use crate::config::Config;
 use crate::consensus::{self, Consensus, Observers, Role};
-use crate::health::{self, HealthTable, ProbeOutcome};
+use crate::health::{self, HealthTable, ProbeEvent};
 use crate::leadership::LeaderLiveness;
 use crate::telemetry::{self, metrics::Metrics};
 
@@ -202,7 +202,12 @@ async fn measure_storage(data_dir: PathBuf, metrics: Arc<Metrics>, shutdown: Can
     }
 }
 
-fn record_probe(metrics: &Metrics, o: &ProbeOutcome) {
+fn record_probe(metrics: &Metrics, event: &ProbeEvent) {
+    let o = match event {
+        ProbeEvent::Added(peer) => return metrics.add_peer(*peer),
+        ProbeEvent::Removed(peer) => return metrics.remove_peer(*peer),
+        ProbeEvent::Probed(o) => o,
+    };
     let peer = o.peer.to_string();
     let peer = peer.as_str();
     let result = if o.success { "success" } else { "failure" };
@@ -211,11 +216,16 @@ fn record_probe(metrics: &Metrics, o: &ProbeOutcome) {
         .probe_duration
         .with_label_values(&[peer])
         .observe(o.duration.as_secs_f64());
+    // Set on every probe: the series exists from the first one on.
+    let up = match o.transition {
+        Some(up) => up,
+        None => o.success || metrics.peer_up.with_label_values(&[peer]).get() == 1,
+    };
+    metrics
+        .peer_up
+        .with_label_values(&[peer])
+        .set(i64::from(up));
     if let Some(up) = o.transition {
-        metrics
-            .peer_up
-            .with_label_values(&[peer])
-            .set(i64::from(up));
         metrics
             .peer_transitions
             .with_label_values(&[peer, if up { "up" } else { "down" }])
@@ -310,15 +320,15 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     tasks.spawn(crate::leadership::run(
         liveness(&consensus, &health, &config),
         metrics.clone(),
-        peer_ids,
         shutdown.clone(),
     ));
     let probe_metrics = metrics.clone();
+    let members = consensus.clone();
     tasks.spawn(health::run_prober(
-        peers,
+        Arc::new(move || members.peer_chat_addrs()),
         config.health.clone(),
         health,
-        Arc::new(move |o: &ProbeOutcome| record_probe(&probe_metrics, o)),
+        Arc::new(move |e: &ProbeEvent| record_probe(&probe_metrics, e)),
         shutdown.clone(),
     ));
     {

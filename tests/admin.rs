@@ -98,6 +98,15 @@ fn a_node_is_added_used_and_removed() {
     on1.wait_messages(T, "node 4's message on node 1", |m| {
         m.iter().any(|x| x["text"] == "from node 4")
     });
+    // The running nodes probe the new member (peers come from the membership, not the config).
+    let metrics1 = cluster.node(1).metrics.clone();
+    let peer4_up = || {
+        let body = http_get(&metrics1, "/metrics").ok()?.1;
+        body.lines()
+            .find(|l| l.starts_with("raftchat_peer_up{peer=\"4\"}"))
+            .map(|l| l.ends_with(" 1"))
+    };
+    wait_for(T, "node 1 to probe node 4", || peer4_up().filter(|up| *up));
     let status4: serde_json::Value =
         serde_json::from_str(&http_get(&metrics, "/status").unwrap().1).unwrap();
     assert!(status4["leader"].as_u64().is_some(), "{status4}");
@@ -110,4 +119,8 @@ fn a_node_is_added_used_and_removed() {
     );
     // The remaining three keep committing.
     assert_eq!(on1.say("#grown", "g2", "after removal")["type"], "ack");
+    // A removed member is forgotten: no series left to alert on.
+    wait_for(T, "node 1 to forget node 4", || {
+        peer4_up().is_none().then_some(())
+    });
 }

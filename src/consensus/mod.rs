@@ -338,6 +338,27 @@ impl Consensus {
         self.id
     }
 
+    /// The other members and their chat addresses (as peers reach them, not as clients are
+    /// told): the membership, or the config's nodes before the cluster has formed.
+    pub fn peer_chat_addrs(&self) -> Vec<(u64, String)> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow_watched();
+        let mut peers: Vec<(u64, String)> = m
+            .membership_config
+            .nodes()
+            .map(|(id, node)| (*id, node.chat.clone()))
+            .collect();
+        if peers.is_empty() {
+            peers = self
+                .members
+                .iter()
+                .map(|(id, n)| (*id, n.chat.clone()))
+                .collect();
+        }
+        peers.retain(|(id, _)| *id != self.id);
+        peers
+    }
+
     /// Member `id`'s raft address, from the membership.
     fn raft_addr(&self, id: u64) -> Option<String> {
         let metrics = self.raft.metrics();

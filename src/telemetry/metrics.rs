@@ -426,20 +426,8 @@ impl Metrics {
         m.registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
-        for peer in peers.iter().map(u64::to_string) {
-            for result in ["success", "failure"] {
-                m.probes.with_label_values(&[&peer, result]);
-            }
-            m.probe_duration.with_label_values(&[&peer]);
-            m.peer_up.with_label_values(&[&peer]).set(1);
-            for to in ["up", "down"] {
-                m.peer_transitions.with_label_values(&[&peer, to]);
-            }
-            m.raft_replication_lag.with_label_values(&[&peer]);
-            for rpc in RPCS {
-                m.raft_rpc_duration.with_label_values(&[rpc, &peer]);
-                m.raft_rpc_failures.with_label_values(&[rpc, &peer]);
-            }
+        for peer in peers {
+            m.add_peer(*peer);
         }
         m.raft_leader_transfers.with_label_values(&["planned"]);
         for dialect in DIALECTS {
@@ -471,6 +459,42 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Creates `peer`'s series at zero (a member joined). `raftchat_peer_up` appears with the
+    /// first probe: before it nothing is known.
+    pub fn add_peer(&self, peer: u64) {
+        let peer = peer.to_string();
+        for result in ["success", "failure"] {
+            self.probes.with_label_values(&[&peer, result]);
+        }
+        self.probe_duration.with_label_values(&[&peer]);
+        for to in ["up", "down"] {
+            self.peer_transitions.with_label_values(&[&peer, to]);
+        }
+        self.raft_replication_lag.with_label_values(&[&peer]);
+        for rpc in RPCS {
+            self.raft_rpc_duration.with_label_values(&[rpc, &peer]);
+            self.raft_rpc_failures.with_label_values(&[rpc, &peer]);
+        }
+    }
+
+    /// Drops `peer`'s series (it left the membership): a removed node stops alerting.
+    pub fn remove_peer(&self, peer: u64) {
+        let peer = peer.to_string();
+        for result in ["success", "failure"] {
+            let _ = self.probes.remove_label_values(&[&peer, result]);
+        }
+        let _ = self.probe_duration.remove_label_values(&[&peer]);
+        let _ = self.peer_up.remove_label_values(&[&peer]);
+        for to in ["up", "down"] {
+            let _ = self.peer_transitions.remove_label_values(&[&peer, to]);
+        }
+        let _ = self.raft_replication_lag.remove_label_values(&[&peer]);
+        for rpc in RPCS {
+            let _ = self.raft_rpc_duration.remove_label_values(&[rpc, &peer]);
+            let _ = self.raft_rpc_failures.remove_label_values(&[rpc, &peer]);
+        }
+    }
+
     pub fn message_failed(&self, reason: &str) {
         if MESSAGE_FAILURES.contains(&reason) {
             self.messages_failed.with_label_values(&[reason]).inc();
@@ -495,7 +519,6 @@ mod tests {
         for family in [
             "raftchat_health_probes_total",
             "raftchat_health_probe_duration_seconds",
-            "raftchat_peer_up",
             "raftchat_peer_transitions_total",
             "raftchat_raft_replication_lag_entries",
             "raftchat_raft_rpc_duration_seconds",
@@ -505,7 +528,13 @@ mod tests {
         ] {
             assert!(text.contains(family), "{family} missing");
         }
-        assert!(text.contains(r#"raftchat_peer_up{peer="2"} 1"#));
+        assert!(
+            !text.contains(r#"raftchat_peer_up{peer="2"}"#),
+            "peer_up is unknown before the first probe"
+        );
+        assert!(text.contains(r#"raftchat_health_probes_total{peer="2",result="failure"} 0"#));
+        m.remove_peer(2);
+        assert!(!m.render().contains(r#"peer="2""#));
         assert!(text.contains(r#"raftchat_client_connections{dialect="irc"} 0"#));
     }
 }
