@@ -119,6 +119,10 @@ impl HealthTable {
     }
 }
 
+/// A healthy peer's probes are traced one in this many (a probe every 500 ms is a span every
+/// 50 s); a failing peer's are all traced.
+const TRACE_EVERY: u64 = 100;
+
 /// Probes every member but this node until `shutdown`; one task per peer so a slow peer
 /// delays no other. The membership is read again every probe interval.
 pub async fn run_prober(
@@ -198,19 +202,47 @@ async fn probe_peer(
 ) {
     let mut ticker = tokio::time::interval(Duration::from_millis(config.probe_interval_ms));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut round: u64 = 0;
+    let mut last_failed = false;
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
             _ = shutdown.cancelled() => return,
         }
-        let span = tracing::info_span!("health.probe", peer, outcome = tracing::field::Empty);
+        // Sampled: one healthy probe in `TRACE_EVERY`, and every probe of a failing peer.
+        let traced = last_failed || round.is_multiple_of(TRACE_EVERY);
+        round += 1;
+        let span = if traced {
+            tracing::info_span!(
+                "health.probe",
+                otel.kind = "client",
+                peer,
+                server.address = %addr,
+                outcome = tracing::field::Empty,
+                error.type = tracing::field::Empty,
+                otel.status_code = tracing::field::Empty,
+            )
+        } else {
+            tracing::Span::none()
+        };
         let started = Instant::now();
         let timeout = Duration::from_millis(config.probe_timeout_ms);
         let connect = tokio::time::timeout(timeout, TcpStream::connect(&addr));
-        let success = matches!(connect.instrument(span.clone()).await, Ok(Ok(_)));
+        let outcome = connect.instrument(span.clone()).await;
+        let success = matches!(outcome, Ok(Ok(_)));
         let duration = started.elapsed();
         span.record("outcome", if success { "success" } else { "failure" });
+        if !success {
+            let kind = match &outcome {
+                Err(_) => "timeout".to_string(),
+                Ok(Err(e)) => format!("{:?}", e.kind()),
+                Ok(Ok(_)) => String::new(),
+            };
+            span.record("error.type", kind.as_str());
+            span.record("otel.status_code", "ERROR");
+        }
         drop(span);
+        last_failed = !success;
         let transition = table.record(peer, success, config.failures_before_down);
         match transition {
             Some(true) => tracing::info!(peer, %addr, "peer is up"),

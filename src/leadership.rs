@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::consensus::{Consensus, RaftStatus, Role};
 use crate::health::HealthTable;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::{self, metrics::Metrics};
 
 /// A transfer announced this recently explains the next leader change.
 const TRANSFER_WINDOW: Duration = Duration::from_secs(5);
@@ -224,8 +224,13 @@ pub async fn run(liveness: LeaderLiveness, metrics: Arc<Metrics>, shutdown: Canc
         if !leaderless.is_zero() {
             metrics.leaderless_seconds.inc_by(leaderless.as_secs_f64());
         }
+        // A leader change that ends a failover lasted as long as the failover.
+        let gap = events.iter().find_map(|e| match e {
+            LeadershipEvent::Failover { duration, .. } => Some(*duration),
+            _ => None,
+        });
         for event in events {
-            report(&metrics, &event);
+            report(&metrics, &event, gap.unwrap_or_default());
         }
     }
 }
@@ -252,7 +257,10 @@ fn publish_gauges(metrics: &Metrics, status: &RaftStatus, leader: Option<u64>, p
     }
 }
 
-fn report(metrics: &Metrics, event: &LeadershipEvent) {
+/// Logs, counts and traces one event. Leader-change and failover spans cover the real
+/// interval (`gap`: from the last contact with the lost leader to knowing the new one).
+fn report(metrics: &Metrics, event: &LeadershipEvent, gap: Duration) {
+    use opentelemetry::KeyValue;
     let id = |l: &Option<u64>| l.unwrap_or(0);
     match event {
         LeadershipEvent::Changed {
@@ -261,9 +269,16 @@ fn report(metrics: &Metrics, event: &LeadershipEvent) {
             new,
         } => {
             metrics.raft_leader_changes.inc();
-            let span =
-                tracing::info_span!("raft.leader_change", term, previous = id(previous), new);
-            span.in_scope(|| tracing::info!(term, previous = id(previous), new, "leader changed"));
+            telemetry::interval_span(
+                "raft.leader_change",
+                gap,
+                vec![
+                    KeyValue::new("term", *term as i64),
+                    KeyValue::new("previous", id(previous) as i64),
+                    KeyValue::new("new", *new as i64),
+                ],
+            );
+            tracing::info!(term, previous = id(previous), new, "leader changed");
         }
         LeadershipEvent::Lost { previous } => {
             metrics.raft_leader_lost.inc();
@@ -285,20 +300,21 @@ fn report(metrics: &Metrics, event: &LeadershipEvent) {
             metrics.failovers.inc();
             metrics.failover_duration.observe(duration.as_secs_f64());
             let ms = duration.as_secs_f64() * 1000.0;
-            let span = tracing::info_span!(
+            telemetry::interval_span(
                 "raft.failover",
+                *duration,
+                vec![
+                    KeyValue::new("previous", id(previous) as i64),
+                    KeyValue::new("new", *new as i64),
+                    KeyValue::new("duration_ms", ms),
+                ],
+            );
+            tracing::info!(
                 previous = id(previous),
                 new,
-                duration_ms = ms
+                duration_ms = ms,
+                "failover completed"
             );
-            span.in_scope(|| {
-                tracing::info!(
-                    previous = id(previous),
-                    new,
-                    duration_ms = ms,
-                    "failover completed"
-                )
-            });
         }
         LeadershipEvent::PlannedTransfer { previous, new } => {
             metrics

@@ -243,12 +243,17 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 /// With `join`, a new node waits to be added to a running cluster instead of forming one.
 pub async fn run(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     let telemetry = telemetry::init_node(&config.telemetry, id)?;
-    let result = serve(config, id, join).await;
+    let result = serve(config, id, join, telemetry.counters.clone()).await;
     telemetry.shutdown().await;
     result
 }
 
-async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
+async fn serve(
+    config: Config,
+    id: u64,
+    join: bool,
+    exports: telemetry::ExportCounters,
+) -> anyhow::Result<()> {
     let me = config.node(id)?.clone();
     let data_dir = config.data_dir_for(id);
     std::fs::create_dir_all(&data_dir)
@@ -271,6 +276,9 @@ async fn serve(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
         .collect();
     let peer_ids: Vec<u64> = peers.iter().map(|(p, _)| *p).collect();
     let metrics = Arc::new(Metrics::new(id, &peer_ids).context("cannot register metrics")?);
+    metrics
+        .register_exports(&exports)
+        .context("cannot register metrics")?;
     let consensus = Consensus::start(
         &config,
         id,

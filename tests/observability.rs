@@ -257,9 +257,24 @@ fn metrics_port_answers_bad_requests_and_stays_up() {
     }
 }
 
-/// One exported span: (span name, trace id, node id from the resource, start in ns since
-/// the Unix epoch).
-type SpanSeen = (String, Vec<u8>, i64, u64);
+/// One exported span, as the collector sees it.
+#[derive(Clone, Debug)]
+struct SpanSeen {
+    name: String,
+    trace: Vec<u8>,
+    /// The node id from the resource.
+    node: i64,
+    /// Start, ns since the Unix epoch.
+    start: u64,
+    duration_ns: u64,
+    /// OTLP span kind (1 internal, 2 server, 3 client).
+    kind: i32,
+    /// OTLP status code (2: error).
+    status: i32,
+    /// Span attributes and resource attributes, as text.
+    attributes: BTreeMap<String, String>,
+    resource: BTreeMap<String, String>,
+}
 
 /// A minimal OTLP/HTTP receiver: decodes every `ExportTraceServiceRequest` it is sent.
 fn otlp_receiver() -> (String, Arc<Mutex<Vec<SpanSeen>>>) {
@@ -302,25 +317,42 @@ fn otlp_receiver() -> (String, Arc<Mutex<Vec<SpanSeen>>>) {
                     }
                     if let Ok(req) = ExportTraceServiceRequest::decode(body.as_slice()) {
                         let mut seen = sink.lock().unwrap();
+                        let text = |kv: &opentelemetry_proto::tonic::common::v1::KeyValue| {
+                            let v = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(AnyValue::StringValue(s)) => s.clone(),
+                                Some(AnyValue::IntValue(i)) => i.to_string(),
+                                Some(AnyValue::DoubleValue(d)) => d.to_string(),
+                                Some(AnyValue::BoolValue(b)) => b.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (kv.key.clone(), v)
+                        };
                         for rs in req.resource_spans {
-                            let node = rs
+                            let resource: BTreeMap<String, String> = rs
                                 .resource
                                 .iter()
                                 .flat_map(|r| r.attributes.iter())
-                                .find(|kv| kv.key == "raftchat.node.id")
-                                .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
-                                    AnyValue::IntValue(i) => Some(*i),
-                                    _ => None,
-                                })
+                                .map(text)
+                                .collect();
+                            let node = resource
+                                .get("raftchat.node.id")
+                                .and_then(|v| v.parse().ok())
                                 .unwrap_or(0);
                             for ss in rs.scope_spans {
                                 for span in ss.spans {
-                                    seen.push((
-                                        span.name,
-                                        span.trace_id,
+                                    seen.push(SpanSeen {
+                                        name: span.name,
+                                        trace: span.trace_id,
                                         node,
-                                        span.start_time_unix_nano,
-                                    ));
+                                        start: span.start_time_unix_nano,
+                                        duration_ns: span
+                                            .end_time_unix_nano
+                                            .saturating_sub(span.start_time_unix_nano),
+                                        kind: span.kind,
+                                        status: span.status.map_or(0, |s| s.code),
+                                        attributes: span.attributes.iter().map(text).collect(),
+                                        resource: resource.clone(),
+                                    });
                                 }
                             }
                         }
@@ -342,6 +374,7 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
             "[health]\nprobe_interval_ms = 200\n[telemetry]\notlp_endpoint = \"http://{collector}\"\n"
         ),
     );
+    let started = std::time::Instant::now();
     let leader = cluster.wait_leader(&[1, 2, 3], T);
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let mut c = cluster.login(follower, "tracer");
@@ -350,9 +383,9 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
     wait_for(T, "chat.send spans from two nodes in one trace", || {
         let seen = spans.lock().unwrap();
         let mut nodes_by_trace: HashMap<&Vec<u8>, BTreeSet<i64>> = HashMap::new();
-        for (name, trace, node, _) in seen.iter() {
-            if name == "chat.send" {
-                nodes_by_trace.entry(trace).or_default().insert(*node);
+        for s in seen.iter() {
+            if s.name == "chat.send" {
+                nodes_by_trace.entry(&s.trace).or_default().insert(s.node);
             }
         }
         nodes_by_trace
@@ -363,6 +396,7 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
 
     let session = c.session.clone().unwrap();
     drop(c);
+    let healthy_phase = started.elapsed();
     // Only spans that started after the kill count from here on.
     let killed_at = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -386,8 +420,8 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
             let seen = spans.lock().unwrap();
             let names: BTreeSet<&str> = seen
                 .iter()
-                .filter(|(_, _, _, start)| *start >= killed_at)
-                .map(|(n, _, _, _)| n.as_str())
+                .filter(|s| s.start + s.duration_ns >= killed_at)
+                .map(|s| s.name.as_str())
                 .collect();
             [
                 "health.probe",
@@ -399,6 +433,48 @@ fn spans_arrive_over_otlp_and_a_forwarded_send_is_one_trace() {
             .all(|n| names.contains(n))
             .then_some(())
         },
+    );
+    // Semantic conventions, on what arrived.
+    let seen = spans.lock().unwrap().clone();
+    let find = |name: &'static str| seen.iter().filter(move |s| s.name == name);
+    for s in &seen {
+        assert!(s.resource.contains_key("service.version"), "{s:?}");
+        // The session token is a secret: it is in no span.
+        assert!(
+            !s.attributes.values().any(|v| v.contains(&session)),
+            "a session token was exported: {s:?}"
+        );
+    }
+    assert!(
+        find("chat.send").all(|s| s.kind == 2),
+        "chat.send is a server span"
+    );
+    assert!(find("chat.client.reconnect").all(|s| s.kind == 2));
+    let probe = find("health.probe").next().expect("a probe span");
+    assert_eq!(probe.kind, 3, "a probe is a client span: {probe:?}");
+    assert!(probe.attributes.contains_key("server.address"), "{probe:?}");
+    let failed = find("health.probe")
+        .find(|s| s.attributes.get("outcome").map(String::as_str) == Some("failure"))
+        .expect("a failed probe of the killed node");
+    assert_eq!(
+        failed.status, 2,
+        "a failed probe has error status: {failed:?}"
+    );
+    assert!(failed.attributes.contains_key("error.type"), "{failed:?}");
+    // A failover span lasts as long as the failover (not a zero-length marker).
+    let failover = find("raft.failover").next().unwrap();
+    assert!(failover.duration_ns >= 1_000_000, "{failover:?}");
+    // Healthy probes are sampled: far fewer spans than probes (6 probes/s at 200 ms).
+    let healthy_probes = find("health.probe")
+        .filter(|s| {
+            s.start < killed_at
+                && s.attributes.get("outcome").map(String::as_str) == Some("success")
+        })
+        .count();
+    let probes = (healthy_phase.as_secs_f64() / 0.2 * 6.0) as usize;
+    assert!(
+        healthy_probes <= 6 + probes / 10,
+        "{healthy_probes} probe spans for about {probes} healthy probes"
     );
 }
 
@@ -468,5 +544,29 @@ fn a_peer_down_for_ten_seconds_is_logged_once_not_on_every_heartbeat() {
         "{} warnings in 10 s for one dead peer:\n{}",
         warnings.len(),
         warnings.join("\n")
+    );
+}
+
+#[test]
+fn failing_trace_exports_are_logged_and_counted() {
+    // A collector address nothing listens on.
+    let dead = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let cluster = Cluster::start(
+        1,
+        &format!("[telemetry]\notlp_endpoint = \"http://{dead}\"\n"),
+    );
+    cluster.wait_leader(&[1], T);
+    let mut c = cluster.login(1, "untraced");
+    c.join("#void");
+    assert_eq!(c.say("#void", "v1", "into the void")["type"], "ack");
+    wait_for(T, "dropped spans counted", || {
+        let s = scrape(&cluster, 1)?;
+        (value(&s, "raftchat_spans_dropped_total", &[]) > 0.0).then_some(())
+    });
+    let log = cluster.log(1);
+    assert_eq!(
+        log.matches("exporting traces failed").count(),
+        1,
+        "logged once, not per batch:\n{log}"
     );
 }

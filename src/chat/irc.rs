@@ -581,8 +581,10 @@ impl IrcConn {
                 .inc();
             let _span = tracing::info_span!(
                 "chat.client.reconnect",
+                otel.kind = "server",
                 dialect = DIALECT,
-                session = %attached.session,
+                // The session's public id: the token is a secret and never leaves the node.
+                session = attached.id,
                 node = self.svc.node_id,
                 replayed = 0u64,
                 deduplicated = 0u64,

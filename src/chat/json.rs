@@ -643,8 +643,10 @@ impl Connection {
                 .inc();
             tracing::info_span!(
                 "chat.client.reconnect",
+                otel.kind = "server",
                 dialect = DIALECT,
-                session = %attached.session,
+                // The session's public id: the token is a secret and never leaves the node.
+                session = attached.id,
                 node = self.svc.node_id,
                 replayed,
                 deduplicated = 0u64,

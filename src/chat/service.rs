@@ -406,7 +406,18 @@ impl ChatService {
     ) -> Vec<Result<Sent, ChatError>> {
         let spans: Vec<tracing::Span> = messages
             .iter()
-            .map(|m| tracing::info_span!("chat.send", id = %m.id, to = %m.to, node = self.node_id))
+            .map(|m| {
+                tracing::info_span!(
+                    "chat.send",
+                    otel.kind = "server",
+                    id = %m.id,
+                    to = %m.to,
+                    node = self.node_id,
+                    index = tracing::field::Empty,
+                    error.type = tracing::field::Empty,
+                    otel.status_code = tracing::field::Empty,
+                )
+            })
             .collect();
         let traceparents = spans.iter().map(telemetry::traceparent).collect();
         let received: Vec<std::time::Instant> = messages.iter().map(|m| m.received).collect();
@@ -423,7 +434,6 @@ impl ChatService {
             .consensus
             .write_batch_traced(commands, traceparents)
             .await;
-        drop(spans);
         let outcomes: Vec<Result<Sent, ChatError>> = results
             .into_iter()
             .zip(received)
@@ -444,9 +454,19 @@ impl ChatService {
                 other => Err(unexpected(other)),
             })
             .collect();
-        for failed in outcomes.iter().filter_map(|o| o.as_ref().err()) {
-            self.metrics.message_failed(failed.failure_reason());
+        for (outcome, span) in outcomes.iter().zip(&spans) {
+            match outcome {
+                Ok(sent) => {
+                    span.record("index", sent.index);
+                }
+                Err(failed) => {
+                    self.metrics.message_failed(failed.failure_reason());
+                    span.record("error.type", failed.failure_reason());
+                    span.record("otel.status_code", "ERROR");
+                }
+            }
         }
+        drop(spans);
         outcomes
     }
 

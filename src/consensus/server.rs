@@ -125,8 +125,12 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
                     .iter()
                     .flatten()
                     .map(|tp| {
-                        let span =
-                            tracing::info_span!("chat.send", node = consensus.id, forwarded = true);
+                        let span = tracing::info_span!(
+                            "chat.send",
+                            otel.kind = "server",
+                            node = consensus.id,
+                            forwarded = true
+                        );
                         crate::telemetry::set_remote_parent(&span, tp);
                         span
                     })

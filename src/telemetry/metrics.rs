@@ -459,6 +459,13 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Adds the span exporter's counters to the registry.
+    pub fn register_exports(&self, counters: &super::ExportCounters) -> prometheus::Result<()> {
+        self.registry
+            .register(Box::new(counters.exported.clone()))?;
+        self.registry.register(Box::new(counters.dropped.clone()))
+    }
+
     /// Creates `peer`'s series at zero (a member joined). `raftchat_peer_up` appears with the
     /// first probe: before it nothing is known.
     pub fn add_peer(&self, peer: u64) {

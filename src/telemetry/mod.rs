@@ -4,7 +4,10 @@
 //! Spans are batched by a background task, so tracing never waits on the exporter. Only this
 //! crate's spans go to OTLP: openraft's many debug spans stay out.
 
+mod export;
 pub mod metrics;
+
+pub use export::ExportCounters;
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -27,7 +30,9 @@ use crate::config::{LogFormat, TelemetryConfig};
 
 /// openraft logs every election and heartbeat problem at info and above; keep it to warnings.
 /// openraft warns on every failed RPC; `consensus::reachability` logs peers' transitions instead.
-const DEFAULT_FILTER: &str = "info,openraft=error";
+/// The OpenTelemetry SDK's own logs (dropped spans, export errors) at warn and above.
+const DEFAULT_FILTER: &str =
+    "info,openraft=error,opentelemetry=warn,opentelemetry_sdk=warn,opentelemetry-otlp=warn";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
@@ -38,6 +43,8 @@ pub enum TelemetryError {
 /// Holds the trace pipeline; `shutdown` flushes what is queued.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    /// Counts exported and dropped spans (zero without an exporter).
+    pub counters: ExportCounters,
 }
 
 fn fmt_layer<S>(format: LogFormat) -> Box<dyn Layer<S> + Send + Sync>
@@ -91,9 +98,13 @@ fn traces_endpoint(config: &TelemetryConfig) -> Option<Option<String>> {
 /// Logs plus, when an endpoint is configured, the OTLP trace pipeline for node `node`.
 /// Must run inside the tokio runtime: the batch exporter is a task on it.
 pub fn init_node(config: &TelemetryConfig, node: u64) -> Result<Telemetry, TelemetryError> {
+    let counters = ExportCounters::new().map_err(|e| TelemetryError::Exporter(e.to_string()))?;
     let Some(endpoint) = traces_endpoint(config) else {
         init_logging(config.log_format);
-        return Ok(Telemetry { provider: None });
+        return Ok(Telemetry {
+            provider: None,
+            counters,
+        });
     };
     let mut builder = SpanExporter::builder().with_http();
     if let Some(url) = endpoint {
@@ -103,9 +114,11 @@ pub fn init_node(config: &TelemetryConfig, node: u64) -> Result<Telemetry, Telem
         .with_timeout(Duration::from_secs(5))
         .build()
         .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let exporter = export::CountingExporter::new(exporter, counters.clone());
     let resource = Resource::builder()
         .with_service_name("raftchat")
         .with_attributes([
+            KeyValue::new("service.version", crate::node::VERSION),
             KeyValue::new("service.instance.id", node.to_string()),
             KeyValue::new("raftchat.node.id", node as i64),
         ])
@@ -116,6 +129,8 @@ pub fn init_node(config: &TelemetryConfig, node: u64) -> Result<Telemetry, Telem
         .with_span_processor(processor)
         .with_resource(resource)
         .build();
+    // Spans with explicit start times (`interval_span`) go through the OpenTelemetry API.
+    opentelemetry::global::set_tracer_provider(provider.clone());
     let tracer = provider.tracer("raftchat");
     let ours = Targets::new().with_target("raftchat", LevelFilter::INFO);
     let otel = tracing_opentelemetry::layer()
@@ -127,6 +142,7 @@ pub fn init_node(config: &TelemetryConfig, node: u64) -> Result<Telemetry, Telem
         .try_init();
     Ok(Telemetry {
         provider: Some(provider),
+        counters,
     })
 }
 
@@ -144,6 +160,22 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// Exports a span named `name` that ended now and lasted `lasted` (an interval measured
+/// before it was known to be one, like a failover). Without an exporter it costs nothing.
+pub fn interval_span(name: &'static str, lasted: Duration, attributes: Vec<KeyValue>) {
+    use opentelemetry::trace::{Span as _, SpanKind, Tracer as _};
+    let ended = std::time::SystemTime::now();
+    let started = ended.checked_sub(lasted).unwrap_or(ended);
+    let tracer = opentelemetry::global::tracer("raftchat");
+    let mut span = tracer
+        .span_builder(name)
+        .with_kind(SpanKind::Internal)
+        .with_start_time(started)
+        .with_attributes(attributes)
+        .start(&tracer);
+    span.end_with_timestamp(ended);
 }
 
 /// The W3C `traceparent` of `span`, if it is being traced.
