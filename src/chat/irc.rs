@@ -158,9 +158,11 @@ async fn serve_until_closed(
     reason: Arc<CloseReason>,
 ) {
     let slow = raw("ERROR :Closing link: this client did not read what it was sent".into());
+    let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let mut wire = Wire::open(stream, &shutdown, &svc, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = IrcConn {
+        peer,
         svc: svc.clone(),
         out: wire.out.clone(),
         closed: closed.clone(),
@@ -281,6 +283,8 @@ struct IrcConn {
     sends: Option<SendPipeline>,
     next_id: u64,
     conn_id: String,
+    /// The client's address, for spans (`network.peer.address`).
+    peer: String,
 }
 
 impl IrcConn {
@@ -582,6 +586,7 @@ impl IrcConn {
             let _span = tracing::info_span!(
                 "chat.client.reconnect",
                 otel.kind = "server",
+                network.peer.address = %self.peer,
                 dialect = DIALECT,
                 // The session's public id: the token is a secret and never leaves the node.
                 session = attached.id,

@@ -357,9 +357,11 @@ async fn serve_until_closed(
         ErrorCode::Slow,
         "this client did not read what it was sent; disconnecting",
     ));
+    let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
     let mut wire = Wire::open(stream, &shutdown, &svc, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = Connection {
+        peer,
         svc: svc.clone(),
         out: wire.out.clone(),
         closed: closed.clone(),
@@ -454,6 +456,8 @@ struct Connection {
     attached: Option<Attached>,
     sends: Option<SendPipeline>,
     reason: Arc<CloseReason>,
+    /// The client's address, for spans (`network.peer.address`).
+    peer: String,
 }
 
 impl Connection {
@@ -644,6 +648,7 @@ impl Connection {
             tracing::info_span!(
                 "chat.client.reconnect",
                 otel.kind = "server",
+                network.peer.address = %self.peer,
                 dialect = DIALECT,
                 // The session's public id: the token is a secret and never leaves the node.
                 session = attached.id,
