@@ -13,6 +13,9 @@
 //!                  chat::store (ChatState + History on disk) ──► events ──► connections
 //!                        ▲ skipped history, in pages ── chat::backfill ◄── peers' raft ports
 //!  metrics port ◄── http (/healthz /readyz /status /metrics) ◄── node state, health prober
+//!                                                       (peers: the raft membership)
+//!  leadership: raft metrics + probes ──► leader change / lost / recovered / failover events
+//!  telemetry: one metrics registry; logs to stderr; spans over OTLP (counted exporter)
 //! ```
 //!
 //! `consensus` is the only module that names openraft types. A Raft snapshot holds the chat
