@@ -27,6 +27,10 @@ pub enum ConfigError {
 pub struct Config {
     /// Shared cluster secret, required on the raft/admin port.
     pub secret: String,
+    /// A file holding the secret (its first line), instead of `secret`: keeps it out of the
+    /// config file, the environment and `ps`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_file: Option<String>,
     /// Data directory; `{id}` is replaced by the node id.
     pub data_dir: String,
     /// Listen on this host (e.g. `0.0.0.0`) with the ports of this node's addresses, while
@@ -144,6 +148,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             secret: "change-me".into(),
+            secret_file: None,
             data_dir: "data/node-{id}".into(),
             bind_host: None,
             nodes: Vec::new(),
@@ -266,14 +271,44 @@ pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, Config
             None => ConfigError::Invalid(reason),
         }
     })?;
+    let mut config = config;
+    if let Some(path) = config.secret_file.clone() {
+        config.secret = read_secret_file(Path::new(&path))?;
+    }
     config.validate()?;
     Ok(config)
 }
 
+/// The secret in `path`: its first line, without surrounding whitespace.
+pub fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError::Invalid(format!(
+            "key `secret_file`: cannot read {}: {e}",
+            path.display()
+        ))
+    })?;
+    Ok(text.lines().next().unwrap_or("").trim().to_string())
+}
+
+/// Secrets from examples and defaults: fine on one machine, never on a network.
+const EXAMPLE_SECRETS: [&str; 3] = ["change-me", "change-me-in-production", "test-secret"];
+/// The shortest secret accepted when any listen address is not loopback.
+const MIN_SECRET_BYTES: usize = 16;
+
+fn is_loopback_addr(addr: &str) -> bool {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Top-level keys a `RAFTCHAT_*` variable may set (`RAFTCHAT_CHAT__MAX_CLIENTS` sets
 /// `chat.max_clients`).
-const TOP_LEVEL_KEYS: [&str; 8] = [
+const TOP_LEVEL_KEYS: [&str; 9] = [
     "secret",
+    "secret_file",
     "data_dir",
     "bind_host",
     "nodes",
@@ -343,6 +378,19 @@ impl Config {
         let bad = |msg: String| Err(ConfigError::Invalid(msg));
         if self.secret.trim().is_empty() {
             return bad("key `secret` must not be empty".into());
+        }
+        let weak =
+            self.secret.len() < MIN_SECRET_BYTES || EXAMPLE_SECRETS.contains(&self.secret.as_str());
+        let exposed = self.nodes.iter().find_map(|n| {
+            [&n.chat, &n.raft, &n.metrics]
+                .into_iter()
+                .map(|a| self.listen_addr(a))
+                .find(|a| !is_loopback_addr(a))
+        });
+        if weak && let Some(addr) = exposed {
+            return bad(format!(
+                "key `secret`: shorter than {MIN_SECRET_BYTES} bytes or an example value, while {addr} is not a loopback address; generate one with `openssl rand -hex 32` (or use `secret_file`)"
+            ));
         }
         if self.nodes.is_empty() {
             return bad("key `nodes` must list at least one node".into());

@@ -20,13 +20,19 @@ impl Drop for Extra {
     }
 }
 
+/// `raftchat admin` with the secret in RAFTCHAT_SECRET (never on the command line, where `ps`
+/// shows it), or from a file when `secret` starts with `@`.
 fn admin(cluster: &Cluster, secret: &str, change: &[&str]) -> (Option<i32>, String) {
     let servers: Vec<&str> = cluster.nodes.iter().map(|n| n.raft.as_str()).collect();
-    let out = Command::new(BIN)
-        .args(["admin", "--servers", &servers.join(","), "--secret", secret])
-        .args(change)
-        .output()
-        .unwrap();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["admin", "--servers", &servers.join(",")]);
+    match secret.strip_prefix('@') {
+        Some(file) => cmd
+            .args(["--secret-file", file])
+            .env_remove("RAFTCHAT_SECRET"),
+        None => cmd.env("RAFTCHAT_SECRET", secret),
+    };
+    let out = cmd.args(change).output().unwrap();
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -111,7 +117,10 @@ fn a_node_is_added_used_and_removed() {
         serde_json::from_str(&http_get(&metrics, "/status").unwrap().1).unwrap();
     assert!(status4["leader"].as_u64().is_some(), "{status4}");
 
-    let (code, text) = admin(&cluster, "test-secret", &["remove-node", "--id", "4"]);
+    let secret_file = cluster.dir.path().join("secret");
+    std::fs::write(&secret_file, "test-secret\n").unwrap();
+    let from_file = format!("@{}", secret_file.display());
+    let (code, text) = admin(&cluster, &from_file, &["remove-node", "--id", "4"]);
     assert_eq!(code, Some(0), "{text}");
     assert!(
         text.contains("voters: 1, 2, 3") && !text.contains(", 4"),

@@ -84,6 +84,44 @@ fn config_errors_exit_2_naming_the_problem() {
     );
     assert!(!err.contains("ok4.toml"), "{err}");
 
+    // Secrets: an example or short one is refused as soon as a node listens beyond loopback.
+    let exposed = format!("bind_host = \"0.0.0.0\"\n{good}");
+    let (code, err) = run_node(&write("exposed.toml", &exposed), "9", &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("key `secret`") && err.contains("0.0.0.0"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        !err.contains("change-me"),
+        "the secret is not echoed: {err}"
+    );
+    let strong = "3f0c9a7e5b2d4c1a8e6f0b9d7c5a3e1f";
+    let (code, err) = run_node(
+        &write("exposed2.toml", &exposed),
+        "9",
+        &[("RAFTCHAT_SECRET", strong)],
+    );
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--id"), "a strong secret passes: {err}");
+    let secret_file = write("secret", &format!("{strong}\n"));
+    let with_file = format!("secret_file = \"{}\"\n{exposed}", secret_file.display())
+        .replace("secret = \"change-me\"", "");
+    let (code, err) = run_node(&write("exposed3.toml", &with_file), "9", &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("--id"),
+        "the secret file's secret is used: {err}"
+    );
+    let missing = with_file.replace(&secret_file.display().to_string(), "/nonexistent/secret");
+    let (code, err) = run_node(&write("exposed4.toml", &missing), "9", &[]);
+    assert_eq!(code, Some(2));
+    assert!(
+        err.contains("secret_file") && err.contains("/nonexistent/secret"),
+        "{err}"
+    );
+
     let (code, err) = run_node(&dir.path().join("missing.toml"), "1", &[]);
     assert_eq!(code, Some(2));
     assert!(err.contains("missing.toml"), "{err}");

@@ -158,7 +158,10 @@ async fn serve_until_closed(
     reason: Arc<CloseReason>,
 ) {
     let slow = raw("ERROR :Closing link: this client did not read what it was sent".into());
-    let peer = stream.peer_addr().map(|a| a.ip().to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let mut wire = Wire::open(stream, &shutdown, &svc, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = IrcConn {

@@ -10,9 +10,12 @@ pub struct AdminArgs {
     /// Raft/admin addresses of the cluster's nodes (host:port), comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     servers: Vec<String>,
-    /// The cluster secret.
+    /// The cluster secret (visible in `ps`: prefer RAFTCHAT_SECRET or --secret-file).
     #[arg(long, env = "RAFTCHAT_SECRET", hide_env_values = true)]
-    secret: String,
+    secret: Option<String>,
+    /// A file whose first line is the cluster secret.
+    #[arg(long)]
+    secret_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     change: Change,
 }
@@ -44,6 +47,13 @@ enum Change {
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let secret = match (&args.secret_file, &args.secret) {
+        (Some(path), _) => crate::config::read_secret_file(path)?,
+        (None, Some(secret)) => secret.clone(),
+        (None, None) => anyhow::bail!(
+            "the cluster secret is needed: set RAFTCHAT_SECRET, or pass --secret-file (or --secret)"
+        ),
+    };
     let (request, what) = match args.change {
         Change::AddNode {
             id,
@@ -76,7 +86,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         if hops > args.servers.len() + 3 {
             break;
         }
-        match admin_request(&addr, &args.secret, &request).await {
+        match admin_request(&addr, &secret, &request).await {
             Ok(AdminAnswer::Done { voters }) => {
                 let voters: Vec<String> = voters.iter().map(u64::to_string).collect();
                 println!("{what}; voters: {}", voters.join(", "));
