@@ -80,3 +80,20 @@ fn a_stopping_leader_hands_over_before_it_exits() {
         cluster.log(leader)
     );
 }
+
+/// A leader that crashed may have sent followers entries it never wrote itself. Coming back
+/// as leader in the same term (openraft's "leader restore") it would write different entries
+/// under the same log ids, and a follower would keep its old ones: nodes would apply different
+/// logs. A restarted leader must win a new term instead.
+#[test]
+fn a_restarted_leader_leads_again_only_in_a_new_term() {
+    let mut cluster = Cluster::start(1, "");
+    cluster.wait_leader(&[1], T);
+    let term = |c: &Cluster| c.status(1).and_then(|s| s["term"].as_u64());
+    let before = wait_for(T, "a term", || term(&cluster));
+    cluster.kill(1);
+    cluster.start_node(1);
+    cluster.wait_leader(&[1], T);
+    let after = wait_for(T, "a term", || term(&cluster));
+    assert!(after > before, "the restarted leader kept term {before}");
+}

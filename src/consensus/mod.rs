@@ -277,6 +277,12 @@ impl Consensus {
             // A node that starts late or comes back from a pause must not depose a healthy
             // leader: it first asks whether it could win.
             enable_pre_vote: Some(true),
+            // A crashed leader may have sent followers entries it never wrote itself (they are
+            // replicated from memory before its own fsync). Restored as leader in the same
+            // term, it would write other entries under the same log ids, and a follower that
+            // holds the old ones would keep them as matching: nodes would apply different
+            // logs. So a restarted leader wins a new term first (standard Raft).
+            enable_leader_restore: Some(false),
             max_payload_entries: 512,
             install_snapshot_timeout: 60_000,
             ..Default::default()
