@@ -107,6 +107,15 @@ pub struct ChatConfig {
     pub irc_ping_timeout_ms: u64,
     /// IRC: the message of the day (none: 422).
     pub motd: Option<String>,
+    /// Longest message text accepted, in bytes.
+    pub max_text_bytes: usize,
+    /// Rooms one session may be in at once.
+    pub max_rooms_per_session: usize,
+    /// Connections from one IP address at once (0: unlimited).
+    pub max_clients_per_ip: usize,
+    /// A logged-in connection that sends nothing (not even `ping`) for this long is closed
+    /// (0: never).
+    pub idle_timeout_secs: u64,
     /// Newest messages kept per room (0: unlimited).
     pub history_max_messages_per_room: u64,
     /// Messages older than this are dropped (humantime, e.g. "90d"; empty: unlimited).
@@ -201,6 +210,10 @@ impl Default for ChatConfig {
             motd: Some("Welcome to raftchat: every message is replicated by Raft.".into()),
             history_max_messages_per_room: 0,
             history_max_age: String::new(),
+            max_text_bytes: 8 * 1024,
+            max_rooms_per_session: 100,
+            max_clients_per_ip: 1_000,
+            idle_timeout_secs: 300,
         }
     }
 }

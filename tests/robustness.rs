@@ -193,3 +193,72 @@ fn a_client_that_asks_for_much_and_never_reads_is_cut_off_at_its_output_budget()
             .then_some(())
     });
 }
+
+#[test]
+fn limits_refuse_long_texts_too_many_rooms_and_too_many_connections_from_one_address() {
+    let cluster = Cluster::start(
+        1,
+        "[chat]\nmax_text_bytes = 100\nmax_rooms_per_session = 2\nmax_clients_per_ip = 3\nidle_timeout_secs = 2\n",
+    );
+    cluster.wait_leader(&[1], T);
+    let mut c = cluster.login(1, "limited");
+    c.join("#a");
+    let long = c
+        .request(json!({"type": "send", "to": "#a", "id": "l1", "text": "x".repeat(101)}))
+        .unwrap();
+    assert_eq!(
+        (long["type"].as_str(), long["code"].as_str()),
+        (Some("error"), Some("limit")),
+        "{long}"
+    );
+    assert_eq!(
+        c.say("#a", "s1", "short")["type"],
+        "ack",
+        "the connection goes on"
+    );
+    c.join("#b");
+    let third = c.request(json!({"type": "join", "room": "#c"})).unwrap();
+    assert_eq!(third["code"], "limit", "{third}");
+    // Rejoining a room it is in is not a new room.
+    assert_eq!(
+        c.request(json!({"type": "join", "room": "#a"})).unwrap()["type"],
+        "joined"
+    );
+
+    // Three connections from 127.0.0.1 at once at most (`c` is one).
+    assert_eq!(c.request(json!({"type": "ping"})).unwrap()["type"], "pong");
+    let _two = cluster.client(1);
+    let _three = cluster.client(1);
+    let mut fourth = cluster.client(1);
+    let refused = fourth.next_reply(T).expect("a refusal");
+    assert_eq!(refused["code"], "limit", "{refused}");
+    assert!(fourth.closed_within(T));
+    let s = scrape_metric(&cluster, "raftchat_bad_requests_total{reason=\"ip_limit\"}");
+    assert_eq!(s, Some(1.0));
+    let _ = c.request(json!({"type": "ping"}));
+    drop((_two, _three));
+
+    // Idle for over `idle_timeout_secs` after hello: closed; a client that pings stays.
+    let mut pinger = wait_for(T, "a slot for the pinger", || {
+        let mut p = Client::try_connect(&cluster.node(1).chat)?;
+        let w = p.request(json!({"type": "hello", "user": "pinger"}))?;
+        (w["type"] == "welcome").then_some(p)
+    });
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(4500) {
+        assert!(
+            pinger.request(json!({"type": "ping"})).is_some(),
+            "the pinger was closed"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    assert!(c.closed_within(T), "the idle connection was not closed");
+}
+
+fn scrape_metric(cluster: &Cluster, series: &str) -> Option<f64> {
+    let body = http_get(&cluster.node(1).metrics, "/metrics").ok()?.1;
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}

@@ -444,3 +444,54 @@ pub fn rate_limiter(config: &crate::config::ChatConfig) -> super::lines::RateLim
         std::time::Duration::from_millis(config.rate_limit_grace_ms),
     )
 }
+
+/// Closes a logged-in connection that sent nothing for `chat.idle_timeout_secs` (0: never);
+/// any line (a `ping`, an IRC `PONG`) counts as activity. One timer per connection, moved on
+/// at most once a second.
+pub struct IdleTimer {
+    timeout: Option<Duration>,
+    last_input: tokio::time::Instant,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl IdleTimer {
+    pub fn new(secs: u64) -> IdleTimer {
+        let timeout = (secs > 0).then(|| Duration::from_secs(secs));
+        let now = tokio::time::Instant::now();
+        IdleTimer {
+            timeout,
+            last_input: now,
+            sleep: Box::pin(tokio::time::sleep_until(
+                now + timeout.unwrap_or(Duration::MAX / 4),
+            )),
+        }
+    }
+
+    /// Input arrived.
+    pub fn touch(self: std::pin::Pin<&mut Self>) {
+        self.get_mut().last_input = tokio::time::Instant::now();
+    }
+
+    /// Resolves once the connection has been idle for the timeout (never without one).
+    pub async fn expired(self: std::pin::Pin<&mut Self>) {
+        let this = self.get_mut();
+        let Some(timeout) = this.timeout else {
+            return std::future::pending().await;
+        };
+        loop {
+            this.sleep.as_mut().await;
+            let due = this.last_input + timeout;
+            if tokio::time::Instant::now() >= due {
+                return;
+            }
+            this.sleep.as_mut().reset(due);
+        }
+    }
+
+    pub fn message(&self) -> String {
+        format!(
+            "idle for {} s; closing (send `ping` to stay connected)",
+            self.timeout.map_or(0, |t| t.as_secs())
+        )
+    }
+}

@@ -795,15 +795,26 @@ impl IrcConn {
             ChatError::BadName(_) if is_room_target(target) => ("403", "bad_name"),
             ChatError::BadName(_) | ChatError::NoSuchUser(_) => ("401", "bad_name"),
             ChatError::NotMember(_) => ("404", "not_member"),
+            ChatError::Limit { reason, .. } if *reason == "text_too_long" => {
+                ("417", "text_too_long")
+            }
+            ChatError::Limit { reason, .. } if *reason == "too_many_rooms" => {
+                ("405", "too_many_rooms")
+            }
             _ => {
                 self.notice(&format!("{target}: {e}")).await;
                 return;
             }
         };
-        self.svc.metrics.bad_request(reason);
+        // Limits are counted where they are decided.
+        if !matches!(e, ChatError::Limit { .. }) {
+            self.svc.metrics.bad_request(reason);
+        }
         let text = match code {
             "403" => "No such channel",
             "401" => "No such nick/channel",
+            "417" => "Input line was too long",
+            "405" => "You have joined too many channels",
             _ => "Cannot send to channel",
         };
         self.numeric(code, &[target], text).await;

@@ -40,6 +40,7 @@ pub enum ErrorCode {
     NotMember,
     Internal,
     Slow,
+    Limit,
 }
 
 impl ErrorCode {
@@ -58,6 +59,7 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::NotMember => "not_member",
             ErrorCode::Internal => "internal",
+            ErrorCode::Limit => "limit",
         }
     }
 }
@@ -89,6 +91,7 @@ impl From<ChatError> for ProtocolError {
             ChatError::UnknownSession => ErrorCode::NotLoggedIn,
             ChatError::Unavailable(_) => ErrorCode::Unavailable,
             ChatError::Internal(_) => ErrorCode::Internal,
+            ChatError::Limit { .. } => ErrorCode::Limit,
         };
         ProtocolError::new(code, e.to_string())
     }
@@ -377,9 +380,16 @@ async fn serve_until_closed(
     let max = svc.config.max_line_bytes;
     let hello_deadline = tokio::time::sleep(Duration::from_millis(svc.config.hello_timeout_ms));
     tokio::pin!(hello_deadline);
+    let idle = super::conn::IdleTimer::new(svc.config.idle_timeout_secs);
+    tokio::pin!(idle);
     loop {
         let line = tokio::select! {
             line = read_line(&mut wire.reader, &mut buf, max) => line,
+            _ = idle.as_mut().expired(), if conn.attached.is_some() => {
+                reason.set("idle");
+                conn.fatal(ProtocolError::new(ErrorCode::Limit, idle.message())).await;
+                break;
+            }
             _ = closed.cancelled() => {
                 if shutdown.is_cancelled() {
                     reason.set("shutdown");
@@ -409,6 +419,7 @@ async fn serve_until_closed(
             }
             Ok(Line::Data) => {}
         }
+        idle.as_mut().touch();
         let Ok(text) = std::str::from_utf8(&buf) else {
             reason.set("abuse");
             conn.fatal(ProtocolError::new(

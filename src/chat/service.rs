@@ -30,6 +30,12 @@ pub enum ChatError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    /// A limit refused it; `reason` is the metrics label.
+    #[error("{message}")]
+    Limit {
+        reason: &'static str,
+        message: String,
+    },
 }
 
 impl ChatError {
@@ -39,7 +45,9 @@ impl ChatError {
             ChatError::Unavailable(_) => "unavailable",
             ChatError::Internal(_) => "internal",
             ChatError::UnknownSession => "unknown_session",
-            ChatError::NotMember(_) | ChatError::NoSuchUser(_) => "refused",
+            ChatError::NotMember(_) | ChatError::NoSuchUser(_) | ChatError::Limit { .. } => {
+                "refused"
+            }
             _ => "bad_request",
         }
     }
@@ -350,6 +358,18 @@ impl ChatService {
         if !is_valid_room(room) {
             return Err(ChatError::BadName(format!("invalid room name: {room:?}")));
         }
+        let max = self.config.max_rooms_per_session;
+        let already =
+            self.store.state().session(session).is_some_and(|s| {
+                s.rooms.len() >= max && !s.rooms.contains(&super::names::fold(room))
+            });
+        if already {
+            self.metrics.bad_request("too_many_rooms");
+            return Err(ChatError::Limit {
+                reason: "too_many_rooms",
+                message: format!("a session may be in at most {max} rooms"),
+            });
+        }
         let done = self
             .consensus
             .write(ChatCommand::Join {
@@ -404,6 +424,30 @@ impl ChatService {
         session: &str,
         messages: Vec<Outgoing>,
     ) -> Vec<Result<Sent, ChatError>> {
+        // Texts over the limit are refused here; the rest are written in one batch.
+        let max = self.config.max_text_bytes;
+        if messages.iter().any(|m| m.text.len() > max) {
+            let (long, ok): (Vec<_>, Vec<_>) = messages
+                .into_iter()
+                .enumerate()
+                .partition(|(_, m)| m.text.len() > max);
+            let order: Vec<usize> = ok.iter().map(|(i, _)| *i).collect();
+            let mut results: Vec<Option<Result<Sent, ChatError>>> =
+                (0..order.len() + long.len()).map(|_| None).collect();
+            for (i, _) in &long {
+                self.metrics.bad_request("text_too_long");
+                results[*i] = Some(Err(ChatError::Limit {
+                    reason: "text_too_long",
+                    message: format!("a message text may be at most {max} bytes"),
+                }));
+            }
+            let written =
+                Box::pin(self.send_batch(session, ok.into_iter().map(|(_, m)| m).collect())).await;
+            for (i, r) in order.into_iter().zip(written) {
+                results[i] = Some(r);
+            }
+            return results.into_iter().flatten().collect();
+        }
         let spans: Vec<tracing::Span> = messages
             .iter()
             .map(|m| {

@@ -263,6 +263,9 @@ async fn start_local(
         // A load generator is a flood by design: measure the cluster, not the limiter.
         config.chat.rate_limit_per_sec = 1_000_000;
         config.chat.rate_limit_burst = 1_000_000;
+        config.chat.max_text_bytes = config.chat.max_text_bytes.max(args.size);
+        config.chat.max_line_bytes = config.chat.max_line_bytes.max(args.size + 1024);
+        config.chat.max_clients_per_ip = 0;
     }
     config.validate()?;
     let cluster = LocalCluster::start(config, &dir, true)?;

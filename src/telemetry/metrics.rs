@@ -14,7 +14,8 @@ use crate::node::VERSION;
 pub const DIALECTS: [&str; 2] = ["json", "irc"];
 
 /// Why a client connection ended (the `reason` label of disconnects).
-pub const DISCONNECT_REASONS: [&str; 7] = [
+pub const DISCONNECT_REASONS: [&str; 8] = [
+    "idle",
     "closed",
     "error",
     "slow",
@@ -26,7 +27,10 @@ pub const DISCONNECT_REASONS: [&str; 7] = [
 
 /// Bad request kinds (the `reason` label of bad requests): the SPEC's error codes for input
 /// a client got wrong.
-pub const BAD_REQUEST_REASONS: [&str; 9] = [
+pub const BAD_REQUEST_REASONS: [&str; 12] = [
+    "text_too_long",
+    "too_many_rooms",
+    "ip_limit",
     "bad_json",
     "unknown_type",
     "missing_field",
