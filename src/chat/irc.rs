@@ -388,7 +388,15 @@ impl IrcConn {
             }
             "LIST" => {
                 self.numeric("321", &["Channel"], "Users  Name").await;
-                for (room, members) in self.svc.rooms() {
+                let rooms = self.svc.rooms();
+                if rooms.len() > MAX_LIST {
+                    self.notice(&format!(
+                        "LIST shows the first {MAX_LIST} of {} channels",
+                        rooms.len()
+                    ))
+                    .await;
+                }
+                for (room, members) in rooms.into_iter().take(MAX_LIST) {
                     self.numeric("322", &[&room, &members.to_string()], "")
                         .await;
                 }
@@ -758,7 +766,11 @@ impl IrcConn {
     }
 
     async fn names_reply(&self, room: &str, members: &[String]) {
-        self.numeric("353", &["=", room], &members.join(" ")).await;
+        // `:server 353 nick = #room :` then as many names as fit in one 512-byte line.
+        let prefix = format!(":{SERVER} 353 {} = {room} :", self.me()).len();
+        for names in split_names(prefix, members) {
+            self.numeric("353", &["=", room], &names).await;
+        }
         self.numeric("366", &[room], "End of /NAMES list").await;
     }
 
@@ -779,7 +791,14 @@ impl IrcConn {
         } else {
             "*"
         };
-        for user in &users {
+        if users.len() > MAX_LIST {
+            self.notice(&format!(
+                "WHO shows the first {MAX_LIST} of {} users",
+                users.len()
+            ))
+            .await;
+        }
+        for user in users.iter().take(MAX_LIST) {
             self.numeric(
                 "352",
                 &[channel, user, SERVER, SERVER, user, "H"],
@@ -905,8 +924,53 @@ impl Render for IrcRender {
     }
 }
 
+/// Most rooms a LIST, users a WHO answers with (each is a line; the output budget bounds the
+/// rest).
+const MAX_LIST: usize = 1000;
+
+/// An IRC line is at most 512 bytes with its CRLF.
+const MAX_LINE: usize = 512;
+
+/// `names` in space-separated runs that fit after a `prefix_len`-byte prefix in one line.
+fn split_names(prefix_len: usize, names: &[String]) -> Vec<String> {
+    let budget = MAX_LINE.saturating_sub(prefix_len + 2).max(1);
+    let mut lines = Vec::new();
+    let mut line = String::new();
+    for name in names {
+        if !line.is_empty() && line.len() + 1 + name.len() > budget {
+            lines.push(std::mem::take(&mut line));
+        }
+        if !line.is_empty() {
+            line.push(' ');
+        }
+        line.push_str(name);
+    }
+    if !line.is_empty() || lines.is_empty() {
+        lines.push(line);
+    }
+    lines
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn names_are_split_to_fit_512_byte_lines() {
+        let names: Vec<String> = (0..300).map(|i| format!("user{i:04}")).collect();
+        let prefix = ":raftchat 353 somebody = #big :".len();
+        let lines = split_names(prefix, &names);
+        assert!(lines.len() > 1);
+        for l in &lines {
+            assert!(
+                prefix + l.len() + 2 <= 512,
+                "{} bytes",
+                prefix + l.len() + 2
+            );
+        }
+        let back: Vec<&str> = lines.iter().flat_map(|l| l.split(' ')).collect();
+        assert_eq!(back, names.iter().map(String::as_str).collect::<Vec<_>>());
+        assert_eq!(split_names(prefix, &[]), vec![String::new()]);
+    }
+
     use super::*;
 
     #[test]
