@@ -25,11 +25,18 @@ pub type HttpResponse = Response<Full<Bytes>>;
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 /// Serves `handler` on every connection of `listener` until `shutdown` fires.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, shutdown: CancellationToken)
-where
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    handler: H,
+    max_connections: usize,
+    shutdown: CancellationToken,
+) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
 {
+    // Connections past the cap are closed at once: a flood of idle sockets costs a bounded
+    // amount and cannot starve the runtime.
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -43,10 +50,15 @@ where
             },
             _ = shutdown.cancelled() => return,
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let service = service_fn(move |req| {
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(req).await) }
@@ -104,8 +116,11 @@ pub async fn serve_metrics_port(
         let node = node.clone();
         async move { route_metrics_port(&node, &req) }
     };
-    serve(listener, handler, shutdown).await;
+    serve(listener, handler, MAX_METRICS_CONNECTIONS, shutdown).await;
 }
+
+/// Scrapers and probes: a handful at a time.
+const MAX_METRICS_CONNECTIONS: usize = 128;
 
 fn route_metrics_port(node: &NodeState, req: &Request<Incoming>) -> HttpResponse {
     let path = req.uri().path();

@@ -637,6 +637,7 @@ impl OtlpSink {
         tokio::spawn(crate::http::serve(
             listener,
             handler,
+            64,
             tokio_util::sync::CancellationToken::new(),
         ));
         Ok(OtlpSink {

@@ -38,8 +38,11 @@ pub async fn serve_raft_port(
         let consensus = consensus.clone();
         async move { handle(&consensus, req).await }
     };
-    http::serve(listener, handler, shutdown).await;
+    http::serve(listener, handler, MAX_RAFT_CONNECTIONS, shutdown).await;
 }
+
+/// Peers' pooled connections, their long polls and operators' admin calls.
+const MAX_RAFT_CONNECTIONS: usize = 1024;
 
 fn authorized(consensus: &Consensus, req: &Request<Incoming>) -> bool {
     req.headers().get(SECRET_HEADER).is_some_and(|v| {
