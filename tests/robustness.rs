@@ -272,13 +272,12 @@ fn the_metrics_port_caps_its_connections_and_recovers() {
     let held: Vec<std::net::TcpStream> = (0..128)
         .map(|_| std::net::TcpStream::connect(&addr).unwrap())
         .collect();
-    let refused = wait_for(T, "a connection past the cap to be closed", || {
+    wait_for(T, "a connection past the cap to be closed", || {
         let mut extra = std::net::TcpStream::connect(&addr).ok()?;
         extra.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
         let mut byte = [0u8; 1];
         (std::io::Read::read(&mut extra, &mut byte).ok()? == 0).then_some(())
     });
-    let () = refused;
     drop(held);
     wait_for(T, "/healthz once the idle sockets are gone", || {
         (http_get(&addr, "/healthz").ok()?.0 == 200).then_some(())
