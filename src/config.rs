@@ -107,6 +107,9 @@ pub struct ChatConfig {
     pub irc_ping_timeout_ms: u64,
     /// IRC: the message of the day (none: 422).
     pub motd: Option<String>,
+    /// `open`: anyone may take a free name (a registered one needs its password);
+    /// `required`: every login needs an account and its password.
+    pub auth: AuthMode,
     /// Longest message text accepted, in bytes.
     pub max_text_bytes: usize,
     /// Rooms one session may be in at once.
@@ -120,6 +123,14 @@ pub struct ChatConfig {
     pub history_max_messages_per_room: u64,
     /// Messages older than this are dropped (humantime, e.g. "90d"; empty: unlimited).
     pub history_max_age: String,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    #[default]
+    Open,
+    Required,
 }
 
 impl ChatConfig {
@@ -210,6 +221,7 @@ impl Default for ChatConfig {
             motd: Some("Welcome to raftchat: every message is replicated by Raft.".into()),
             history_max_messages_per_room: 0,
             history_max_age: String::new(),
+            auth: AuthMode::Open,
             max_text_bytes: 8 * 1024,
             max_rooms_per_session: 100,
             max_clients_per_ip: 1_000,

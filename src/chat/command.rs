@@ -29,6 +29,15 @@ pub enum ChatCommand {
         resume: Option<String>,
         #[serde(default)]
         adopt: bool,
+        /// The accepting node checked this user's password (a registered name is only
+        /// claimed with it).
+        #[serde(default)]
+        authenticated: bool,
+    },
+    /// Registers `user` with an argon2id `hash` (a PHC string), or removes the account.
+    SetAccount {
+        user: String,
+        hash: Option<String>,
     },
     /// The leader's settings for what applying decides (session expiry, retention), so every
     /// node decides with the same values whatever its own config file says.
@@ -66,6 +75,13 @@ impl fmt::Display for ChatCommand {
         match self {
             ChatCommand::Attach { user, node, .. } => write!(f, "attach {user} on node {node}"),
             ChatCommand::Configure { settings } => write!(f, "configure {settings:?}"),
+            ChatCommand::SetAccount { user, hash } => {
+                write!(
+                    f,
+                    "{} account {user}",
+                    if hash.is_some() { "set" } else { "remove" }
+                )
+            }
             ChatCommand::Detach { attachment, .. } => write!(f, "detach attachment {attachment}"),
             ChatCommand::DetachNode { node } => write!(f, "detach node {node}"),
             ChatCommand::Join { room, .. } => write!(f, "join {room}"),
@@ -86,6 +102,8 @@ pub enum ChatResponse {
         attachment: u64,
     },
     NameTaken,
+    /// The name is a registered account and the claim was not authenticated.
+    AuthRequired,
     /// The session token belongs to a different user name.
     SessionMismatch,
     UnknownSession,

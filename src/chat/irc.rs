@@ -35,7 +35,7 @@ const MAX_BODY: usize = 510;
 const SEND_QUEUE: usize = 1024;
 const SEND_BATCH: usize = 256;
 /// Capabilities offered in `CAP LS`.
-const CAPS: [&str; 3] = ["server-time", "message-tags", "echo-message"];
+const CAPS: [&str; 4] = ["server-time", "message-tags", "echo-message", "sasl"];
 
 /// One parsed client line.
 #[derive(Debug, PartialEq)]
@@ -94,6 +94,7 @@ struct Caps {
     server_time: bool,
     message_tags: bool,
     echo: bool,
+    sasl: bool,
 }
 
 /// Text safe for one IRC line: no CR or LF, cut to fit the 512-byte limit.
@@ -166,6 +167,8 @@ async fn serve_until_closed(
     let closed = wire.closed.clone();
     let mut conn = IrcConn {
         peer,
+        password: None,
+        sasl_started: false,
         svc: svc.clone(),
         out: wire.out.clone(),
         closed: closed.clone(),
@@ -288,6 +291,10 @@ struct IrcConn {
     conn_id: String,
     /// The client's address, for spans (`network.peer.address`).
     peer: String,
+    /// From `PASS` or SASL PLAIN, checked at registration.
+    password: Option<String>,
+    /// `AUTHENTICATE PLAIN` was sent; the next AUTHENTICATE carries the credentials.
+    sasl_started: bool,
 }
 
 impl IrcConn {
@@ -339,7 +346,8 @@ impl IrcConn {
         match line.command.as_str() {
             "CAP" => self.cap(&line).await,
             "PASS" if registered => self.numeric("462", &[], "You may not reregister").await,
-            "PASS" => {}
+            "PASS" => self.password = line.params.first().cloned(),
+            "AUTHENTICATE" => self.authenticate(&line).await,
             "NICK" => self.nick(&line).await,
             "USER" if registered => self.numeric("462", &[], "You may not reregister").await,
             "USER" => {
@@ -424,6 +432,78 @@ impl IrcConn {
         true
     }
 
+    /// SASL PLAIN (the only mechanism): `AUTHENTICATE PLAIN`, then one base64 line of
+    /// `authzid NUL authcid NUL password`. The password is checked at registration, against
+    /// the account of the nick (which must equal authcid).
+    async fn authenticate(&mut self, line: &IrcLine) {
+        let arg = line.params.first().cloned().unwrap_or_default();
+        if self.attached.is_some() {
+            self.numeric("907", &[], "You have already authenticated")
+                .await;
+            return;
+        }
+        if !self.caps.sasl {
+            self.numeric("904", &[], "SASL authentication failed").await;
+            return;
+        }
+        if arg.eq_ignore_ascii_case("PLAIN") {
+            self.sasl_started = true;
+            self.send(raw("AUTHENTICATE +".into())).await;
+            return;
+        }
+        if !self.sasl_started {
+            self.numeric("908", &["PLAIN"], "are available SASL mechanisms")
+                .await;
+            self.numeric("904", &[], "SASL authentication failed").await;
+            return;
+        }
+        self.sasl_started = false;
+        let decoded = {
+            use base64::Engine as _;
+            base64::engine::general_purpose::STANDARD
+                .decode(arg.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        let mut parts = decoded.as_deref().unwrap_or("").split('\0');
+        let (_authz, authc, password) = (parts.next(), parts.next(), parts.next());
+        let (Some(authc), Some(password)) = (authc, password) else {
+            self.svc.metrics.bad_request("auth_failed");
+            self.numeric("904", &[], "SASL authentication failed").await;
+            return;
+        };
+        let hash = self
+            .svc
+            .store
+            .state()
+            .account(authc)
+            .map(|a| a.hash.clone());
+        let candidate = password.to_string();
+        let ok = match hash {
+            Some(hash) => {
+                tokio::task::spawn_blocking(move || super::accounts::verify(&candidate, &hash))
+                    .await
+                    .unwrap_or(false)
+            }
+            None => false,
+        };
+        if !ok {
+            self.svc.metrics.bad_request("auth_failed");
+            self.numeric("904", &[], "SASL authentication failed").await;
+            return;
+        }
+        self.password = Some(password.to_string());
+        let me = self.me().to_string();
+        self.numeric(
+            "900",
+            &[&format!("{me}!{authc}@{SERVER}"), authc],
+            &format!("You are now logged in as {authc}"),
+        )
+        .await;
+        self.numeric("903", &[], "SASL authentication successful")
+            .await;
+    }
+
     async fn cap(&mut self, line: &IrcLine) {
         let sub = line
             .params
@@ -477,6 +557,7 @@ impl IrcConn {
                         match name {
                             "server-time" => self.caps.server_time = on,
                             "message-tags" => self.caps.message_tags = on,
+                            "sasl" => self.caps.sasl = on,
                             _ => self.caps.echo = on,
                         }
                     }
@@ -525,7 +606,12 @@ impl IrcConn {
         let Some(nick) = self.nick.clone() else {
             return;
         };
-        let attached = match self.svc.attach(&nick, None, true).await {
+        let password = self.password.clone();
+        let attached = match self
+            .svc
+            .attach(&nick, None, true, password.as_deref())
+            .await
+        {
             Ok(a) => a,
             Err(ChatError::NameTaken(_)) => {
                 self.nick = None;
@@ -538,6 +624,13 @@ impl IrcConn {
             Err(ChatError::BadName(_)) => {
                 self.nick = None;
                 self.numeric("432", &[&nick], "Erroneous nickname").await;
+                return;
+            }
+            Err(e @ (ChatError::AuthRequired | ChatError::AuthFailed)) => {
+                self.numeric("464", &[], &format!("Password incorrect: {e}"))
+                    .await;
+                self.fatal(&e.to_string()).await;
+                self.closed.cancel();
                 return;
             }
             Err(e) => {

@@ -41,6 +41,8 @@ pub enum ErrorCode {
     Internal,
     Slow,
     Limit,
+    AuthRequired,
+    AuthFailed,
 }
 
 impl ErrorCode {
@@ -60,6 +62,8 @@ impl ErrorCode {
             ErrorCode::NotMember => "not_member",
             ErrorCode::Internal => "internal",
             ErrorCode::Limit => "limit",
+            ErrorCode::AuthRequired => "auth_required",
+            ErrorCode::AuthFailed => "auth_failed",
         }
     }
 }
@@ -92,6 +96,8 @@ impl From<ChatError> for ProtocolError {
             ChatError::Unavailable(_) => ErrorCode::Unavailable,
             ChatError::Internal(_) => ErrorCode::Internal,
             ChatError::Limit { .. } => ErrorCode::Limit,
+            ChatError::AuthRequired => ErrorCode::AuthRequired,
+            ChatError::AuthFailed => ErrorCode::AuthFailed,
         };
         ProtocolError::new(code, e.to_string())
     }
@@ -103,6 +109,7 @@ pub enum ClientRequest {
         user: String,
         session: Option<String>,
         resume_from: Option<u64>,
+        password: Option<String>,
     },
     Join {
         room: String,
@@ -180,6 +187,7 @@ pub fn parse(line: &str) -> Result<ClientRequest, ProtocolError> {
             user: field_str(&v, "user")?,
             session: opt_str(&v, "session")?,
             resume_from: opt_u64(&v, "resume_from")?,
+            password: opt_str(&v, "password")?,
         },
         "join" => ClientRequest::Join {
             room: field_str(&v, "room")?,
@@ -515,7 +523,11 @@ impl Connection {
                 user,
                 session,
                 resume_from,
-            } => self.hello(&user, session.as_deref(), resume_from).await,
+                password,
+            } => {
+                self.hello(&user, session.as_deref(), resume_from, password.as_deref())
+                    .await
+            }
             ClientRequest::Ping => {
                 self.reply(ServerFrame::Pong.encode()).await;
                 Ok(())
@@ -599,8 +611,9 @@ impl Connection {
         user: &str,
         token: Option<&str>,
         resume_from: Option<u64>,
+        password: Option<&str>,
     ) -> Result<(), ProtocolError> {
-        let attached = self.svc.attach(user, token, false).await?;
+        let attached = self.svc.attach(user, token, false, password).await?;
         self.svc.register(&attached);
         // Subscribe before reading state: every event above `sub.applied` will arrive.
         let sub = self.svc.store.subscribe();
@@ -835,7 +848,8 @@ mod tests {
             ClientRequest::Hello {
                 user: "a".into(),
                 session: Some("s".into()),
-                resume_from: Some(4)
+                resume_from: Some(4),
+                password: None,
             }
         );
         assert_eq!(

@@ -1,6 +1,7 @@
 //! Chat: the replicated state, the message history, the dialects and the fan-out of applied
 //! events to this node's connections.
 
+pub mod accounts;
 pub mod backfill;
 pub mod command;
 pub mod conn;

@@ -30,6 +30,10 @@ pub enum ChatError {
     Unavailable(String),
     #[error("{0}")]
     Internal(String),
+    #[error("this server requires an account and its password")]
+    AuthRequired,
+    #[error("wrong user name or password")]
+    AuthFailed,
     /// A limit refused it; `reason` is the metrics label.
     #[error("{message}")]
     Limit {
@@ -45,9 +49,11 @@ impl ChatError {
             ChatError::Unavailable(_) => "unavailable",
             ChatError::Internal(_) => "internal",
             ChatError::UnknownSession => "unknown_session",
-            ChatError::NotMember(_) | ChatError::NoSuchUser(_) | ChatError::Limit { .. } => {
-                "refused"
-            }
+            ChatError::NotMember(_)
+            | ChatError::NoSuchUser(_)
+            | ChatError::Limit { .. }
+            | ChatError::AuthRequired
+            | ChatError::AuthFailed => "refused",
             _ => "bad_request",
         }
     }
@@ -191,10 +197,12 @@ impl ChatService {
         user: &str,
         token: Option<&str>,
         adopt_orphan: bool,
+        password: Option<&str>,
     ) -> Result<Attached, ChatError> {
         if !is_valid_user(user) {
             return Err(ChatError::BadName(format!("invalid user name: {user:?}")));
         }
+        let authenticated = self.authenticate(user, password).await?;
         let mut released = self.released.subscribe();
         let wait = std::time::Duration::from_millis(self.config.write_timeout_ms);
         if !matches!(
@@ -234,6 +242,7 @@ impl ChatService {
                 replaces,
                 resume: token.map(str::to_string),
                 adopt: adopt_orphan,
+                authenticated,
             })
             .await?;
         // Read barrier: everything this connection reads or replays is at least as new as its
@@ -270,7 +279,38 @@ impl ChatService {
                 })
             }
             ChatResponse::NameTaken => Err(ChatError::NameTaken(user.to_string())),
+            ChatResponse::AuthRequired => Err(ChatError::AuthRequired),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// Checks `password` against `user`'s account on this node's state: `Ok(true)` when it
+    /// matches, `Ok(false)` for a free name in open mode. The check is repeated in apply for
+    /// registered names (an attach that is not authenticated is refused there).
+    async fn authenticate(&self, user: &str, password: Option<&str>) -> Result<bool, ChatError> {
+        let hash = self.store.state().account(user).map(|a| a.hash.clone());
+        let required = self.config.auth == crate::config::AuthMode::Required;
+        match (hash, password) {
+            (Some(hash), Some(password)) => {
+                let password = password.to_string();
+                let ok =
+                    tokio::task::spawn_blocking(move || super::accounts::verify(&password, &hash))
+                        .await
+                        .unwrap_or(false);
+                if ok {
+                    Ok(true)
+                } else {
+                    self.metrics.bad_request("auth_failed");
+                    Err(ChatError::AuthFailed)
+                }
+            }
+            (Some(_), None) => Err(ChatError::AuthRequired),
+            (None, Some(_)) if required => {
+                self.metrics.bad_request("auth_failed");
+                Err(ChatError::AuthFailed)
+            }
+            (None, None) if required => Err(ChatError::AuthRequired),
+            (None, _) => Ok(false),
         }
     }
 

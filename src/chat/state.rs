@@ -49,6 +49,17 @@ pub struct ChatState {
     rooms: BTreeMap<String, Room>,
     last_ts_ms: i64,
     next_sweep_ms: i64,
+    /// Folded user name → registered account.
+    #[serde(default)]
+    accounts: BTreeMap<String, Account>,
+}
+
+/// A registered name: usable only with its password.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Account {
+    pub user: String,
+    /// argon2id, PHC string format.
+    pub hash: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -131,6 +142,7 @@ struct Claim<'a> {
     replaces: Option<&'a str>,
     resume: Option<&'a str>,
     adopt: bool,
+    authenticated: bool,
 }
 
 impl ChatState {
@@ -158,6 +170,7 @@ impl ChatState {
                 replaces,
                 resume,
                 adopt,
+                authenticated,
             } => {
                 let claim = Claim {
                     new_token: session,
@@ -166,8 +179,27 @@ impl ChatState {
                     replaces: replaces.as_deref(),
                     resume: resume.as_deref(),
                     adopt: *adopt,
+                    authenticated: *authenticated,
                 };
                 self.attach(index, ts, claim, events)
+            }
+            ChatCommand::SetAccount { user, hash } => {
+                let key = fold(user);
+                match hash {
+                    Some(hash) => {
+                        self.accounts.insert(
+                            key,
+                            Account {
+                                user: user.clone(),
+                                hash: hash.clone(),
+                            },
+                        );
+                    }
+                    None => {
+                        self.accounts.remove(&key);
+                    }
+                }
+                ChatResponse::Done
             }
             ChatCommand::Configure { settings } => {
                 self.settings = *settings;
@@ -217,6 +249,9 @@ impl ChatState {
             index,
         };
         let key = fold(claim.user);
+        if self.accounts.contains_key(&key) && !claim.authenticated {
+            return ChatResponse::AuthRequired;
+        }
         let holder = self.names.get(&key).cloned();
         let holder_gone = holder.as_ref().is_some_and(|h| {
             claim.replaces == Some(h.as_str())
@@ -483,6 +518,7 @@ impl ChatState {
         hash.feed(&self.names);
         hash.feed(&self.rooms);
         hash.feed(&(self.last_ts_ms, self.next_sweep_ms));
+        hash.feed(&self.accounts);
         for (token, s) in &self.sessions {
             hash.feed(&(
                 token,
@@ -521,6 +557,11 @@ impl ChatState {
             Some(s) => s.id,
             None => 0,
         }
+    }
+
+    /// The registered account of `user`, if any.
+    pub fn account(&self, user: &str) -> Option<&Account> {
+        self.accounts.get(&fold(user))
     }
 
     pub fn session(&self, token: &str) -> Option<&Session> {
@@ -602,6 +643,7 @@ mod tests {
             replaces: None,
             resume: resume.map(String::from),
             adopt: false,
+            authenticated: false,
         }
     }
 
@@ -645,6 +687,11 @@ mod tests {
                         replaces: rng.random_bool(0.2).then(|| pick(&mut rng)),
                         resume: rng.random_bool(0.5).then(|| pick(&mut rng)),
                         adopt: rng.random_bool(0.3),
+                        authenticated: rng.random_bool(0.5),
+                    },
+                    5 if rng.random_ratio(1, 5) => ChatCommand::SetAccount {
+                        user,
+                        hash: rng.random_bool(0.7).then(|| "h".to_string()),
                     },
                     2 => join(&pick(&mut rng), &room),
                     3 => ChatCommand::Leave {
@@ -711,6 +758,31 @@ mod tests {
     }
 
     #[test]
+    fn a_registered_name_is_claimed_only_when_authenticated() {
+        let mut h = Harness::new();
+        h.run(ChatCommand::SetAccount {
+            user: "Alice".into(),
+            hash: Some("$argon2id$x".into()),
+        });
+        assert_eq!(h.attach("s1", "alice", 1), ChatResponse::AuthRequired);
+        let ok = h.run(ChatCommand::Attach {
+            session: "s1".into(),
+            user: "alice".into(),
+            node: 1,
+            replaces: None,
+            resume: None,
+            adopt: false,
+            authenticated: true,
+        });
+        assert!(matches!(ok, ChatResponse::Attached { .. }), "{ok:?}");
+        h.run(ChatCommand::SetAccount {
+            user: "alice".into(),
+            hash: None,
+        });
+        assert!(h.state.account("ALICE").is_none());
+    }
+
+    #[test]
     fn the_fingerprint_tells_states_apart() {
         let mut h = Harness::new();
         h.attach("s1", "alice", 1);
@@ -765,6 +837,7 @@ mod tests {
             replaces: Some("s1".into()),
             resume: None,
             adopt: false,
+            authenticated: false,
         });
         assert!(matches!(r, ChatResponse::Attached { resumed: false, .. }));
         assert!(h.state.session("s1").is_none());

@@ -208,6 +208,7 @@ fn outcome_kind(response: &ChatResponse) -> &'static str {
         ChatResponse::Attached { resumed: true, .. } => "resumed",
         ChatResponse::Attached { resumed: false, .. } => "new session",
         ChatResponse::NameTaken => "name taken",
+        ChatResponse::AuthRequired => "auth required",
         ChatResponse::SessionMismatch => "session mismatch",
         ChatResponse::UnknownSession => "unknown session",
         ChatResponse::Joined { .. } => "joined",

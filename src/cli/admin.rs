@@ -3,7 +3,7 @@
 
 use clap::Subcommand;
 
-use crate::consensus::{AdminAnswer, AdminRequest, admin_request};
+use crate::consensus::{AccountRequest, AdminAnswer, AdminRequest, account_request, admin_request};
 
 #[derive(clap::Args)]
 pub struct AdminArgs {
@@ -44,6 +44,46 @@ enum Change {
         #[arg(long)]
         id: u64,
     },
+    /// Register a user name; its password is read from stdin (first line).
+    AddUser { name: String },
+    /// Change a user's password (read from stdin).
+    Passwd { name: String },
+    /// Remove a user's account: the name becomes free to take.
+    RemoveUser { name: String },
+}
+
+/// The first line of stdin, without its line end.
+fn password_from_stdin(name: &str) -> anyhow::Result<String> {
+    use std::io::IsTerminal;
+    if std::io::stdin().is_terminal() {
+        eprintln!("password for {name}: ");
+    }
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\n', '\r']).to_string();
+    anyhow::ensure!(!password.is_empty(), "no password on stdin");
+    Ok(password)
+}
+
+async fn change_account(
+    servers: &[String],
+    secret: &str,
+    request: AccountRequest,
+    what: &str,
+) -> anyhow::Result<()> {
+    let mut problems = Vec::new();
+    for addr in servers {
+        match account_request(addr, secret, &request).await {
+            Ok(Ok(())) => {
+                println!("{what}");
+                return Ok(());
+            }
+            Ok(Err(e)) => anyhow::bail!("{addr}: {e}"),
+            Err(e) if e.contains("401") => anyhow::bail!("{addr} refused the cluster secret"),
+            Err(e) => problems.push(e),
+        }
+    }
+    anyhow::bail!("no node took the change: {}", problems.join("; "))
 }
 
 pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
@@ -75,6 +115,23 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             AdminRequest::RemoveNode { id },
             format!("node {id} removed"),
         ),
+        Change::AddUser { name } | Change::Passwd { name } => {
+            let password = password_from_stdin(&name)?;
+            let request = AccountRequest {
+                user: name.clone(),
+                password: Some(password),
+            };
+            let what = format!("account {name} set");
+            return change_account(&args.servers, &secret, request, &what).await;
+        }
+        Change::RemoveUser { name } => {
+            let request = AccountRequest {
+                user: name.clone(),
+                password: None,
+            };
+            let what = format!("account {name} removed");
+            return change_account(&args.servers, &secret, request, &what).await;
+        }
     };
     let mut candidates = args.servers.clone();
     let mut problems = Vec::new();

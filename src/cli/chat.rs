@@ -26,6 +26,9 @@ pub struct ChatArgs {
     /// input what was sent is not acknowledged within it. Without it the client keeps trying.
     #[arg(long)]
     timeout: Option<u64>,
+    /// The account's password, for a registered name (kept out of `ps`: environment only).
+    #[arg(skip = std::env::var("RAFTCHAT_PASSWORD").ok())]
+    password: Option<String>,
 }
 
 pub fn run(args: ChatArgs) -> ExitCode {
@@ -101,6 +104,7 @@ fn parse_input(line: &str) -> Input {
 async fn chat(args: ChatArgs) -> ExitCode {
     let mut config = ClientConfig::new(args.servers.clone(), &args.user);
     config.rooms = vec![args.room.clone()];
+    config.password = args.password.clone();
     let mut client = Client::start(config);
     let mut room = args.room.clone();
     let mut lines = BufReader::new(tokio::io::stdin()).lines();

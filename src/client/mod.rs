@@ -36,6 +36,9 @@ pub struct ClientConfig {
     pub backoff_max: Duration,
     /// Give up after this many failed connection attempts in a row (`None`: never).
     pub max_attempts: Option<u32>,
+    /// The account's password, sent with every `hello` (a registered name needs it on each
+    /// reconnect too).
+    pub password: Option<String>,
 }
 
 impl ClientConfig {
@@ -49,6 +52,7 @@ impl ClientConfig {
             backoff_initial: Duration::from_millis(50),
             backoff_max: Duration::from_secs(2),
             max_attempts: None,
+            password: None,
         }
     }
 }
@@ -412,6 +416,9 @@ impl Driver {
         let connecting = async {
             let (mut reader, mut writer) = connect(server).await.map_err(|e| e.to_string())?;
             let mut hello = json!({"type": "hello", "user": self.config.user});
+            if let Some(password) = &self.config.password {
+                hello["password"] = json!(password);
+            }
             if let Some(session) = &self.session {
                 hello["session"] = json!(session);
                 hello["resume_from"] = json!(self.last_index);

@@ -160,6 +160,60 @@ pub async fn admin_request(
     .map_err(|e| e.to_string())
 }
 
+/// Sets (with a password) or removes (without) the account of `user`: `raftchat admin
+/// add-user / passwd / remove-user`. The node asked hashes the password; the hash is what is
+/// replicated.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AccountRequest {
+    pub user: String,
+    pub password: Option<String>,
+}
+
+/// Sends an account change to the raft/admin port at `addr` (any node; writes are forwarded).
+pub async fn account_request(
+    addr: &str,
+    secret: &str,
+    request: &AccountRequest,
+) -> Result<Result<(), String>, String> {
+    let rpc = RpcClient::new(secret, Arc::new(|_, _, _, _| {}));
+    rpc.post(
+        "admin",
+        0,
+        addr,
+        "/admin/account",
+        request,
+        Duration::from_secs(30),
+        &[],
+    )
+    .await
+    .map_err(|e| e.to_string())
+}
+
+impl Consensus {
+    /// Hashes and replicates an account change.
+    pub async fn set_account(&self, req: AccountRequest) -> Result<(), String> {
+        if !crate::chat::names::is_valid_user(&req.user) {
+            return Err(format!("invalid user name: {:?}", req.user));
+        }
+        let hash = match req.password {
+            Some(password) => Some(
+                tokio::task::spawn_blocking(move || crate::chat::accounts::hash(&password))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        self.write(ChatCommand::SetAccount {
+            user: req.user,
+            hash,
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+}
+
 /// A forwarded write, follower → leader, on the raft port.
 #[derive(Serialize, Deserialize)]
 struct ForwardRequest {

@@ -160,6 +160,16 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
             Ok(req) => http::json(StatusCode::OK, &history_digest(consensus, req).await),
             Err(reason) => bad_request(reason),
         },
+        "/admin/account" => match decode::<super::AccountRequest>(&body) {
+            // The request carries a password: never logged.
+            Ok(req) => {
+                let user = req.user.clone();
+                let outcome = consensus.set_account(req).await;
+                tracing::info!(user, ok = outcome.is_ok(), "account change");
+                http::json(StatusCode::OK, &outcome)
+            }
+            Err(reason) => bad_request(reason),
+        },
         "/admin/state-digest" => {
             let state = consensus.chat.state();
             let answer = StateDigest {

@@ -296,6 +296,7 @@ mod tests {
             replaces: None,
             resume: None,
             adopt: false,
+            authenticated: false,
         };
         Entry::new_normal(
             openraft::testing::log_id::<TypeConfig>(1, 1, index),

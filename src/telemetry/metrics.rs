@@ -27,7 +27,8 @@ pub const DISCONNECT_REASONS: [&str; 8] = [
 
 /// Bad request kinds (the `reason` label of bad requests): the SPEC's error codes for input
 /// a client got wrong.
-pub const BAD_REQUEST_REASONS: [&str; 12] = [
+pub const BAD_REQUEST_REASONS: [&str; 13] = [
+    "auth_failed",
     "text_too_long",
     "too_many_rooms",
     "ip_limit",
