@@ -104,7 +104,7 @@ fn a_follower_behind_the_purge_point_catches_up_with_memory_independent_of_histo
     let mut cluster = Cluster::start(
         3,
         "[raft]\nsnapshot_every_entries = 200\nkeep_entries_after_snapshot = 50\n\
-         [chat]\nmax_line_bytes = 131072\nclient_queue_events = 1024\n",
+         [chat]\nmax_line_bytes = 131072\nmax_text_bytes = 131072\nclient_queue_events = 1024\n",
     );
     let mut rss = RssSampler::start(cluster.config.clone());
     let leader = cluster.wait_leader(&[1, 2, 3], T);
@@ -353,7 +353,10 @@ fn a_node_whose_disk_fills_stops_serving_and_loses_nothing() {
         eprintln!("skipped: mounting a tmpfs needs root");
         return;
     }
-    let mut cluster = Cluster::configure(3, "[chat]\nmax_line_bytes = 131072\n");
+    let mut cluster = Cluster::configure(
+        3,
+        "[chat]\nmax_line_bytes = 131072\nmax_text_bytes = 131072\n",
+    );
     let full = 3;
     let dir = cluster.data_dir(full);
     let _tmpfs = common::Tmpfs::mount(&dir, "64m");
