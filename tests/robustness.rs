@@ -128,7 +128,7 @@ fn a_client_that_asks_for_much_and_never_reads_is_cut_off_at_its_output_budget()
     // A 1 MiB budget (the default is 8) gets there with less work beside the other tests.
     let cluster = Cluster::start(
         3,
-        "[chat]\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\nmax_output_bytes = 1048576\n",
+        "[chat]\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\nmax_output_bytes = 1048576\nmax_text_bytes = 16384\n",
     );
     cluster.wait_leader(&[1, 2, 3], T);
     // 100 messages of 15 KB: every full history answer is over a megabyte.
