@@ -146,18 +146,28 @@ pub async fn admin_request(
     secret: &str,
     request: &AdminRequest,
 ) -> Result<AdminAnswer, String> {
-    let rpc = RpcClient::new(secret, Arc::new(|_, _, _, _| {}));
-    rpc.post(
-        "admin",
-        0,
+    admin_post(
         addr,
+        secret,
         "/admin/membership",
         request,
         Duration::from_secs(60),
-        &[],
     )
     .await
-    .map_err(|e| e.to_string())
+}
+
+/// One operator call to the raft/admin port at `addr`.
+async fn admin_post<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+    addr: &str,
+    secret: &str,
+    path: &str,
+    request: &Req,
+    timeout: Duration,
+) -> Result<Resp, String> {
+    let rpc = RpcClient::new(secret, Arc::new(|_, _, _, _| {}));
+    rpc.post("admin", 0, addr, path, request, timeout, &[])
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Sets (with a password) or removes (without) the account of `user`: `raftchat admin
@@ -175,18 +185,14 @@ pub async fn account_request(
     secret: &str,
     request: &AccountRequest,
 ) -> Result<Result<(), String>, String> {
-    let rpc = RpcClient::new(secret, Arc::new(|_, _, _, _| {}));
-    rpc.post(
-        "admin",
-        0,
+    admin_post(
         addr,
+        secret,
         "/admin/account",
         request,
         Duration::from_secs(30),
-        &[],
     )
     .await
-    .map_err(|e| e.to_string())
 }
 
 impl Consensus {
