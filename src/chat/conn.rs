@@ -448,6 +448,9 @@ pub fn rate_limiter(config: &crate::config::ChatConfig) -> super::lines::RateLim
 /// Closes a logged-in connection that sent nothing for `chat.idle_timeout_secs` (0: never);
 /// any line (a `ping`, an IRC `PONG`) counts as activity. One timer per connection, moved on
 /// at most once a second.
+/// About 30 years: "never" for a timer.
+const FAR_SECS: u64 = 30 * 365 * 24 * 3600;
+
 pub struct IdleTimer {
     timeout: Option<Duration>,
     last_input: tokio::time::Instant,
@@ -456,13 +459,14 @@ pub struct IdleTimer {
 
 impl IdleTimer {
     pub fn new(secs: u64) -> IdleTimer {
-        let timeout = (secs > 0).then(|| Duration::from_secs(secs));
+        // Capped so that `now + timeout` cannot overflow whatever the config says.
+        let timeout = (secs > 0).then(|| Duration::from_secs(secs.min(FAR_SECS)));
         let now = tokio::time::Instant::now();
         IdleTimer {
             timeout,
             last_input: now,
             sleep: Box::pin(tokio::time::sleep_until(
-                now + timeout.unwrap_or(Duration::MAX / 4),
+                now + timeout.unwrap_or(Duration::from_secs(FAR_SECS)),
             )),
         }
     }
@@ -493,5 +497,28 @@ impl IdleTimer {
             "idle for {} s; closing (send `ping` to stay connected)",
             self.timeout.map_or(0, |t| t.as_secs())
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_timer_fires_after_its_timeout_and_never_without_one() {
+        let _huge = IdleTimer::new(u64::MAX);
+        let mut timer = Box::pin(IdleTimer::new(2));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        timer.as_mut().touch();
+        let started = tokio::time::Instant::now();
+        timer.as_mut().expired().await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::from_secs(2),
+            "counted from the last input"
+        );
+        let mut never = Box::pin(IdleTimer::new(0));
+        let waited = tokio::time::timeout(Duration::from_secs(3600), never.as_mut().expired());
+        assert!(waited.await.is_err());
     }
 }
