@@ -41,6 +41,7 @@ pub struct Config {
     pub health: HealthConfig,
     pub chat: ChatConfig,
     pub telemetry: TelemetryConfig,
+    pub tls: TlsConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -54,6 +55,9 @@ pub struct NodeConfig {
     /// outside the cluster's own network (a load balancer, a NodePort, a published port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise_chat: Option<String>,
+    /// A second chat listener speaking TLS (both dialects), with `[tls] cert` and `key`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chat_tls: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -149,6 +153,19 @@ fn parse_age(text: &str) -> Result<i64, String> {
         .map_err(|e| e.to_string())
 }
 
+/// `[tls]`: PEM files, reread on SIGHUP.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// This node's certificate chain (for `chat_tls`, and for the raft port with `raft`).
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    /// The CA that signs every node's (and operator's) certificate; needed with `raft`.
+    pub ca: Option<String>,
+    /// Mutual TLS on the raft port: peers and operators must present a certificate from `ca`.
+    pub raft: bool,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct TelemetryConfig {
@@ -176,6 +193,7 @@ impl Default for Config {
             health: HealthConfig::default(),
             chat: ChatConfig::default(),
             telemetry: TelemetryConfig::default(),
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -331,7 +349,7 @@ fn is_loopback_addr(addr: &str) -> bool {
 
 /// Top-level keys a `RAFTCHAT_*` variable may set (`RAFTCHAT_CHAT__MAX_CLIENTS` sets
 /// `chat.max_clients`).
-const TOP_LEVEL_KEYS: [&str; 9] = [
+const TOP_LEVEL_KEYS: [&str; 10] = [
     "secret",
     "secret_file",
     "data_dir",
@@ -341,6 +359,7 @@ const TOP_LEVEL_KEYS: [&str; 9] = [
     "health",
     "chat",
     "telemetry",
+    "tls",
 ];
 
 /// The `RAFTCHAT_*` environment layer. Kubernetes gives every pod variables for each Service
@@ -455,6 +474,35 @@ impl Config {
                     node.id
                 ));
             }
+            if let Some(addr) = &node.chat_tls {
+                if !is_host_port(addr) {
+                    return bad(format!(
+                        "key `nodes.chat_tls` of node {}: `{addr}` is not a host:port address",
+                        node.id
+                    ));
+                }
+                if !addrs.insert(addr.clone()) {
+                    return bad(format!(
+                        "key `nodes.chat_tls` of node {}: address {addr} is used twice",
+                        node.id
+                    ));
+                }
+                if self.tls.cert.is_none() || self.tls.key.is_none() {
+                    return bad(format!(
+                        "key `nodes.chat_tls` of node {}: needs `tls.cert` and `tls.key`",
+                        node.id
+                    ));
+                }
+            }
+        }
+        let tls = &self.tls;
+        if tls.cert.is_some() != tls.key.is_some() {
+            return bad("key `tls.cert` and `tls.key` go together".into());
+        }
+        if tls.raft && (tls.cert.is_none() || tls.ca.is_none()) {
+            return bad(
+                "key `tls.raft`: needs `tls.cert`, `tls.key` and `tls.ca` (the CA that signs every node's certificate)".into(),
+            );
         }
         let r = &self.raft;
         if r.heartbeat_ms == 0 {
@@ -560,6 +608,7 @@ impl Config {
                     raft: format!("127.0.0.1:{}", port(100)),
                     metrics: format!("127.0.0.1:{}", port(200)),
                     advertise_chat: None,
+                    chat_tls: None,
                 }
             })
             .collect();
@@ -597,6 +646,31 @@ metrics = "127.0.0.1:3"
             .unwrap_err()
             .to_string();
         assert!(err.contains("heartbeat"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_name_what_they_miss() {
+        let mut cfg = Config::localhost_cluster(1, 7000);
+        cfg.nodes[0].chat_tls = Some("127.0.0.1:6697".into());
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("nodes.chat_tls") && err.contains("tls.cert"),
+            "{err}"
+        );
+        cfg.tls.cert = Some("node.pem".into());
+        cfg.tls.key = Some("node.key".into());
+        assert!(cfg.validate().is_ok());
+        cfg.nodes[0].chat_tls = Some(cfg.nodes[0].chat.clone());
+        assert!(
+            cfg.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("used twice")
+        );
+        cfg.nodes[0].chat_tls = None;
+        cfg.tls.raft = true;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("tls.raft") && err.contains("tls.ca"), "{err}");
     }
 
     #[test]

@@ -24,12 +24,18 @@ pub type HttpResponse = Response<Full<Bytes>>;
 /// Largest request head (request line and headers) accepted; larger gets 431.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// Serves `handler` on every connection of `listener` until `shutdown` fires.
+/// How long a TLS client may take over its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves `handler` on every connection of `listener` until `shutdown` fires; with `tls`,
+/// every connection first completes a TLS handshake (a client certificate from the CA is
+/// required: the raft port's mutual TLS).
 pub async fn serve<H, F>(
     listener: TcpListener,
     handler: H,
     max_connections: usize,
     shutdown: CancellationToken,
+    tls: Option<Arc<crate::tls::Tls>>,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = HttpResponse> + Send + 'static,
@@ -38,7 +44,7 @@ pub async fn serve<H, F>(
     // amount and cannot starve the runtime.
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
@@ -57,27 +63,45 @@ pub async fn serve<H, F>(
         let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let shutdown = shutdown.clone();
+        let acceptor = tls.as_ref().and_then(|t| t.raft_acceptor());
         tokio::spawn(async move {
             let _slot = slot;
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            let conn = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10))
-                .max_buf_size(MAX_HEAD_BYTES)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                res = conn.as_mut() => {
-                    if let Err(e) = res {
-                        tracing::debug!(error = %e, "http connection ended");
-                    }
-                }
-                _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
+            let Some(acceptor) = acceptor else {
+                return serve_http(TokioIo::new(stream), handler, shutdown).await;
+            };
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => serve_http(TokioIo::new(tls), handler, shutdown).await,
+                // A TCP health probe or a peer without a valid certificate.
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake refused"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
             }
         });
+    }
+}
+
+async fn serve_http<I, H, F>(io: I, handler: H, shutdown: CancellationToken)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = HttpResponse> + Send + 'static,
+{
+    let service = service_fn(move |req| {
+        let handler = handler.clone();
+        async move { Ok::<_, Infallible>(handler(req).await) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .max_buf_size(MAX_HEAD_BYTES)
+        .serve_connection(io, service);
+    tokio::pin!(conn);
+    tokio::select! {
+        res = conn.as_mut() => {
+            if let Err(e) = res {
+                tracing::debug!(error = %e, "http connection ended");
+            }
+        }
+        _ = shutdown.cancelled() => conn.as_mut().graceful_shutdown(),
     }
 }
 
@@ -116,7 +140,7 @@ pub async fn serve_metrics_port(
         let node = node.clone();
         async move { route_metrics_port(&node, &req) }
     };
-    serve(listener, handler, MAX_METRICS_CONNECTIONS, shutdown).await;
+    serve(listener, handler, MAX_METRICS_CONNECTIONS, shutdown, None).await;
 }
 
 /// Scrapers and probes: a handful at a time.

@@ -33,3 +33,4 @@ pub mod http;
 pub mod leadership;
 pub mod node;
 pub mod telemetry;
+pub mod tls;

@@ -262,6 +262,19 @@ async fn serve(
     let chat_listener = bind(&config.listen_addr(&me.chat), "chat").await?;
     let raft_listener = bind(&config.listen_addr(&me.raft), "raft").await?;
     let metrics_listener = bind(&config.listen_addr(&me.metrics), "metrics").await?;
+    // Certificate files are part of the configuration: a bad one exits 2 naming its key.
+    let tls = crate::tls::Tls::load(&config.tls)
+        .map_err(|e| crate::config::ConfigError::Invalid(e.to_string()))?;
+    let mut chat_listeners = vec![crate::chat::server::ChatListener {
+        listener: chat_listener,
+        tls: None,
+    }];
+    if let (Some(addr), Some(tls)) = (&me.chat_tls, &tls) {
+        chat_listeners.push(crate::chat::server::ChatListener {
+            listener: bind(&config.listen_addr(addr), "chat_tls").await?,
+            tls: Some(tls.clone()),
+        });
+    }
 
     let history_path = data_dir.join(HISTORY_FILE);
     let history = History::open(&history_path, HISTORY_CACHE_BYTES)
@@ -286,6 +299,7 @@ async fn serve(
         store.clone(),
         observers(&metrics),
         join,
+        tls.clone(),
     )
     .await?;
 
@@ -313,6 +327,7 @@ async fn serve(
         raft_listener,
         consensus.clone(),
         shutdown.clone(),
+        tls.clone(),
     ));
     tasks.spawn(consensus::watch_leader(consensus.clone(), shutdown.clone()));
     tasks.spawn(crate::http::serve_metrics_port(
@@ -320,8 +335,8 @@ async fn serve(
         state,
         shutdown.clone(),
     ));
-    tasks.spawn(crate::chat::server::serve_chat_port(
-        chat_listener,
+    tasks.spawn(crate::chat::server::serve_chat_ports(
+        chat_listeners,
         chat.clone(),
         shutdown.clone(),
     ));
@@ -359,6 +374,9 @@ async fn serve(
         metrics.clone(),
         shutdown.clone(),
     ));
+    if let Some(tls) = tls.clone() {
+        tasks.spawn(reload_on_hangup(tls, shutdown.clone()));
+    }
     tracing::info!(id, chat = %me.chat, raft = %me.raft, metrics = %me.metrics, data_dir = %data_dir.display(), "node started");
 
     let fatal = tokio::select! {
@@ -404,6 +422,35 @@ async fn wait_for_fatal(consensus: &Consensus, store: &ChatStore, metrics: &Metr
                 return consensus.status().fatal.unwrap_or_else(|| "raft shut down".into());
             },
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+}
+
+/// Rereads the certificate files on every SIGHUP; a bad file keeps the old certificates.
+async fn reload_on_hangup(tls: Arc<crate::tls::Tls>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGHUP: certificates will not be reloaded");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        let reloaded = {
+            let tls = tls.clone();
+            tokio::task::spawn_blocking(move || tls.reload()).await
+        };
+        match reloaded {
+            Ok(Ok(())) => tracing::info!("SIGHUP: certificates reloaded"),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "SIGHUP: certificates not reloaded; keeping the old ones")
+            }
+            Err(e) => tracing::warn!(error = %e, "SIGHUP: certificate reload failed"),
         }
     }
 }

@@ -257,11 +257,7 @@ fn limits_refuse_long_texts_too_many_rooms_and_too_many_connections_from_one_add
 }
 
 fn scrape_metric(cluster: &Cluster, series: &str) -> Option<f64> {
-    let body = http_get(&cluster.node(1).metrics, "/metrics").ok()?.1;
-    body.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+    cluster.metric(1, series)
 }
 
 #[test]

@@ -7,8 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncWriteExt, BufWriter};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -16,6 +15,20 @@ use tokio_util::sync::CancellationToken;
 use super::command::{Event, MessageEvent, StoredMessage};
 use super::delivery::{Delivery, DeliveryFilter};
 use super::service::ChatService;
+
+/// A connection's read side, plain or TLS.
+pub type ChatRead = Box<dyn AsyncRead + Send + Unpin>;
+/// A connection's write side, plain or TLS.
+pub type ChatWrite = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// An accepted chat connection whose first bytes are buffered in `reader` (the dialect was
+/// picked from them).
+pub struct ChatIo {
+    pub reader: BufReader<ChatRead>,
+    pub writer: ChatWrite,
+    /// The client's address, for limits and spans.
+    pub peer: String,
+}
 
 /// What goes to the socket writer.
 pub enum Outbound {
@@ -109,7 +122,7 @@ const SLOW_FAREWELL: Duration = Duration::from_secs(30);
 /// `closed` fires (after draining what is queued), or when the socket accepts nothing for
 /// `write_timeout` (a `slow` client).
 async fn write_loop(
-    write: OwnedWriteHalf,
+    write: ChatWrite,
     mut rx: mpsc::Receiver<Outbound>,
     shared: Arc<OutboxShared>,
     write_timeout: Duration,
@@ -354,7 +367,7 @@ pub async fn replay_planned<R: Render>(
 /// A connection's socket halves: lines come in through `reader`, frames go out through `out`
 /// to a writer task; `closed` stops everything.
 pub struct Wire {
-    pub reader: tokio::io::BufReader<tokio::net::tcp::OwnedReadHalf>,
+    pub reader: BufReader<ChatRead>,
     pub out: Outbox,
     pub closed: CancellationToken,
     writer: tokio::task::JoinHandle<()>,
@@ -372,14 +385,18 @@ const OUT_QUEUE: usize = 1024;
 impl Wire {
     /// `slow_frame` is what a client that stops reading is told (the dialect's words).
     pub fn open(
-        stream: tokio::net::TcpStream,
+        io: ChatIo,
         shutdown: &CancellationToken,
         svc: &ChatService,
         slow_frame: Bytes,
         reason: Arc<CloseReason>,
     ) -> Wire {
         let config = &svc.config;
-        let (read, write) = stream.into_split();
+        let ChatIo {
+            reader,
+            writer: write,
+            ..
+        } = io;
         let (tx, rx) = mpsc::channel::<Outbound>(OUT_QUEUE);
         let closed = shutdown.child_token();
         let shared = Arc::new(OutboxShared {
@@ -398,7 +415,7 @@ impl Wire {
             slow_frame,
         ));
         Wire {
-            reader: tokio::io::BufReader::new(read),
+            reader,
             out: Outbox { tx, shared },
             closed,
             writer,

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
-    CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
+    ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
     rate_limiter,
 };
 use super::delivery::DeliveryFilter;
@@ -144,26 +143,23 @@ fn raw(line: String) -> Bytes {
 }
 
 /// Serves one IRC connection until it closes.
-pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
+pub async fn serve(io: ChatIo, svc: Arc<ChatService>, shutdown: CancellationToken) {
     let counted_svc = svc.clone();
     counted(&counted_svc, DIALECT, |reason| {
-        serve_until_closed(stream, svc, shutdown, reason)
+        serve_until_closed(io, svc, shutdown, reason)
     })
     .await;
 }
 
 async fn serve_until_closed(
-    stream: TcpStream,
+    io: ChatIo,
     svc: Arc<ChatService>,
     shutdown: CancellationToken,
     reason: Arc<CloseReason>,
 ) {
     let slow = raw("ERROR :Closing link: this client did not read what it was sent".into());
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    let mut wire = Wire::open(stream, &shutdown, &svc, slow, reason.clone());
+    let peer = io.peer.clone();
+    let mut wire = Wire::open(io, &shutdown, &svc, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = IrcConn {
         peer,

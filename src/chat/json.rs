@@ -6,13 +6,12 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use serde::Serialize;
 use serde_json::Value;
-use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
-    CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
+    ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
     rate_limiter, replay_planned,
 };
 use super::delivery::DeliveryFilter;
@@ -350,16 +349,16 @@ fn error_frame(e: &ProtocolError) -> Bytes {
 const DIALECT: &str = "json";
 
 /// Serves one JSON-dialect connection until it closes.
-pub async fn serve(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
+pub async fn serve(io: ChatIo, svc: Arc<ChatService>, shutdown: CancellationToken) {
     let counted_svc = svc.clone();
     counted(&counted_svc, DIALECT, |reason| {
-        serve_until_closed(stream, svc, shutdown, reason)
+        serve_until_closed(io, svc, shutdown, reason)
     })
     .await;
 }
 
 async fn serve_until_closed(
-    stream: TcpStream,
+    io: ChatIo,
     svc: Arc<ChatService>,
     shutdown: CancellationToken,
     reason: Arc<CloseReason>,
@@ -368,11 +367,8 @@ async fn serve_until_closed(
         ErrorCode::Slow,
         "this client did not read what it was sent; disconnecting",
     ));
-    let peer = stream
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
-    let mut wire = Wire::open(stream, &shutdown, &svc, slow, reason.clone());
+    let peer = io.peer.clone();
+    let mut wire = Wire::open(io, &shutdown, &svc, slow, reason.clone());
     let closed = wire.closed.clone();
     let mut conn = Connection {
         peer,

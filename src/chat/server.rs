@@ -1,27 +1,56 @@
-//! The chat port: accepts connections, reads the first byte to pick the dialect (`{` is JSON,
-//! anything else IRC) and serves them until shutdown.
+//! The chat ports: accept connections (plain, and TLS on `chat_tls`), read the first byte to
+//! pick the dialect (`{` is JSON, anything else IRC) and serve them until shutdown.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+use super::conn::{ChatIo, ChatRead, ChatWrite};
 use super::service::ChatService;
 use super::{irc, json};
+use crate::tls::Tls;
 
-pub async fn serve_chat_port(
-    listener: TcpListener,
+/// One chat listener; with `tls`, every connection first completes a TLS handshake.
+pub struct ChatListener {
+    pub listener: TcpListener,
+    pub tls: Option<Arc<Tls>>,
+}
+
+/// Serves every chat listener of the node; `chat.max_clients` and `chat.max_clients_per_ip`
+/// count connections across all of them.
+pub async fn serve_chat_ports(
+    listeners: Vec<ChatListener>,
     svc: Arc<ChatService>,
     shutdown: CancellationToken,
 ) {
-    let slots = Arc::new(Semaphore::new(svc.config.max_clients));
-    let per_ip = Arc::new(PerIp::new(svc.config.max_clients_per_ip));
+    let admission = Arc::new(Admission {
+        slots: Arc::new(Semaphore::new(svc.config.max_clients)),
+        per_ip: Arc::new(PerIp::new(svc.config.max_clients_per_ip)),
+    });
+    let loops = listeners
+        .into_iter()
+        .map(|l| accept_loop(l, svc.clone(), admission.clone(), shutdown.clone()));
+    futures_util::future::join_all(loops).await;
+}
+
+struct Admission {
+    slots: Arc<Semaphore>,
+    per_ip: Arc<PerIp>,
+}
+
+async fn accept_loop(
+    chat: ChatListener,
+    svc: Arc<ChatService>,
+    admission: Arc<Admission>,
+    shutdown: CancellationToken,
+) {
     loop {
         let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
+            accepted = chat.listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -32,22 +61,97 @@ pub async fn serve_chat_port(
             _ = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        let Ok(permit) = admission.slots.clone().try_acquire_owned() else {
             tokio::spawn(refuse(stream, FULL));
             continue;
         };
-        let Some(ip_slot) = PerIp::acquire(&per_ip, peer.ip()) else {
+        let Some(ip_slot) = PerIp::acquire(&admission.per_ip, peer.ip()) else {
             svc.metrics.bad_request("ip_limit");
             tokio::spawn(refuse(stream, IP_LIMIT));
             continue;
         };
         let svc = svc.clone();
         let shutdown = shutdown.clone();
+        let tls = chat.tls.clone();
         tokio::spawn(async move {
-            serve_connection(stream, svc, shutdown).await;
+            let peer = peer.ip().to_string();
+            let io = match tls {
+                None => Some(plain(stream, peer)),
+                Some(tls) => handshake(stream, peer, &tls, &svc, &shutdown).await,
+            };
+            if let Some(io) = io {
+                serve_connection(io, svc, shutdown).await;
+            }
             drop(ip_slot);
             drop(permit);
         });
+    }
+}
+
+/// Read buffer of a chat connection; longer lines are assembled beyond it.
+const READ_BUFFER: usize = 4096;
+
+fn plain(stream: TcpStream, peer: String) -> ChatIo {
+    let (read, write) = stream.into_split();
+    ChatIo {
+        reader: BufReader::with_capacity(READ_BUFFER, Box::new(read) as ChatRead),
+        writer: Box::new(write) as ChatWrite,
+        peer,
+    }
+}
+
+/// The first byte of every TLS connection (a handshake record).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Completes the TLS handshake on a `chat_tls` connection. A client speaking plain text is
+/// told so in its own dialect and closed.
+async fn handshake(
+    stream: TcpStream,
+    peer: String,
+    tls: &Tls,
+    svc: &ChatService,
+    shutdown: &CancellationToken,
+) -> Option<ChatIo> {
+    let wait = Duration::from_millis(svc.config.hello_timeout_ms);
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout(wait, stream.peek(&mut first)) => r,
+        _ = shutdown.cancelled() => return None,
+    };
+    match peeked {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+        Ok(Ok(1)) => {
+            svc.metrics.bad_request("not_tls");
+            let line = if first[0] == b'{' {
+                NOT_TLS_JSON
+            } else {
+                NOT_TLS_IRC
+            };
+            refuse(stream, line).await;
+            return None;
+        }
+        // A TCP health probe, a silent client or a broken connection.
+        _ => return None,
+    }
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(wait, tls.chat_acceptor().accept(stream)) => r,
+        _ = shutdown.cancelled() => return None,
+    };
+    match accepted {
+        Ok(Ok(stream)) => {
+            let (read, write) = tokio::io::split(stream);
+            Some(ChatIo {
+                reader: BufReader::with_capacity(READ_BUFFER, Box::new(read) as ChatRead),
+                writer: Box::new(write) as ChatWrite,
+                peer,
+            })
+        }
+        Ok(Err(e)) => {
+            svc.metrics.bad_request("tls_handshake");
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => None,
     }
 }
 
@@ -55,6 +159,9 @@ const FULL: &[u8] =
     br#"{"type":"error","code":"unavailable","message":"server full: too many clients"}"#;
 const IP_LIMIT: &[u8] =
     br#"{"type":"error","code":"limit","message":"too many connections from this address"}"#;
+const NOT_TLS_JSON: &[u8] = br#"{"type":"error","code":"bad_request","message":"this port speaks TLS; connect with TLS or use the plain chat port"}"#;
+const NOT_TLS_IRC: &[u8] =
+    b"ERROR :This port speaks TLS; connect with TLS or use the plain chat port\r";
 
 /// Connections per client address, bounded by `chat.max_clients_per_ip` (0: unlimited). The
 /// map holds only addresses with a live connection, so it is bounded by `chat.max_clients`.
@@ -112,17 +219,19 @@ async fn refuse(mut stream: TcpStream, line: &'static [u8]) {
     let _ = stream.shutdown().await;
 }
 
-async fn serve_connection(stream: TcpStream, svc: Arc<ChatService>, shutdown: CancellationToken) {
-    let mut first = [0u8; 1];
+async fn serve_connection(mut io: ChatIo, svc: Arc<ChatService>, shutdown: CancellationToken) {
     let wait = Duration::from_millis(svc.config.hello_timeout_ms);
-    let peeked = tokio::select! {
-        r = tokio::time::timeout(wait, stream.peek(&mut first)) => r,
+    let first = tokio::select! {
+        r = tokio::time::timeout(wait, io.reader.fill_buf()) => match r {
+            Ok(Ok(buf)) => buf.first().copied(),
+            Ok(Err(_)) | Err(_) => None,
+        },
         _ = shutdown.cancelled() => return,
     };
-    match peeked {
+    match first {
         // Closed without a byte (a health probe), silent past the login timeout, or broken.
-        Ok(Ok(0)) | Err(_) | Ok(Err(_)) => {}
-        Ok(Ok(_)) if first[0] == b'{' => json::serve(stream, svc, shutdown).await,
-        Ok(Ok(_)) => irc::serve(stream, svc, shutdown).await,
+        None => {}
+        Some(b'{') => json::serve(io, svc, shutdown).await,
+        Some(_) => irc::serve(io, svc, shutdown).await,
     }
 }

@@ -3,7 +3,9 @@
 
 use clap::Subcommand;
 
-use crate::consensus::{AccountRequest, AdminAnswer, AdminRequest, account_request, admin_request};
+use crate::consensus::{
+    AccountRequest, AdminAnswer, AdminRequest, Operator, account_request, admin_request,
+};
 
 #[derive(clap::Args)]
 pub struct AdminArgs {
@@ -16,6 +18,15 @@ pub struct AdminArgs {
     /// A file whose first line is the cluster secret.
     #[arg(long)]
     secret_file: Option<std::path::PathBuf>,
+    /// With `[tls] raft = true`: the cluster's CA (PEM), to check the node's certificate.
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_ca: Option<std::path::PathBuf>,
+    /// With `[tls] raft = true`: a client certificate signed by that CA (PEM).
+    #[arg(long, requires_all = ["tls_ca", "tls_key"])]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key (PEM).
+    #[arg(long, requires_all = ["tls_ca", "tls_cert"])]
+    tls_key: Option<std::path::PathBuf>,
     #[command(subcommand)]
     change: Change,
 }
@@ -67,13 +78,13 @@ fn password_from_stdin(name: &str) -> anyhow::Result<String> {
 
 async fn change_account(
     servers: &[String],
-    secret: &str,
+    operator: &Operator,
     request: AccountRequest,
     what: &str,
 ) -> anyhow::Result<()> {
     let mut problems = Vec::new();
     for addr in servers {
-        match account_request(addr, secret, &request).await {
+        match account_request(addr, operator, &request).await {
             Ok(Ok(())) => {
                 println!("{what}");
                 return Ok(());
@@ -94,6 +105,11 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
             "the cluster secret is needed: set RAFTCHAT_SECRET, or pass --secret-file (or --secret)"
         ),
     };
+    let tls = match (&args.tls_ca, &args.tls_cert, &args.tls_key) {
+        (Some(ca), Some(cert), Some(key)) => Some(crate::tls::operator_client(ca, cert, key)?),
+        _ => None,
+    };
+    let operator = Operator { secret, tls };
     let (request, what) = match args.change {
         Change::AddNode {
             id,
@@ -122,7 +138,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 password: Some(password),
             };
             let what = format!("account {name} set");
-            return change_account(&args.servers, &secret, request, &what).await;
+            return change_account(&args.servers, &operator, request, &what).await;
         }
         Change::RemoveUser { name } => {
             let request = AccountRequest {
@@ -130,7 +146,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
                 password: None,
             };
             let what = format!("account {name} removed");
-            return change_account(&args.servers, &secret, request, &what).await;
+            return change_account(&args.servers, &operator, request, &what).await;
         }
     };
     let mut candidates = args.servers.clone();
@@ -143,7 +159,7 @@ pub async fn run(args: AdminArgs) -> anyhow::Result<()> {
         if hops > args.servers.len() + 3 {
             break;
         }
-        match admin_request(&addr, &secret, &request).await {
+        match admin_request(&addr, &operator, &request).await {
             Ok(AdminAnswer::Done { voters }) => {
                 let voters: Vec<String> = voters.iter().map(u64::to_string).collect();
                 println!("{what}; voters: {}", voters.join(", "));

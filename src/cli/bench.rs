@@ -248,6 +248,7 @@ async fn start_local(
             raft: format!("127.0.0.1:{}", ports[3 * i + 1]),
             metrics: format!("127.0.0.1:{}", ports[3 * i + 2]),
             advertise_chat: None,
+            chat_tls: None,
         })
         .collect();
     let mut config = Config {
@@ -639,6 +640,7 @@ impl OtlpSink {
             handler,
             64,
             tokio_util::sync::CancellationToken::new(),
+            None,
         ));
         Ok(OtlpSink {
             endpoint,

@@ -29,7 +29,7 @@ pub use leader_watch::run as watch_leader;
 use log_store::LogStore;
 pub use log_store::SyncObserver;
 pub use network::RpcObserver;
-use network::{Network, RpcClient};
+use network::{ClientTls, Network, RpcClient};
 pub use server::serve_raft_port;
 use state_machine::StateMachine;
 use types::{NodeAddr, Request, TypeConfig};
@@ -140,15 +140,22 @@ pub enum AdminAnswer {
     Failed(String),
 }
 
-/// Sends `request` to the raft/admin port at `addr`, with the cluster `secret`.
+/// How an operator reaches the raft/admin port: the cluster secret, and with `[tls] raft`
+/// a client certificate from the cluster's CA.
+pub struct Operator {
+    pub secret: String,
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+/// Sends `request` to the raft/admin port at `addr`.
 pub async fn admin_request(
     addr: &str,
-    secret: &str,
+    operator: &Operator,
     request: &AdminRequest,
 ) -> Result<AdminAnswer, String> {
     admin_post(
         addr,
-        secret,
+        operator,
         "/admin/membership",
         request,
         Duration::from_secs(60),
@@ -159,12 +166,16 @@ pub async fn admin_request(
 /// One operator call to the raft/admin port at `addr`.
 async fn admin_post<Req: Serialize, Resp: serde::de::DeserializeOwned>(
     addr: &str,
-    secret: &str,
+    operator: &Operator,
     path: &str,
     request: &Req,
     timeout: Duration,
 ) -> Result<Resp, String> {
-    let rpc = RpcClient::new(secret, Arc::new(|_, _, _, _| {}));
+    let tls = match &operator.tls {
+        Some(config) => ClientTls::Fixed(config.clone()),
+        None => ClientTls::Plain,
+    };
+    let rpc = RpcClient::new(&operator.secret, Arc::new(|_, _, _, _| {}), tls);
     rpc.post("admin", 0, addr, path, request, timeout, &[])
         .await
         .map_err(|e| e.to_string())
@@ -182,12 +193,12 @@ pub struct AccountRequest {
 /// Sends an account change to the raft/admin port at `addr` (any node; writes are forwarded).
 pub async fn account_request(
     addr: &str,
-    secret: &str,
+    operator: &Operator,
     request: &AccountRequest,
 ) -> Result<Result<(), String>, String> {
     admin_post(
         addr,
-        secret,
+        operator,
         "/admin/account",
         request,
         Duration::from_secs(30),
@@ -309,6 +320,7 @@ impl Consensus {
         chat: Arc<ChatStore>,
         observers: Observers,
         join: bool,
+        tls: Option<Arc<crate::tls::Tls>>,
     ) -> Result<Arc<Consensus>, ConsensusError> {
         let storage_err = |reason: String| ConsensusError::Storage {
             path: data_dir.display().to_string(),
@@ -350,7 +362,11 @@ impl Consensus {
         .validate()
         .map_err(|e| ConsensusError::Raft(e.to_string()))?;
 
-        let rpc = RpcClient::new(&config.secret, observers.rpc.clone());
+        let tls = match tls {
+            Some(tls) if tls.raft_client().is_some() => ClientTls::Node(tls),
+            _ => ClientTls::Plain,
+        };
+        let rpc = RpcClient::new(&config.secret, observers.rpc.clone(), tls);
         let network = Network { rpc: rpc.clone() };
         let raft = Raft::new(id, Arc::new(raft_config), network, log, sm)
             .await

@@ -11,6 +11,7 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, StatusCode};
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -61,33 +62,100 @@ pub enum RpcError {
 
 /// A pooled HTTP client for the raft port of peers.
 type Body = BoxBody<Bytes, std::io::Error>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// Where the raft client's TLS settings come from.
+#[derive(Clone, Default)]
+pub enum ClientTls {
+    #[default]
+    Plain,
+    /// A node's own certificate (`[tls] raft = true`), reread on SIGHUP.
+    Node(Arc<crate::tls::Tls>),
+    /// An operator's, fixed for the process (`raftchat admin --tls-*`).
+    Fixed(Arc<rustls::ClientConfig>),
+}
+
+impl ClientTls {
+    /// The configuration in force and its generation; `None` for plain HTTP.
+    fn current(&self) -> Option<(u64, Arc<rustls::ClientConfig>)> {
+        match self {
+            ClientTls::Plain => None,
+            ClientTls::Node(tls) => tls.raft_client().map(|c| (tls.generation(), c)),
+            ClientTls::Fixed(config) => Some((0, config.clone())),
+        }
+    }
+}
 
 #[derive(Clone)]
 pub struct RpcClient {
-    http: Client<HttpConnector, Body>,
+    /// The pool and the TLS generation it was built for: a reload builds a new pool, so new
+    /// connections present the new certificate.
+    http: Arc<std::sync::RwLock<(u64, HttpClient)>>,
+    tls: ClientTls,
     secret: Arc<str>,
     observer: RpcObserver,
     reachability: Arc<super::reachability::Reachability>,
 }
 
+fn build_http(tls: Option<Arc<rustls::ClientConfig>>) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_millis(500)));
+    http.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let connector = match tls {
+        Some(config) => builder
+            .with_tls_config((*config).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http),
+        None => builder
+            .with_tls_config(crate::tls::plain_client())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(16)
+        .build(connector)
+}
+
 impl RpcClient {
-    pub fn new(secret: &str, observer: RpcObserver) -> RpcClient {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_millis(500)));
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(16)
-            .build(connector);
+    pub fn new(secret: &str, observer: RpcObserver, tls: ClientTls) -> RpcClient {
+        let (generation, config) = tls.current().unzip();
         RpcClient {
-            http,
+            http: Arc::new(std::sync::RwLock::new((
+                generation.unwrap_or(0),
+                build_http(config),
+            ))),
+            tls,
             secret: secret.into(),
             observer,
             reachability: Arc::default(),
         }
     }
 
-    /// POSTs `body` as JSON to `http://{addr}{path}` and decodes the JSON answer.
+    /// The pool for the TLS configuration in force.
+    fn http(&self) -> (HttpClient, &'static str) {
+        let Some((generation, config)) = self.tls.current() else {
+            let current = self.http.read().unwrap_or_else(|p| p.into_inner());
+            return (current.1.clone(), "http");
+        };
+        {
+            let current = self.http.read().unwrap_or_else(|p| p.into_inner());
+            if current.0 == generation {
+                return (current.1.clone(), "https");
+            }
+        }
+        let mut current = self.http.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 != generation {
+            *current = (generation, build_http(Some(config)));
+        }
+        (current.1.clone(), "https")
+    }
+
+    /// POSTs `body` as JSON to `{addr}{path}` and decodes the JSON answer.
     #[allow(clippy::too_many_arguments)]
     pub async fn post<Req: Serialize, Resp: DeserializeOwned>(
         &self,
@@ -146,7 +214,8 @@ impl RpcClient {
             addr: addr.to_string(),
             reason,
         };
-        let mut builder = Request::post(format!("http://{addr}{path}"))
+        let (http, scheme) = self.http();
+        let mut builder = Request::post(format!("{scheme}://{addr}{path}"))
             .header(hyper::header::CONTENT_TYPE, "application/json")
             .header(SECRET_HEADER, self.secret.as_ref())
             .header(TARGET_HEADER, target.to_string());
@@ -155,7 +224,7 @@ impl RpcClient {
         }
         let request = builder.body(body).map_err(|e| network(e.to_string()))?;
         let exchange = async {
-            let response = self.http.request(request).await.map_err(|e| {
+            let response = http.request(request).await.map_err(|e| {
                 if e.is_connect() {
                     RpcError::Unreachable {
                         addr: addr.to_string(),

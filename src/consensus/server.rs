@@ -33,12 +33,14 @@ pub async fn serve_raft_port(
     listener: TcpListener,
     consensus: Arc<Consensus>,
     shutdown: CancellationToken,
+    tls: Option<Arc<crate::tls::Tls>>,
 ) {
     let handler = move |req: Request<Incoming>| {
         let consensus = consensus.clone();
         async move { handle(&consensus, req).await }
     };
-    http::serve(listener, handler, MAX_RAFT_CONNECTIONS, shutdown).await;
+    let mtls = tls.filter(|t| t.raft_acceptor().is_some());
+    http::serve(listener, handler, MAX_RAFT_CONNECTIONS, shutdown, mtls).await;
 }
 
 /// Peers' pooled connections, their long polls and operators' admin calls.

@@ -2,6 +2,8 @@
 //! client. Every wait has a deadline; nothing sleeps where it can poll a condition.
 #![allow(dead_code)]
 
+pub mod certs;
+
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -259,6 +261,15 @@ impl Cluster {
         Some((v["applied"].as_u64()?, v["fingerprint"].as_u64()?))
     }
 
+    /// The value of the first `/metrics` line of node `id` starting with `series`.
+    pub fn metric(&self, id: u64, series: &str) -> Option<f64> {
+        let body = http_get(&self.node(id).metrics, "/metrics").ok()?.1;
+        body.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
     pub fn is_running(&mut self, id: u64) -> bool {
         self.children
             .get_mut(&id)
@@ -401,6 +412,8 @@ pub struct Client {
     pub session: Option<String>,
     /// Pushed messages, in arrival order.
     pub messages: Vec<Value>,
+    /// Pushed presence frames (joins and leaves of others), in arrival order.
+    pub presences: Vec<Value>,
     /// Other frames not yet consumed.
     pending: std::collections::VecDeque<Value>,
 }
@@ -419,6 +432,7 @@ impl Client {
             reader,
             session: None,
             messages: Vec::new(),
+            presences: Vec::new(),
             pending: Default::default(),
         })
     }
@@ -469,7 +483,7 @@ impl Client {
             let v = self.read_frame(left)?;
             match v["type"].as_str() {
                 Some("message") => self.messages.push(v),
-                Some("presence") => {}
+                Some("presence") => self.presences.push(v),
                 _ => return Some(v),
             }
         }
@@ -519,7 +533,7 @@ impl Client {
             if let Some(v) = self.read_frame(left.min(Duration::from_millis(200))) {
                 match v["type"].as_str() {
                     Some("message") => self.messages.push(v),
-                    Some("presence") => {}
+                    Some("presence") => self.presences.push(v),
                     _ => self.pending.push_back(v),
                 }
             }
