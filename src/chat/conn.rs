@@ -8,11 +8,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::command::{Event, MessageEvent, StoredMessage};
+use super::command::{MessageEvent, StoredMessage};
 use super::delivery::{Delivery, DeliveryFilter};
 use super::service::ChatService;
 
@@ -246,7 +245,7 @@ pub struct Follow {
     pub session: String,
     pub user: String,
     pub filter: DeliveryFilter,
-    pub events: broadcast::Receiver<Arc<Event>>,
+    pub events: super::fanout::Receiver,
 }
 
 /// Pushes a connection's applied events, in index order, as `render` writes them. A client
@@ -267,12 +266,12 @@ pub async fn deliver<R: Render>(
         };
         let event = match event {
             Ok(e) => e,
-            Err(broadcast::error::RecvError::Lagged(n)) => {
+            Err(super::fanout::Ended::Lagged(n)) => {
                 reason.set("slow");
                 let _ = out.send(Outbound::Fatal(render.too_slow(n))).await;
                 return;
             }
-            Err(broadcast::error::RecvError::Closed) => return,
+            Err(super::fanout::Ended::Closed) => return,
         };
         let frame = match follow.filter.on_event(&event) {
             None => continue,

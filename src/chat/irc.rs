@@ -20,6 +20,7 @@ use super::conn::{
     rate_limiter,
 };
 use super::delivery::DeliveryFilter;
+use super::fanout::Subscriber;
 use super::json::rfc3339;
 use super::lines::{Line, Verdict, read_line};
 use super::names::{fold, is_room_target, is_valid_room, is_valid_user};
@@ -669,14 +670,12 @@ impl IrcConn {
         )
         .await;
         self.motd().await;
-        let sub = self.svc.store.subscribe();
-        let rooms: Vec<String> = self
-            .svc
-            .store
-            .state()
-            .session(&attached.session)
-            .map(|s| s.rooms.iter().cloned().collect())
-            .unwrap_or_default();
+        let sub = self.svc.store.subscribe(Subscriber {
+            session: &attached.session,
+            session_id: attached.id,
+            user: &me,
+        });
+        let rooms = sub.rooms;
         if attached.resumed {
             self.svc
                 .metrics

@@ -15,6 +15,7 @@ use super::conn::{
     rate_limiter, replay_planned,
 };
 use super::delivery::DeliveryFilter;
+use super::fanout::Subscriber;
 use super::lines::{Line, Verdict, read_line};
 use super::service::{Attached, ChatError, ChatService, Outgoing};
 
@@ -612,14 +613,12 @@ impl Connection {
         let attached = self.svc.attach(user, token, false, password).await?;
         self.svc.register(&attached);
         // Subscribe before reading state: every event above `sub.applied` will arrive.
-        let sub = self.svc.store.subscribe();
-        let rooms: Vec<String> = self
-            .svc
-            .store
-            .state()
-            .session(&attached.session)
-            .map(|s| s.rooms.iter().cloned().collect())
-            .unwrap_or_default();
+        let sub = self.svc.store.subscribe(Subscriber {
+            session: &attached.session,
+            session_id: attached.id,
+            user: &attached.user,
+        });
+        let rooms = sub.rooms;
         let status = self.svc.consensus.status();
         let nodes = self
             .svc

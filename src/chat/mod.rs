@@ -6,6 +6,7 @@ pub mod backfill;
 pub mod command;
 pub mod conn;
 pub mod delivery;
+pub mod fanout;
 pub mod history;
 pub mod irc;
 pub mod json;

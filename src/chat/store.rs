@@ -4,9 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use tokio::sync::broadcast;
-
 use super::command::{ChatCommand, ChatResponse, Event, StoredMessage};
+use super::fanout::{Fanout, Receiver, Subscriber};
 use super::history::{Gap, History, HistoryError, RangePage};
 use super::state::ChatState;
 
@@ -26,19 +25,20 @@ pub struct ChatStore {
     gap: std::sync::Mutex<Option<Gap>>,
     /// Wakes the history copier (`chat::backfill`) when a gap opens.
     pub gap_opened: tokio::sync::Notify,
-    events: broadcast::Sender<Arc<Event>>,
+    fanout: Arc<Fanout>,
 }
 
-/// A consistent starting point for a connection: events above `applied` arrive on `events`,
-/// everything up to it can be read from the state and the history.
+/// A consistent starting point for a connection: events above `applied` that concern it
+/// arrive on `events`, everything up to it can be read from the state and the history.
 pub struct Subscription {
     pub applied: u64,
-    pub events: broadcast::Receiver<Arc<Event>>,
+    /// The session's rooms at `applied` (folded names).
+    pub rooms: Vec<String>,
+    pub events: Receiver,
 }
 
 impl ChatStore {
     pub fn new(history: History, queue_events: usize) -> Result<ChatStore, HistoryError> {
-        let (events, _) = broadcast::channel(queue_events);
         let gap = history.gap()?;
         Ok(ChatStore {
             state: RwLock::new(ChatState::default()),
@@ -46,7 +46,7 @@ impl ChatStore {
             history,
             gap: std::sync::Mutex::new(gap),
             gap_opened: tokio::sync::Notify::new(),
-            events,
+            fanout: Fanout::new(queue_events),
         })
     }
 
@@ -81,10 +81,7 @@ impl ChatStore {
         if let Some(last) = entries.last() {
             self.applied.store(last.index, Ordering::Release);
         }
-        for event in events {
-            // No receivers is fine: nobody is connected to this node.
-            let _ = self.events.send(Arc::new(event));
-        }
+        self.fanout.publish(events);
         Ok(responses)
     }
 
@@ -134,13 +131,23 @@ impl ChatStore {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Subscribes to events after the current applied index.
-    pub fn subscribe(&self) -> Subscription {
-        let _guard = self.state();
+    /// Subscribes `who` to the events after the current applied index that concern it.
+    pub fn subscribe(&self, who: Subscriber<'_>) -> Subscription {
+        let state = self.state();
+        let rooms = state
+            .session(who.session)
+            .map(|s| s.rooms.iter().cloned().collect())
+            .unwrap_or_default();
         Subscription {
             applied: self.applied(),
-            events: self.events.subscribe(),
+            rooms,
+            events: self.fanout.subscribe(who, &state),
         }
+    }
+
+    /// Connections events are routed to.
+    pub fn subscribers(&self) -> usize {
+        self.fanout.subscribers()
     }
 
     pub fn history(&self) -> &History {
@@ -165,7 +172,7 @@ impl ChatStore {
         let mut guard = self.write_state();
         *guard = state;
         self.applied.store(applied, Ordering::Release);
-        let _ = self.events.send(Arc::new(Event::Resync { index: applied }));
+        self.fanout.resync(&guard, applied);
         Ok(())
     }
 }

@@ -70,6 +70,14 @@ pub struct BenchArgs {
     /// cost of tracing).
     #[arg(long)]
     otlp: bool,
+    /// Hold this many idle connections (each logged in, in a room of its own) on the local
+    /// cluster's leader; report its memory growth and a small room's ack latency without
+    /// and with them.
+    #[arg(long, default_value_t = 0)]
+    idle: usize,
+    /// Seconds of small-room ack measurement before and during `--idle`.
+    #[arg(long, default_value_t = 5)]
+    idle_probe_secs: u64,
 }
 
 #[derive(Default)]
@@ -165,6 +173,24 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     {
         let times = client_failovers(cluster, args.client_failovers).await?;
         summarize(&mut report, "client_downtime", &times);
+    }
+    if args.idle > 0 {
+        let Some((cluster, _)) = &local else {
+            bail!("flag `--idle` needs a local cluster: leave out `--servers`");
+        };
+        let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
+        let node = cluster
+            .config
+            .nodes
+            .iter()
+            .find(|n| n.id == leader)
+            .context("the leader is not in the config")?;
+        let target = super::idle_bench::IdleTarget {
+            chat: &node.chat,
+            metrics: &node.metrics,
+        };
+        let probe = Duration::from_secs(args.idle_probe_secs.max(1));
+        super::idle_bench::run(target, args.idle, probe, &mut report).await?;
     }
     if let Some((cluster, _)) = &local
         && let Some(p99) = probe_p99_ms(cluster).await
@@ -267,6 +293,7 @@ async fn start_local(
         config.chat.max_text_bytes = config.chat.max_text_bytes.max(args.size);
         config.chat.max_line_bytes = config.chat.max_line_bytes.max(args.size + 1024);
         config.chat.max_clients_per_ip = 0;
+        config.chat.max_clients = config.chat.max_clients.max(args.idle + 1024);
     }
     config.validate()?;
     let cluster = LocalCluster::start(config, &dir, true)?;

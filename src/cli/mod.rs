@@ -5,6 +5,7 @@ mod bench;
 mod chat;
 mod cluster;
 mod failover_bench;
+mod idle_bench;
 mod status;
 
 use std::path::PathBuf;
