@@ -243,6 +243,7 @@ async fn bind(addr: &str, what: &str) -> anyhow::Result<TcpListener> {
 /// With `join`, a new node waits to be added to a running cluster instead of forming one.
 pub async fn run(config: Config, id: u64, join: bool) -> anyhow::Result<()> {
     let telemetry = telemetry::init_node(&config.telemetry, id)?;
+    raise_file_limit();
     let result = serve(config, id, join, telemetry.counters.clone()).await;
     telemetry.shutdown().await;
     result
@@ -423,6 +424,21 @@ async fn wait_for_fatal(consensus: &Consensus, store: &ChatStore, metrics: &Metr
             },
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
+    }
+}
+
+/// Every client is a file descriptor: `chat.max_clients` (10,000 by default) needs more than
+/// the usual soft limit of 1,024, so the soft limit is raised to the hard one.
+fn raise_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!(soft, hard, error = %e, "cannot raise the open-file limit");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read the open-file limit"),
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -112,6 +112,9 @@ impl Outbox {
     }
 }
 
+/// Queued frames are written once this many bytes have gathered (or the queue runs dry).
+const WRITE_BATCH_BYTES: usize = 16 * 1024;
+
 /// How long the last words to a connection that is closing normally may take.
 const FAREWELL: Duration = Duration::from_millis(500);
 /// How long a client cut off as `slow` has to read what its socket holds and the reason.
@@ -127,7 +130,12 @@ async fn write_loop(
     write_timeout: Duration,
     slow_frame: Bytes,
 ) {
-    let mut writer = BufWriter::new(write);
+    let mut writer = write;
+    // Frames that queued up behind each other go out in one write; the buffer exists only
+    // while they do (an idle connection holds none). `pending[written..]` is what the socket
+    // has not taken yet: a write cut short by the stall timer leaves the stream whole.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut written = 0usize;
     let closed = shared.closed.clone();
     let stall = tokio::time::sleep(write_timeout);
     tokio::pin!(stall);
@@ -155,8 +163,19 @@ async fn write_loop(
         if stall.deadline() < now + write_timeout {
             stall.as_mut().reset(now + 2 * write_timeout);
         }
+        pending.extend_from_slice(&bytes);
         let write = async {
-            writer.write_all(&bytes).await?;
+            if !flush && pending.len() < WRITE_BATCH_BYTES {
+                return Ok(());
+            }
+            while written < pending.len() {
+                match writer.write(&pending[written..]).await? {
+                    0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                    n => written += n,
+                }
+            }
+            pending = Vec::new();
+            written = 0;
             if flush {
                 writer.flush().await?;
             }
@@ -197,6 +216,8 @@ async fn write_loop(
     drop(rx);
     let farewell = if slow { SLOW_FAREWELL } else { FAREWELL };
     let _ = tokio::time::timeout(farewell, async {
+        // The rest of what was being written: a frame cut in half would garble the next one.
+        writer.write_all(&pending[written..]).await?;
         if slow {
             writer.write_all(&slow_frame).await?;
         }
@@ -307,7 +328,9 @@ pub async fn deliver<R: Render>(
                     .unwrap_or_default();
                 follow.filter.set_rooms(rooms);
                 let after = follow.filter.last();
-                if let Err(e) = replay(&svc, &follow.session, after, upto, &render, &out).await {
+                // Boxed: the replay's state exists only while it runs, not in every idle task.
+                let replayed = Box::pin(replay(&svc, &follow.session, after, upto, &render, &out));
+                if let Err(e) = replayed.await {
                     tracing::warn!(error = %e, "resync after snapshot failed");
                     reason.set("error");
                     let why = format!("cannot replay after a snapshot: {e}");
@@ -376,6 +399,37 @@ pub struct Wire {
 pub struct SendPipeline {
     pub queue: mpsc::Sender<super::service::Outgoing>,
     pub task: tokio::task::JoinHandle<()>,
+}
+
+/// A connection's message pipeline, started by its first message: an idle connection holds
+/// neither the queue nor the task.
+pub struct Sends {
+    started: Option<SendPipeline>,
+    start: Option<Box<dyn FnOnce() -> SendPipeline + Send + Sync>>,
+}
+
+impl Sends {
+    pub fn new(start: impl FnOnce() -> SendPipeline + Send + Sync + 'static) -> Sends {
+        Sends {
+            started: None,
+            start: Some(Box::new(start)),
+        }
+    }
+
+    /// The queue to the pipeline, starting it if this is the first message.
+    pub fn queue(&mut self) -> Option<&mpsc::Sender<super::service::Outgoing>> {
+        if self.started.is_none()
+            && let Some(start) = self.start.take()
+        {
+            self.started = Some(start());
+        }
+        self.started.as_ref().map(|p| &p.queue)
+    }
+
+    /// The running pipeline, if a message ever started it.
+    pub fn into_pipeline(self) -> Option<SendPipeline> {
+        self.started
+    }
 }
 
 /// Queue depth between a connection and its socket writer.

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
-    ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
-    rate_limiter,
+    ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Sends, Wire, counted,
+    deliver, rate_limiter,
 };
 use super::delivery::DeliveryFilter;
 use super::fanout::Subscriber;
@@ -262,14 +262,15 @@ async fn serve_until_closed(
                 break;
             }
         }
-        if !conn.handle(line).await {
+        // Boxed: a command's state exists only while it runs, not in every idle connection.
+        if !Box::pin(conn.handle(line)).await {
             break;
         }
     }
-    let sends = conn.sends.take();
+    let sends = conn.sends.take().and_then(Sends::into_pipeline);
     let attached = conn.attached.take();
     drop(conn);
-    wire.finish(&svc, sends, attached.as_ref()).await;
+    Box::pin(wire.finish(&svc, sends, attached.as_ref())).await;
 }
 
 struct IrcConn {
@@ -283,7 +284,7 @@ struct IrcConn {
     nick: Option<String>,
     user_given: bool,
     attached: Option<Attached>,
-    sends: Option<SendPipeline>,
+    sends: Option<Sends>,
     next_id: u64,
     conn_id: String,
     /// The client's address, for spans (`network.peer.address`).
@@ -720,15 +721,17 @@ impl IrcConn {
             self.closed.clone(),
             self.reason.clone(),
         ));
-        let (tx, rx) = mpsc::channel(SEND_QUEUE);
-        let task = tokio::spawn(send_loop(
+        let (svc, session, out, nick) = (
             self.svc.clone(),
             attached.session.clone(),
-            rx,
             self.out.clone(),
             self.nick.clone().unwrap_or_default(),
-        ));
-        self.sends = Some(SendPipeline { queue: tx, task });
+        );
+        self.sends = Some(Sends::new(move || {
+            let (tx, rx) = mpsc::channel(SEND_QUEUE);
+            let task = tokio::spawn(send_loop(svc, session, rx, out, nick));
+            SendPipeline { queue: tx, task }
+        }));
         self.attached = Some(attached);
     }
 
@@ -831,8 +834,8 @@ impl IrcConn {
                 text: line.params[1].clone(),
                 received: Instant::now(),
             };
-            if let Some(pipeline) = &self.sends {
-                let _ = pipeline.queue.send(message).await;
+            if let Some(queue) = self.sends.as_mut().and_then(Sends::queue) {
+                let _ = queue.send(message).await;
             }
         }
     }
@@ -939,7 +942,8 @@ async fn send_loop(
     let mut batch = Vec::with_capacity(SEND_BATCH);
     while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
         let targets: Vec<String> = batch.iter().map(|m| m.to.clone()).collect();
-        let results = svc.send_batch(&session, std::mem::take(&mut batch)).await;
+        // Boxed: the write's state exists only while a batch is in flight.
+        let results = Box::pin(svc.send_batch(&session, std::mem::take(&mut batch))).await;
         for (target, result) in targets.iter().zip(results) {
             let line = match result {
                 Ok(_) => continue,

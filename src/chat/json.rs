@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
-    ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Wire, counted, deliver,
-    rate_limiter, replay_planned,
+    ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Sends, Wire, counted,
+    deliver, rate_limiter, replay_planned,
 };
 use super::delivery::DeliveryFilter;
 use super::fanout::Subscriber;
@@ -458,14 +458,15 @@ async fn serve_until_closed(
             }
         }
         match parse(text) {
-            Ok(request) => conn.handle(request).await,
+            // Boxed: a command's state exists only while it runs, not in every idle connection.
+            Ok(request) => Box::pin(conn.handle(request)).await,
             Err(e) => conn.reply_error(e).await,
         }
     }
-    let sends = conn.sends.take();
+    let sends = conn.sends.take().and_then(Sends::into_pipeline);
     let attached = conn.attached.take();
     drop(conn);
-    wire.finish(&svc, sends, attached.as_ref()).await;
+    Box::pin(wire.finish(&svc, sends, attached.as_ref())).await;
 }
 
 struct Connection {
@@ -473,7 +474,7 @@ struct Connection {
     out: Outbox,
     closed: CancellationToken,
     attached: Option<Attached>,
-    sends: Option<SendPipeline>,
+    sends: Option<Sends>,
     reason: Arc<CloseReason>,
     /// The client's address, for spans (`network.peer.address`).
     peer: String,
@@ -702,28 +703,25 @@ impl Connection {
             self.closed.clone(),
             self.reason.clone(),
         ));
-        let (tx, rx) = mpsc::channel(SEND_QUEUE);
-        let task = tokio::spawn(send_loop(
-            self.svc.clone(),
-            attached.session.clone(),
-            rx,
-            self.out.clone(),
-            reconnect_span,
-        ));
-        self.sends = Some(SendPipeline { queue: tx, task });
+        let (svc, session, out) = (self.svc.clone(), attached.session.clone(), self.out.clone());
+        self.sends = Some(Sends::new(move || {
+            let (tx, rx) = mpsc::channel(SEND_QUEUE);
+            let task = tokio::spawn(send_loop(svc, session, rx, out, reconnect_span));
+            SendPipeline { queue: tx, task }
+        }));
         self.attached = Some(attached);
         Ok(())
     }
 
-    async fn queue_send(&self, id: String, to: String, text: String) {
-        if let Some(pipeline) = &self.sends {
+    async fn queue_send(&mut self, id: String, to: String, text: String) {
+        if let Some(queue) = self.sends.as_mut().and_then(Sends::queue) {
             let message = Outgoing {
                 id,
                 to,
                 text,
                 received: std::time::Instant::now(),
             };
-            let _ = pipeline.queue.send(message).await;
+            let _ = queue.send(message).await;
         }
     }
 }
@@ -740,7 +738,8 @@ async fn send_loop(
     let mut batch = Vec::with_capacity(SEND_BATCH);
     while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
         let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
-        let results = svc.send_batch(&session, std::mem::take(&mut batch)).await;
+        // Boxed: the write's state exists only while a batch is in flight.
+        let results = Box::pin(svc.send_batch(&session, std::mem::take(&mut batch))).await;
         let mut duplicates = 0u64;
         for (id, result) in ids.iter().zip(results) {
             let frame = match result {

@@ -13,6 +13,9 @@ pub enum Line {
     Eof,
 }
 
+/// The line buffer kept between lines; a longer one is released after its line.
+const KEEP_LINE_BUFFER: usize = 16 * 1024;
+
 /// Reads one line into `buf`, never holding more than `max` bytes of it. A longer line is
 /// read to its end and discarded, so the next call starts at the next line.
 pub async fn read_line<R: AsyncBufRead + Unpin>(
@@ -21,6 +24,8 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
     max: usize,
 ) -> io::Result<Line> {
     buf.clear();
+    // One long line must not keep its buffer for the rest of the connection.
+    buf.shrink_to(KEEP_LINE_BUFFER);
     let mut too_long = false;
     loop {
         let available = reader.fill_buf().await?;

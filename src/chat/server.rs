@@ -89,7 +89,7 @@ async fn accept_loop(
 }
 
 /// Read buffer of a chat connection; longer lines are assembled beyond it.
-const READ_BUFFER: usize = 4096;
+const READ_BUFFER: usize = 2048;
 
 fn plain(stream: TcpStream, peer: String) -> ChatIo {
     let (read, write) = stream.into_split();
