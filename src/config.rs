@@ -120,6 +120,9 @@ pub struct ChatConfig {
     pub max_rooms_per_session: usize,
     /// Connections from one IP address at once (0: unlimited).
     pub max_clients_per_ip: usize,
+    /// New connections one IP address may open per second, sustained (bursts of ten times
+    /// as many; 0: unlimited). Past it a connection is refused with `limit` at once.
+    pub max_new_sessions_per_ip_per_sec: u32,
     /// A logged-in connection that sends nothing (not even `ping`) for this long is closed
     /// (0: never).
     pub idle_timeout_secs: u64,
@@ -243,6 +246,7 @@ impl Default for ChatConfig {
             max_text_bytes: 8 * 1024,
             max_rooms_per_session: 100,
             max_clients_per_ip: 1_000,
+            max_new_sessions_per_ip_per_sec: 20,
             idle_timeout_secs: 300,
         }
     }

@@ -44,6 +44,16 @@ pub struct IrcLine {
     pub params: Vec<String>,
 }
 
+/// What a command costs the rate limit: one per target of a target list.
+fn write_cost(line: &IrcLine) -> u32 {
+    match line.command.as_str() {
+        "PRIVMSG" | "NOTICE" | "JOIN" | "PART" => line.params.first().map_or(1, |targets| {
+            targets.split(',').filter(|t| !t.is_empty()).count().max(1)
+        }) as u32,
+        _ => 1,
+    }
+}
+
 /// Splits a line into command and parameters (tags and source are dropped). `None` for a
 /// line with no command.
 pub fn parse(line: &str) -> Option<IrcLine> {
@@ -226,29 +236,30 @@ async fn serve_until_closed(
                 reason.set("error");
                 break;
             }
-            Ok(Line::TooLong) => {
-                conn.numeric("417", &[], "Input line was too long").await;
-                conn.svc.metrics.bad_request("line_too_long");
-                continue;
-            }
-            Ok(Line::Data) => {}
+            Ok(Line::TooLong) | Ok(Line::Data) => {}
         }
         last_heard = Instant::now();
         ping_sent = None;
-        // IRC has no single encoding; decode what is not UTF-8 lossily rather than fail.
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let body_len = if text.starts_with('@') {
-            text.split_once(' ').map_or(0, |(_, r)| r.len())
-        } else {
-            text.len()
+        let line = match line {
+            Ok(Line::Data) => {
+                // IRC has no single encoding; decode what is not UTF-8 lossily rather than fail.
+                let text = String::from_utf8_lossy(&buf).into_owned();
+                let body_len = if text.starts_with('@') {
+                    text.split_once(' ').map_or(0, |(_, r)| r.len())
+                } else {
+                    text.len()
+                };
+                if body_len > MAX_BODY {
+                    Err(true)
+                } else {
+                    parse(&text).ok_or(false)
+                }
+            }
+            _ => Err(true),
         };
-        if body_len > MAX_BODY {
-            conn.numeric("417", &[], "Input line was too long").await;
-            conn.svc.metrics.bad_request("line_too_long");
-            continue;
-        }
-        let Some(line) = parse(&text) else { continue };
-        match limiter.check() {
+        // Every line is charged, junk too; a target list costs one per target.
+        let cost = line.as_ref().map_or(1, write_cost);
+        match limiter.check_n(cost) {
             Verdict::Allow => {}
             Verdict::Reject => {
                 conn.svc.metrics.bad_request("rate_limited");
@@ -262,6 +273,16 @@ async fn serve_until_closed(
                 break;
             }
         }
+        let line = match line {
+            Ok(line) => line,
+            Err(too_long) => {
+                if too_long {
+                    conn.numeric("417", &[], "Input line was too long").await;
+                    conn.svc.metrics.bad_request("line_too_long");
+                }
+                continue;
+            }
+        };
         // Boxed: a command's state exists only while it runs, not in every idle connection.
         if !Box::pin(conn.handle(line)).await {
             break;

@@ -434,9 +434,7 @@ async fn serve_until_closed(
             .await;
             break;
         };
-        if text.trim().is_empty() {
-            continue;
-        }
+        // Every line is charged, blank and junk ones too.
         match limiter.check() {
             Verdict::Allow => {}
             Verdict::Reject => {

@@ -1,8 +1,13 @@
 //! Reading bounded lines and limiting how fast a connection may send them.
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::num::NonZeroU32;
+use std::time::Duration;
 
+use governor::clock::{Clock, DefaultClock, Reference};
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter as Gcra};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt};
 
 pub enum Line {
@@ -62,15 +67,17 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
     }
 }
 
-/// A token bucket: `rate` commands a second sustained, `burst` at once.
-pub struct RateLimiter {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+/// What a connection may send: `rate` writes a second sustained, `burst` at once (governor's
+/// GCRA, one atomic word of state). A write costs one per target (an IRC target list counts
+/// each) and junk lines cost one too. A client over the limit has its writes refused; one
+/// that stays over it for the grace period is closed.
+pub struct RateLimiter<C: Clock = DefaultClock> {
+    bucket: Option<Gcra<NotKeyed, InMemoryState, C, NoOpMiddleware<C::Instant>>>,
+    clock: C,
+    burst: NonZeroU32,
     /// When the current stretch of rejections began, and the last rejection.
-    over_since: Option<Instant>,
-    last_reject: Option<Instant>,
+    over_since: Option<C::Instant>,
+    last_reject: Option<C::Instant>,
     grace: Duration,
 }
 
@@ -83,13 +90,23 @@ pub enum Verdict {
     Close,
 }
 
-impl RateLimiter {
+impl RateLimiter<DefaultClock> {
+    /// `rate` 0: no limit.
     pub fn new(rate: u32, burst: u32, grace: Duration) -> RateLimiter {
+        RateLimiter::with_clock(rate, burst, grace, DefaultClock::default())
+    }
+}
+
+impl<C: Clock + Clone> RateLimiter<C> {
+    pub fn with_clock(rate: u32, burst: u32, grace: Duration, clock: C) -> RateLimiter<C> {
+        let burst = NonZeroU32::new(burst.max(1)).unwrap_or(NonZeroU32::MIN);
+        let bucket = NonZeroU32::new(rate).map(|rate| {
+            Gcra::direct_with_clock(Quota::per_second(rate).allow_burst(burst), clock.clone())
+        });
         RateLimiter {
-            rate: rate as f64,
-            burst: burst as f64,
-            tokens: burst as f64,
-            last: Instant::now(),
+            bucket,
+            clock,
+            burst,
             over_since: None,
             last_reject: None,
             grace,
@@ -97,30 +114,29 @@ impl RateLimiter {
     }
 
     pub fn check(&mut self) -> Verdict {
-        self.check_at(Instant::now())
+        self.check_n(1)
     }
 
-    fn check_at(&mut self, now: Instant) -> Verdict {
-        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
+    /// Charges `cost` writes (at most a burst: a longer target list is charged a burst).
+    pub fn check_n(&mut self, cost: u32) -> Verdict {
+        let Some(bucket) = &self.bucket else {
+            return Verdict::Allow;
+        };
+        let cost = NonZeroU32::new(cost.min(self.burst.get())).unwrap_or(NonZeroU32::MIN);
+        if matches!(bucket.check_n(cost), Ok(Ok(()))) {
             return Verdict::Allow;
         }
+        let now = self.clock.now();
+        let since = |earlier: C::Instant| Duration::from(now.duration_since(earlier));
         // A steady flood earns a token now and then; only a quiet grace period ends the stretch.
-        let quiet = self
-            .last_reject
-            .is_none_or(|last| now.saturating_duration_since(last) > self.grace);
+        let quiet = self.last_reject.is_none_or(|last| since(last) > self.grace);
         if quiet {
             self.over_since = Some(now);
         }
         self.last_reject = Some(now);
-        let since = self.over_since.unwrap_or(now);
-        if now.saturating_duration_since(since) >= self.grace {
-            Verdict::Close
-        } else {
-            Verdict::Reject
+        match self.over_since {
+            Some(start) if since(start) >= self.grace => Verdict::Close,
+            _ => Verdict::Reject,
         }
     }
 }
@@ -161,30 +177,41 @@ mod tests {
 
     #[test]
     fn limiter_rejects_then_closes() {
-        let mut l = RateLimiter::new(1, 2, Duration::from_secs(1));
-        let t0 = Instant::now();
-        assert_eq!(l.check_at(t0), Verdict::Allow);
-        assert_eq!(l.check_at(t0), Verdict::Allow);
-        assert_eq!(l.check_at(t0), Verdict::Reject);
-        assert_eq!(l.check_at(t0 + Duration::from_millis(1500)), Verdict::Allow);
-        assert_eq!(
-            l.check_at(t0 + Duration::from_millis(1500)),
-            Verdict::Reject
-        );
-        assert_eq!(l.check_at(t0 + Duration::from_millis(2600)), Verdict::Allow);
-        assert_eq!(
-            l.check_at(t0 + Duration::from_millis(2600)),
-            Verdict::Reject
-        );
-        assert_eq!(l.check_at(t0 + Duration::from_millis(3700)), Verdict::Allow);
+        let clock = governor::clock::FakeRelativeClock::default();
+        let mut l = RateLimiter::with_clock(1, 2, Duration::from_secs(1), clock.clone());
+        assert_eq!(l.check(), Verdict::Allow);
+        assert_eq!(l.check(), Verdict::Allow);
+        assert_eq!(l.check(), Verdict::Reject);
+        clock.advance(Duration::from_millis(1500));
+        assert_eq!(l.check(), Verdict::Allow);
+        assert_eq!(l.check(), Verdict::Reject);
+        clock.advance(Duration::from_millis(1100));
+        assert_eq!(l.check(), Verdict::Allow);
+        assert_eq!(l.check(), Verdict::Reject);
+    }
+
+    #[test]
+    fn a_target_list_costs_each_target() {
+        let clock = governor::clock::FakeRelativeClock::default();
+        let mut l = RateLimiter::with_clock(10, 10, Duration::from_secs(1), clock.clone());
+        assert_eq!(l.check_n(7), Verdict::Allow);
+        assert_eq!(l.check_n(7), Verdict::Reject, "3 left, 7 asked");
+        assert_eq!(l.check_n(3), Verdict::Allow);
+        clock.advance(Duration::from_millis(1500));
+        // More targets than a burst are charged a whole burst, not refused forever.
+        assert_eq!(l.check_n(1000), Verdict::Allow);
+        assert_eq!(l.check(), Verdict::Reject);
     }
 
     #[test]
     fn a_steady_flood_is_closed() {
-        let mut l = RateLimiter::new(10, 10, Duration::from_secs(1));
-        let t0 = Instant::now();
+        let clock = governor::clock::FakeRelativeClock::default();
+        let mut l = RateLimiter::with_clock(10, 10, Duration::from_secs(1), clock.clone());
         let verdicts: Vec<Verdict> = (0..300)
-            .map(|i| l.check_at(t0 + Duration::from_millis(10 * i)))
+            .map(|_| {
+                clock.advance(Duration::from_millis(10));
+                l.check()
+            })
             .collect();
         assert!(verdicts.contains(&Verdict::Allow));
         assert!(verdicts.contains(&Verdict::Close));

@@ -30,6 +30,7 @@ pub async fn serve_chat_ports(
     let admission = Arc::new(Admission {
         slots: Arc::new(Semaphore::new(svc.config.max_clients)),
         per_ip: Arc::new(PerIp::new(svc.config.max_clients_per_ip)),
+        new_per_ip: NewPerIp::new(svc.config.max_new_sessions_per_ip_per_sec),
     });
     let loops = listeners
         .into_iter()
@@ -40,6 +41,44 @@ pub async fn serve_chat_ports(
 struct Admission {
     slots: Arc<Semaphore>,
     per_ip: Arc<PerIp>,
+    new_per_ip: NewPerIp,
+}
+
+/// New connections per client address and second (governor's keyed GCRA). Addresses that
+/// have been quiet long enough to be back at a full burst are forgotten now and then, so the
+/// table holds only recent ones.
+struct NewPerIp {
+    limiter: Option<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    accepted: std::sync::atomic::AtomicU64,
+}
+
+/// How often (in accepted connections) quiet addresses are dropped from the table.
+const FORGET_EVERY: u64 = 4096;
+
+impl NewPerIp {
+    fn new(per_sec: u32) -> NewPerIp {
+        let limiter = std::num::NonZeroU32::new(per_sec).map(|rate| {
+            let burst = rate.saturating_mul(std::num::NonZeroU32::new(10).unwrap_or(rate));
+            governor::RateLimiter::hashmap(governor::Quota::per_second(rate).allow_burst(burst))
+        });
+        NewPerIp {
+            limiter,
+            accepted: Default::default(),
+        }
+    }
+
+    fn allow(&self, ip: std::net::IpAddr) -> bool {
+        let Some(limiter) = &self.limiter else {
+            return true;
+        };
+        let n = self
+            .accepted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % FORGET_EVERY == FORGET_EVERY - 1 {
+            limiter.retain_recent();
+        }
+        limiter.check_key(&ip).is_ok()
+    }
 }
 
 async fn accept_loop(
@@ -61,6 +100,11 @@ async fn accept_loop(
             _ = shutdown.cancelled() => return,
         };
         let _ = stream.set_nodelay(true);
+        if !admission.new_per_ip.allow(peer.ip()) {
+            svc.metrics.bad_request("session_rate");
+            tokio::spawn(refuse(stream, SESSION_RATE));
+            continue;
+        }
         let Ok(permit) = admission.slots.clone().try_acquire_owned() else {
             tokio::spawn(refuse(stream, FULL));
             continue;
@@ -159,6 +203,7 @@ const FULL: &[u8] =
     br#"{"type":"error","code":"unavailable","message":"server full: too many clients"}"#;
 const IP_LIMIT: &[u8] =
     br#"{"type":"error","code":"limit","message":"too many connections from this address"}"#;
+const SESSION_RATE: &[u8] = br#"{"type":"error","code":"limit","message":"too many new connections from this address; try again in a few seconds"}"#;
 const NOT_TLS_JSON: &[u8] = br#"{"type":"error","code":"bad_request","message":"this port speaks TLS; connect with TLS or use the plain chat port"}"#;
 const NOT_TLS_IRC: &[u8] =
     b"ERROR :This port speaks TLS; connect with TLS or use the plain chat port\r";

@@ -27,11 +27,14 @@ pub const DISCONNECT_REASONS: [&str; 8] = [
 
 /// Bad request kinds (the `reason` label of bad requests): the SPEC's error codes for input
 /// a client got wrong.
-pub const BAD_REQUEST_REASONS: [&str; 13] = [
+pub const BAD_REQUEST_REASONS: [&str; 16] = [
     "auth_failed",
     "text_too_long",
     "too_many_rooms",
     "ip_limit",
+    "session_rate",
+    "not_tls",
+    "tls_handshake",
     "bad_json",
     "unknown_type",
     "missing_field",
