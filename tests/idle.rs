@@ -39,7 +39,7 @@ fn two_thousand_idle_connections_cost_little_memory_and_do_not_slow_a_small_room
     );
     let cluster = Cluster::start(
         1,
-        "[chat]\nmax_clients_per_ip = 0\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\n",
+        "[chat]\nmax_clients_per_ip = 0\nmax_new_sessions_per_ip_per_sec = 0\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\n",
     );
     cluster.wait_leader(&[1], T);
     let pid = cluster.pid(1).unwrap();

@@ -293,6 +293,7 @@ async fn start_local(
         config.chat.max_text_bytes = config.chat.max_text_bytes.max(args.size);
         config.chat.max_line_bytes = config.chat.max_line_bytes.max(args.size + 1024);
         config.chat.max_clients_per_ip = 0;
+        config.chat.max_new_sessions_per_ip_per_sec = 0;
         config.chat.max_clients = config.chat.max_clients.max(args.idle + 1024);
     }
     config.validate()?;
