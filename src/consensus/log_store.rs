@@ -158,6 +158,16 @@ impl LogMem {
     }
 }
 
+impl Op {
+    /// Whether the write must be on disk before it is reported done. The commit index and a
+    /// purge need not be: after a crash the node applies up to an older commit index and
+    /// learns the newer one from the leader (every committed entry is on a majority's disk),
+    /// and purged entries that come back are purged again.
+    fn needs_fsync(&self) -> bool {
+        matches!(self, Op::Append(..) | Op::SaveVote(..) | Op::Truncate(..))
+    }
+}
+
 enum Op {
     /// Entries, who to tell, and `LogMem::truncations` when they were queued.
     Append(Vec<Entry>, IOFlushed<TypeConfig>, u64),
@@ -293,9 +303,12 @@ fn storage_thread(
             }
         }
         let started = Instant::now();
-        let result = write_batch(db, &batch);
+        let durable = batch.iter().any(Op::needs_fsync);
+        let result = write_batch(db, &batch, durable);
         if result.is_ok() {
-            on_sync(started.elapsed());
+            if durable {
+                on_sync(started.elapsed());
+            }
             mem.lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .written(&batch);
@@ -318,8 +331,12 @@ fn storage_thread(
     }
 }
 
-fn write_batch(db: &Database, batch: &[Op]) -> io::Result<()> {
-    let txn = db.begin_write().map_err(other)?;
+fn write_batch(db: &Database, batch: &[Op], durable: bool) -> io::Result<()> {
+    let mut txn = db.begin_write().map_err(other)?;
+    if !durable {
+        // Persisted with the next durable commit; a crash may lose it, which is safe.
+        txn.set_durability(redb::Durability::None).map_err(other)?;
+    }
     {
         let mut logs = txn.open_table(LOGS).map_err(other)?;
         let mut meta = txn.open_table(META).map_err(other)?;
