@@ -118,7 +118,7 @@ fn histogram() -> Histogram<u64> {
 
 /// Sends through one connection: `send` publishes and resolves when the ack arrives.
 enum Sender {
-    Nats(NatsSender),
+    Nats(Box<NatsSender>),
     Raftchat(RaftchatSender),
 }
 
@@ -220,9 +220,9 @@ async fn nats_stream(url: &str) -> anyhow::Result<async_nats::Client> {
 
 async fn nats_case(url: &str, case: &str, seconds: u64) -> anyhow::Result<Measured> {
     let client = nats_stream(url).await?;
-    let sender = Arc::new(Sender::Nats(NatsSender {
+    let sender = Arc::new(Sender::Nats(Box::new(NatsSender {
         js: async_nats::jetstream::new(client.clone()),
-    }));
+    })));
     Ok(match case {
         "one" => drive(sender, 1, 1, seconds).await,
         "concurrent" => drive(sender, CONCURRENT, 1, seconds).await,
