@@ -287,6 +287,10 @@ impl LogStore {
     }
 }
 
+/// Writes that need no fsync of their own (the commit index, purges) wait this long at most
+/// for a durable batch to ride on, then are written without one.
+const DEFERRED_FLUSH: Duration = Duration::from_millis(200);
+
 fn storage_thread(
     db: &Database,
     mem: &Mutex<LogMem>,
@@ -294,39 +298,91 @@ fn storage_thread(
     path: &Path,
     on_sync: SyncObserver,
 ) {
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
+    let mut deferred: Vec<Op> = Vec::new();
+    let mut deferred_since = Instant::now();
+    loop {
+        let first = if deferred.is_empty() {
+            match rx.recv() {
+                Ok(op) => op,
+                Err(_) => return,
+            }
+        } else {
+            let wait = DEFERRED_FLUSH.saturating_sub(deferred_since.elapsed());
+            match rx.recv_timeout(wait) {
+                Ok(op) => op,
+                Err(timeout_or_closed) => {
+                    commit(
+                        db,
+                        mem,
+                        std::mem::take(&mut deferred),
+                        false,
+                        path,
+                        &on_sync,
+                    );
+                    if timeout_or_closed == mpsc::RecvTimeoutError::Disconnected {
+                        return;
+                    }
+                    continue;
+                }
+            }
+        };
+        // What waited goes first: the order of writes is the order they were queued.
+        let waited = !deferred.is_empty();
+        let mut batch = std::mem::take(&mut deferred);
+        batch.push(first);
         while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
             }
         }
-        let started = Instant::now();
-        let durable = batch.iter().any(Op::needs_fsync);
-        let result = write_batch(db, &batch, durable);
-        if result.is_ok() {
-            if durable {
-                on_sync(started.elapsed());
+        if batch.iter().any(Op::needs_fsync) {
+            commit(db, mem, batch, true, path, &on_sync);
+        } else if batch.len() >= MAX_BATCH || (waited && deferred_since.elapsed() >= DEFERRED_FLUSH)
+        {
+            commit(db, mem, batch, false, path, &on_sync);
+        } else {
+            if !waited {
+                deferred_since = Instant::now();
             }
-            mem.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .written(&batch);
-        } else if let Err(e) = &result {
-            tracing::error!(path = %path.display(), error = %e, "raft log write failed");
+            deferred = batch;
         }
-        for op in batch {
-            let outcome = result
-                .as_ref()
-                .map(|_| ())
-                .map_err(|e| io::Error::other(e.to_string()));
-            match op {
-                Op::Append(_, done, _) => done.io_completed(outcome),
-                Op::SaveVote(_, done) | Op::Truncate(_, done) => {
-                    let _ = done.send(outcome);
-                }
-                Op::SaveCommitted(_) | Op::Purge(_) => {}
+    }
+}
+
+/// Writes `batch` in one redb transaction (with an fsync when `durable`) and reports each
+/// write's outcome.
+fn commit(
+    db: &Database,
+    mem: &Mutex<LogMem>,
+    batch: Vec<Op>,
+    durable: bool,
+    path: &Path,
+    on_sync: &SyncObserver,
+) {
+    let started = Instant::now();
+    let result = write_batch(db, &batch, durable);
+    if result.is_ok() {
+        if durable {
+            on_sync(started.elapsed());
+        }
+        mem.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .written(&batch);
+    } else if let Err(e) = &result {
+        tracing::error!(path = %path.display(), error = %e, "raft log write failed");
+    }
+    for op in batch {
+        let outcome = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| io::Error::other(e.to_string()));
+        match op {
+            Op::Append(_, done, _) => done.io_completed(outcome),
+            Op::SaveVote(_, done) | Op::Truncate(_, done) => {
+                let _ = done.send(outcome);
             }
+            Op::SaveCommitted(_) | Op::Purge(_) => {}
         }
     }
 }
@@ -609,5 +665,45 @@ mod tests {
         ]);
         assert_eq!(mem.durable_upto, 200);
         assert!(mem.cache_bytes <= CACHE_BYTES);
+    }
+
+    /// The commit index as redb holds it (what a restart would read).
+    fn stored_committed(store: &LogStore) -> Option<LogId> {
+        let txn = store.db.begin_read().ok()?;
+        let meta = txn.open_table(META).ok()?;
+        let bytes = meta.get("committed").ok()??;
+        serde_json::from_slice::<Option<LogId>>(bytes.value()).ok()?
+    }
+
+    #[tokio::test]
+    async fn the_commit_index_is_written_without_an_fsync_of_its_own_but_soon() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let mut store = LogStore::open(
+            &dir.path().join("log.redb"),
+            Arc::new(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        let committed = openraft::testing::log_id::<TypeConfig>(1, 1, 7);
+        store.save_committed(Some(committed)).await.unwrap();
+        // Alone, it is written within the deferral, with no fsync.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stored_committed(&store) != Some(committed) {
+            assert!(
+                Instant::now() < deadline,
+                "the commit index was never written"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        // Behind a vote (durable), it rides on the vote's commit.
+        let later = openraft::testing::log_id::<TypeConfig>(1, 1, 9);
+        store.save_committed(Some(later)).await.unwrap();
+        store.save_vote(&Vote::new(2, 1)).await.unwrap();
+        assert_eq!(stored_committed(&store), Some(later));
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }
