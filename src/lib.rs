@@ -3,19 +3,22 @@
 //! One node's data flow:
 //!
 //! ```text
-//!  chat port ──► chat::server ─ sniff ─► chat::json | chat::irc ──► chat::service
+//!  chat port ─┐
+//!  chat_tls ──┴► chat::server ─ (tls) ─ sniff ─► chat::json | chat::irc ──► chat::service
 //!                                                                        │ commands
 //!                                                                        ▼
 //!  raft port ◄──► consensus (openraft: log store, state machine, snapshots, transport,
-//!                            forwarding, history pages for peers, leader watch)
+//!  (mTLS: tls)               forwarding, history pages for peers, leader watch)
 //!                                                                        │ applied entries, in order
 //!                                                                        ▼
-//!                  chat::store (ChatState + History on disk) ──► events ──► connections
+//!                  chat::store (ChatState + History on disk) ──► chat::fanout ──► connections
+//!                                             (each event only to its room's members, a DM's parties)
 //!                        ▲ skipped history, in pages ── chat::backfill ◄── peers' raft ports
 //!  metrics port ◄── http (/healthz /readyz /status /metrics) ◄── node state, health prober
 //!                                                       (peers: the raft membership)
 //!  leadership: raft metrics + probes ──► leader change / lost / recovered / failover events
 //!  telemetry: one metrics registry; logs to stderr; spans over OTLP (counted exporter)
+//!  tls: PEM certificates for chat_tls and the raft port, reread on SIGHUP
 //! ```
 //!
 //! `consensus` is the only module that names openraft types. A Raft snapshot holds the chat
