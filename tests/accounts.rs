@@ -5,7 +5,6 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use common::*;
@@ -13,31 +12,8 @@ use serde_json::json;
 
 const T: Duration = Duration::from_secs(30);
 
-/// `raftchat admin <change>` with `stdin` piped in; (exit code, output).
 fn admin(cluster: &Cluster, change: &[&str], stdin: &str) -> (Option<i32>, String) {
-    let servers: Vec<&str> = cluster.nodes.iter().map(|n| n.raft.as_str()).collect();
-    let mut child = Command::new(BIN)
-        .args(["admin", "--servers", &servers.join(",")])
-        .args(change)
-        .env("RAFTCHAT_SECRET", "test-secret")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code(), text)
+    cluster.admin(change, stdin)
 }
 
 fn hello(cluster: &Cluster, node: u64, user: &str, password: Option<&str>) -> serde_json::Value {

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::certs::Ca;
+use common::certs::{Ca, configure_chat_tls};
 use common::*;
 use serde_json::json;
 
@@ -64,46 +64,15 @@ impl Drop for Weechat {
 }
 
 fn add_user(cluster: &Cluster, name: &str, password: &str) {
-    use std::io::Write;
-    let mut admin = Command::new(BIN)
-        .args([
-            "admin",
-            "--servers",
-            &cluster.node(1).raft,
-            "add-user",
-            name,
-        ])
-        .env("RAFTCHAT_SECRET", "test-secret")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = admin.stdin.take().unwrap();
-    stdin.write_all(format!("{password}\n").as_bytes()).unwrap();
-    drop(stdin);
-    let out = admin.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (code, text) = cluster.admin(&["add-user", name], &format!("{password}\n"));
+    assert_eq!(code, Some(0), "{text}");
 }
 
 #[test]
 fn weechat_logs_in_with_sasl_plain_over_tls_and_a_wrong_password_is_refused() {
     let ca = Ca::new("raftchat test CA");
-    let tls_port = free_ports(1)[0];
-    let tls_addr = format!("127.0.0.1:{tls_port}");
-    let mut cluster = Cluster::configure(1, "");
+    let (mut cluster, tls_addr) = configure_chat_tls(&ca, "[chat]\nauth = \"required\"\n");
     let dir = cluster.dir.path().to_path_buf();
-    ca.write(&dir, "node");
-    let mut config = std::fs::read_to_string(&cluster.config).unwrap();
-    config.push_str(&format!(
-        "chat_tls = \"{tls_addr}\"\n[tls]\ncert = \"{d}/node.pem\"\nkey = \"{d}/node.key\"\n[chat]\nauth = \"required\"\n",
-        d = dir.display()
-    ));
-    std::fs::write(&cluster.config, config).unwrap();
     cluster.start_node(1);
     cluster.wait_leader(&[1], T);
 

@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::certs::Ca;
+use common::certs::{Ca, configure_chat_tls};
 use common::*;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -105,22 +105,21 @@ impl TlsLines {
     }
 }
 
-/// A one-node cluster with `chat_tls` and the certificates in its directory.
+/// A one-node cluster with `chat_tls`, started.
 fn tls_node(ca: &Ca) -> (Cluster, String) {
-    let tls_port = free_ports(1)[0];
-    let tls_addr = format!("127.0.0.1:{tls_port}");
-    let mut cluster = Cluster::configure(1, "");
-    let dir = cluster.dir.path().to_path_buf();
-    ca.write(&dir, "node");
-    let mut config = std::fs::read_to_string(&cluster.config).unwrap();
-    config.push_str(&format!(
-        "chat_tls = \"{tls_addr}\"\n[tls]\ncert = \"{d}/node.pem\"\nkey = \"{d}/node.key\"\n",
-        d = dir.display()
-    ));
-    std::fs::write(&cluster.config, config).unwrap();
+    let (mut cluster, tls_addr) = configure_chat_tls(ca, "");
     cluster.start_node(1);
     cluster.wait_leader(&[1], T);
     (cluster, tls_addr)
+}
+
+/// Sends SIGHUP to node 1 and waits for its log to say `outcome`.
+fn hangup(cluster: &Cluster, outcome: &str) {
+    let pid = nix::unistd::Pid::from_raw(cluster.pid(1).unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    wait_for(T, outcome, || {
+        cluster.log(1).contains(outcome).then_some(())
+    });
 }
 
 #[test]
@@ -187,33 +186,12 @@ fn certificates_are_reread_on_sighup() {
 
     // A broken file is refused and the old certificate stays.
     std::fs::write(dir.join("node.pem"), "not a certificate").unwrap();
-    let pid = cluster.pid(1).unwrap() as i32;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    wait_for(T, "the failed reload to be logged", || {
-        cluster
-            .log(1)
-            .contains("certificates not reloaded")
-            .then_some(())
-    });
+    hangup(&cluster, "certificates not reloaded");
     let kept = TlsLines::connect(&tls_addr, client_config(&ca, None)).unwrap();
     assert_eq!(kept.peer_certificate(), first);
 
     ca.write(&dir, "node");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
-        nix::sys::signal::Signal::SIGHUP,
-    )
-    .unwrap();
-    wait_for(T, "the reload to be logged", || {
-        cluster
-            .log(1)
-            .contains("certificates reloaded")
-            .then_some(())
-    });
+    hangup(&cluster, "certificates reloaded");
     let after = TlsLines::connect(&tls_addr, client_config(&ca, None)).unwrap();
     assert_ne!(
         after.peer_certificate(),

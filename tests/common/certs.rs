@@ -2,6 +2,8 @@
 
 use std::path::Path;
 
+use super::{Cluster, free_ports};
+
 /// A certificate authority and what it signs.
 pub struct Ca {
     pub cert: rcgen::Certificate,
@@ -40,4 +42,20 @@ impl Ca {
         std::fs::write(dir.join(format!("{name}.pem")), cert).unwrap();
         std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
     }
+}
+
+/// A one-node cluster (not started) with a `chat_tls` listener and certificates from `ca` in
+/// its directory, `extra` TOML appended; returns it and the TLS address.
+pub fn configure_chat_tls(ca: &Ca, extra: &str) -> (Cluster, String) {
+    let tls_addr = format!("127.0.0.1:{}", free_ports(1)[0]);
+    let cluster = Cluster::configure(1, "");
+    let dir = cluster.dir.path().to_path_buf();
+    ca.write(&dir, "node");
+    let mut config = std::fs::read_to_string(&cluster.config).unwrap();
+    config.push_str(&format!(
+        "chat_tls = \"{tls_addr}\"\n[tls]\ncert = \"{d}/node.pem\"\nkey = \"{d}/node.key\"\n{extra}",
+        d = dir.display()
+    ));
+    std::fs::write(&cluster.config, config).unwrap();
+    (cluster, tls_addr)
 }

@@ -29,14 +29,26 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Ports for test nodes, from below the kernel's ephemeral range (32768 and up here): a port
+/// picked by binding `:0` can be taken by some client's outgoing connection before the node
+/// binds it. Each test process walks its own stretch of the range, and a port is handed out
+/// only if it can be bound right now.
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().port())
-        .collect()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 10_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = LOW + (std::process::id() * 997) % (HIGH - LOW);
+    let mut ports = Vec::with_capacity(n);
+    while ports.len() < n {
+        let step = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(step < HIGH - LOW, "no free test port left");
+        let port = (LOW + (start - LOW + step) % (HIGH - LOW)) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            ports.push(port);
+        }
+    }
+    ports
 }
 
 pub struct NodeAddrs {
@@ -259,6 +271,30 @@ impl Cluster {
             return None;
         }
         Some((v["applied"].as_u64()?, v["fingerprint"].as_u64()?))
+    }
+
+    /// `raftchat admin <change>` against every node, `stdin` piped in; (exit code, output).
+    pub fn admin(&self, change: &[&str], stdin: &str) -> (Option<i32>, String) {
+        let servers: Vec<&str> = self.nodes.iter().map(|n| n.raft.as_str()).collect();
+        let mut child = Command::new(BIN)
+            .args(["admin", "--servers", &servers.join(",")])
+            .args(change)
+            .env("RAFTCHAT_SECRET", "test-secret")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("raftchat admin");
+        if let Some(mut input) = child.stdin.take() {
+            let _ = input.write_all(stdin.as_bytes());
+        }
+        let out = child.wait_with_output().expect("raftchat admin output");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
     }
 
     /// The value of the first `/metrics` line of node `id` starting with `series`.
