@@ -375,9 +375,7 @@ async fn serve(
         metrics.clone(),
         shutdown.clone(),
     ));
-    if let Some(tls) = tls.clone() {
-        tasks.spawn(reload_on_hangup(tls, shutdown.clone()));
-    }
+    tasks.spawn(reload_on_hangup(tls.clone(), shutdown.clone()));
     tracing::info!(id, chat = %me.chat, raft = %me.raft, metrics = %me.metrics, data_dir = %data_dir.display(), "node started");
 
     let fatal = tokio::select! {
@@ -443,7 +441,8 @@ fn raise_file_limit() {
 }
 
 /// Rereads the certificate files on every SIGHUP; a bad file keeps the old certificates.
-async fn reload_on_hangup(tls: Arc<crate::tls::Tls>, shutdown: CancellationToken) {
+/// Without TLS a SIGHUP is logged and ignored (its default action would stop the node).
+async fn reload_on_hangup(tls: Option<Arc<crate::tls::Tls>>, shutdown: CancellationToken) {
     use tokio::signal::unix::{SignalKind, signal};
     let mut hangup = match signal(SignalKind::hangup()) {
         Ok(s) => s,
@@ -457,10 +456,11 @@ async fn reload_on_hangup(tls: Arc<crate::tls::Tls>, shutdown: CancellationToken
             _ = hangup.recv() => {}
             _ = shutdown.cancelled() => return,
         }
-        let reloaded = {
-            let tls = tls.clone();
-            tokio::task::spawn_blocking(move || tls.reload()).await
+        let Some(tls) = tls.clone() else {
+            tracing::info!("SIGHUP: no certificates configured; nothing to reload");
+            continue;
         };
+        let reloaded = tokio::task::spawn_blocking(move || tls.reload()).await;
         match reloaded {
             Ok(Ok(())) => tracing::info!("SIGHUP: certificates reloaded"),
             Ok(Err(e)) => {

@@ -329,3 +329,12 @@ fn a_missing_certificate_file_exits_2_naming_its_key() {
         "{log}"
     );
 }
+
+#[test]
+fn a_node_without_tls_survives_sighup() {
+    let cluster = Cluster::start(1, "");
+    cluster.wait_leader(&[1], T);
+    hangup(&cluster, "nothing to reload");
+    let mut c = cluster.login(1, "still-here");
+    assert_eq!(c.join("#r")["type"], "joined");
+}
