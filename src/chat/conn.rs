@@ -506,6 +506,31 @@ impl Wire {
     }
 }
 
+/// Counts a resumed session as a reconnect and opens its `chat.client.reconnect` span (the
+/// session's public id identifies it: the token is a secret and never leaves the node).
+pub fn reconnect_span(
+    svc: &ChatService,
+    dialect: &'static str,
+    peer: &str,
+    session_id: u64,
+    replayed: u64,
+) -> tracing::Span {
+    svc.metrics
+        .client_reconnects
+        .with_label_values(&[dialect])
+        .inc();
+    tracing::info_span!(
+        "chat.client.reconnect",
+        otel.kind = "server",
+        network.peer.address = %peer,
+        dialect,
+        session = session_id,
+        node = svc.node_id,
+        replayed,
+        deduplicated = 0u64,
+    )
+}
+
 /// The per-connection rate limiter from the chat config.
 pub fn rate_limiter(config: &crate::config::ChatConfig) -> super::lines::RateLimiter {
     super::lines::RateLimiter::new(

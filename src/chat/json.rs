@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
     ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Sends, Wire, counted,
-    deliver, rate_limiter, replay_planned,
+    deliver, rate_limiter, reconnect_span, replay_planned,
 };
 use super::delivery::DeliveryFilter;
 use super::fanout::Subscriber;
@@ -661,23 +661,9 @@ impl Connection {
         );
         // A resumed session is a reconnect; its span stays open until the client's first
         // re-sends are answered, to count how many were duplicates.
-        let reconnect_span = attached.resumed.then(|| {
-            metrics
-                .client_reconnects
-                .with_label_values(&[DIALECT])
-                .inc();
-            tracing::info_span!(
-                "chat.client.reconnect",
-                otel.kind = "server",
-                network.peer.address = %self.peer,
-                dialect = DIALECT,
-                // The session's public id: the token is a secret and never leaves the node.
-                session = attached.id,
-                node = self.svc.node_id,
-                replayed,
-                deduplicated = 0u64,
-            )
-        });
+        let reconnect_span = attached
+            .resumed
+            .then(|| reconnect_span(&self.svc, DIALECT, &self.peer, attached.id, replayed));
         if let Some(replay) = &replay {
             let sent = replay_planned(&self.svc, replay, &JsonRender, &self.out).await?;
             metrics.replayed_messages.inc_by(sent);

@@ -251,22 +251,7 @@ impl IrcConn {
         });
         let rooms = sub.rooms;
         if attached.resumed {
-            self.svc
-                .metrics
-                .client_reconnects
-                .with_label_values(&[DIALECT])
-                .inc();
-            let _span = tracing::info_span!(
-                "chat.client.reconnect",
-                otel.kind = "server",
-                network.peer.address = %self.peer,
-                dialect = DIALECT,
-                // The session's public id: the token is a secret and never leaves the node.
-                session = attached.id,
-                node = self.svc.node_id,
-                replayed = 0u64,
-                deduplicated = 0u64,
-            );
+            let _span = reconnect_span(&self.svc, DIALECT, &self.peer, attached.id, 0);
         }
         let filter = DeliveryFilter::new(
             attached.session.clone(),

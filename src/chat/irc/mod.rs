@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
     ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Sends, Wire, counted,
-    deliver, rate_limiter,
+    deliver, rate_limiter, reconnect_span,
 };
 use super::delivery::DeliveryFilter;
 use super::fanout::Subscriber;
