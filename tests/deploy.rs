@@ -654,25 +654,23 @@ fn real_prometheus_runs_every_dashboard_query_and_fires_the_alerts() {
         }
         let leader = cluster.wait_leader(&[1, 2, 3], T);
         let target = cluster.node(leader).metrics.clone();
-        let started = |prom: &Prometheus| {
-            let v = prom.query(&format!(
-                "process_start_time_seconds{{job=\"raftchat\",instance=\"{target}\"}}"
-            ));
-            v["data"]["result"][0]["value"][1]
-                .as_str()
-                .map(String::from)
-        };
-        let before = started(&prom);
         cluster.kill(leader);
         let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
         cluster.wait_leader(&survivors, T);
         cluster.start_node(leader);
         cluster.wait_applied_equal(&[1, 2, 3], 1, T);
-        // Prometheus has scraped the restarted process (not a sample from before the kill),
-        // so no round's leader changes fall between two scrapes.
+        // Prometheus has scraped the restarted process successfully (a sample stamped after
+        // the restart), so no round's leader changes fall between two scrapes.
+        // `process_start_time_seconds` is whole seconds: two quick restarts can share it.
+        let restarted = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        let scraped_at = format!("timestamp(up{{job=\"raftchat\",instance=\"{target}\"}} == 1)");
         wait_for(T, "the restarted node scraped", || {
-            let now = started(&prom)?;
-            (Some(&now) != before.as_ref()).then_some(())
+            let v = prom.query(&scraped_at);
+            let at: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
+            (at > restarted).then_some(())
         });
     }
 
