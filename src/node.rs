@@ -14,7 +14,7 @@ use crate::chat::history::History;
 use crate::chat::service::ChatService;
 use crate::chat::store::ChatStore;
 use crate::config::Config;
-use crate::consensus::{self, Consensus, Observers, Role};
+use crate::consensus::{self, Consensus, Observers, Role, RpcObservers};
 use crate::health::{self, HealthTable, ProbeEvent};
 use crate::leadership::LeaderLiveness;
 use crate::telemetry::{self, metrics::Metrics};
@@ -142,24 +142,30 @@ fn observers(metrics: &Arc<Metrics>) -> Observers {
     let rpc = metrics.raft_rpc_duration.clone();
     let failures = metrics.raft_rpc_failures.clone();
     let snapshots = metrics.snapshot_duration.clone();
+    let hedged = metrics.raft_rpc_hedged.clone();
     Observers {
         snapshot_built: Arc::new(move |d: Duration| snapshots.observe(d.as_secs_f64())),
         storage_sync: Arc::new(move |d: Duration| sync.observe(d.as_secs_f64())),
-        rpc: Arc::new(
-            move |name: &'static str, peer: u64, d: Duration, ok: bool| {
-                if !matches!(name, "append" | "vote" | "snapshot" | "forward") {
-                    return;
-                }
-                let peer = peer.to_string();
-                // A timeout is a failure, not a latency sample.
-                if ok {
-                    rpc.with_label_values(&[name, &peer])
-                        .observe(d.as_secs_f64());
-                } else {
-                    failures.with_label_values(&[name, &peer]).inc();
-                }
-            },
-        ),
+        rpc: RpcObservers {
+            hedged: Arc::new(move |name: &'static str, peer: u64| {
+                hedged.with_label_values(&[name, &peer.to_string()]).inc()
+            }),
+            answered: Arc::new(
+                move |name: &'static str, peer: u64, d: Duration, ok: bool| {
+                    if !matches!(name, "append" | "vote" | "snapshot" | "forward") {
+                        return;
+                    }
+                    let peer = peer.to_string();
+                    // A timeout is a failure, not a latency sample.
+                    if ok {
+                        rpc.with_label_values(&[name, &peer])
+                            .observe(d.as_secs_f64());
+                    } else {
+                        failures.with_label_values(&[name, &peer]).inc();
+                    }
+                },
+            ),
+        },
     }
 }
 

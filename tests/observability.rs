@@ -50,6 +50,7 @@ const FAMILIES: &[(&str, &str)] = &[
     ("raftchat_raft_commit_index", "gauge"),
     ("raftchat_raft_voters", "gauge"),
     ("raftchat_raft_rpc_failures_total", "counter"),
+    ("raftchat_raft_rpc_hedged_total", "counter"),
     ("raftchat_storage_bytes", "gauge"),
     ("raftchat_snapshot_duration_seconds", "histogram"),
     ("raftchat_snapshot_bytes", "gauge"),

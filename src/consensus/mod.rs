@@ -2,10 +2,12 @@
 //! the raft port. This is the only module that names openraft types; the rest of the crate
 //! talks to [`Consensus`] in chat commands and plain status values.
 
+mod hedge;
 mod leader_watch;
 mod log_store;
 mod network;
 mod reachability;
+mod rpc_client;
 mod server;
 mod snapshot_store;
 mod state_machine;
@@ -28,8 +30,9 @@ use crate::config::Config;
 pub use leader_watch::run as watch_leader;
 use log_store::LogStore;
 pub use log_store::SyncObserver;
-pub use network::RpcObserver;
-use network::{ClientTls, Network, RpcClient};
+use network::Network;
+use rpc_client::{ClientTls, RpcClient};
+pub use rpc_client::{HedgeObserver, RpcObserver, RpcObservers};
 pub use server::serve_raft_port;
 use state_machine::StateMachine;
 use types::{NodeAddr, Request, TypeConfig};
@@ -164,7 +167,7 @@ pub async fn admin_request(
 }
 
 /// One operator call to the raft/admin port at `addr`.
-async fn admin_post<Req: Serialize, Resp: serde::de::DeserializeOwned>(
+async fn admin_post<Req: Serialize, Resp: serde::de::DeserializeOwned + Send + 'static>(
     addr: &str,
     operator: &Operator,
     path: &str,
@@ -175,7 +178,7 @@ async fn admin_post<Req: Serialize, Resp: serde::de::DeserializeOwned>(
         Some(config) => ClientTls::Fixed(config.clone()),
         None => ClientTls::Plain,
     };
-    let rpc = RpcClient::new(&operator.secret, Arc::new(|_, _, _, _| {}), tls);
+    let rpc = RpcClient::new(&operator.secret, RpcObservers::default(), tls);
     rpc.post("admin", 0, addr, path, request, timeout, &[])
         .await
         .map_err(|e| e.to_string())
@@ -295,7 +298,7 @@ fn now_ms() -> i64 {
 #[derive(Clone)]
 pub struct Observers {
     pub storage_sync: SyncObserver,
-    pub rpc: RpcObserver,
+    pub rpc: RpcObservers,
     /// How long each snapshot build took, until it was durable.
     pub snapshot_built: SyncObserver,
 }
@@ -304,7 +307,7 @@ impl Default for Observers {
     fn default() -> Self {
         Observers {
             storage_sync: Arc::new(|_| {}),
-            rpc: Arc::new(|_, _, _, _| {}),
+            rpc: RpcObservers::default(),
             snapshot_built: Arc::new(|_| {}),
         }
     }
@@ -874,15 +877,40 @@ impl Consensus {
         };
         let waiter = self.raft.wait(None);
         let leader_changed = waiter.metrics(|m| m.current_leader != Some(leader), "leader changed");
-        let call = self.rpc.post::<_, ForwardAnswer>(
-            "forward",
-            leader,
-            &addr,
-            "/api/write",
-            &request,
-            timeout,
-            &headers,
-        );
+        // Messages are deduplicated per session and client id when applied, so an unanswered
+        // forward of messages only may go out again on another connection; a second attach or
+        // join could decide differently.
+        let hedge = request
+            .commands
+            .iter()
+            .all(|c| matches!(c, ChatCommand::Send { .. }));
+        let call = async {
+            if hedge {
+                self.rpc
+                    .post_hedged::<_, ForwardAnswer>(
+                        "forward",
+                        leader,
+                        &addr,
+                        "/api/write",
+                        &request,
+                        timeout,
+                        &headers,
+                    )
+                    .await
+            } else {
+                self.rpc
+                    .post::<_, ForwardAnswer>(
+                        "forward",
+                        leader,
+                        &addr,
+                        "/api/write",
+                        &request,
+                        timeout,
+                        &headers,
+                    )
+                    .await
+            }
+        };
         tokio::select! {
             answer = call => match answer {
                 Ok(ForwardAnswer::Results(items)) => Ok(items),

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::network::{SECRET_HEADER, TARGET_HEADER, VOTE_HEADER};
+use super::rpc_client::{SECRET_HEADER, TARGET_HEADER, VOTE_HEADER};
 use super::snapshot_store::{SnapshotBlob, read_meta};
 use super::state_machine::Snapshot;
 use super::types::TypeConfig;

@@ -115,6 +115,7 @@ pub struct Metrics {
     pub raft_commit_index: IntGauge,
     pub raft_voters: IntGauge,
     pub raft_rpc_failures: IntCounterVec,
+    pub raft_rpc_hedged: IntCounterVec,
     pub storage_bytes: IntGaugeVec,
     pub storage_available_bytes: IntGauge,
     pub storage_capacity_bytes: IntGauge,
@@ -382,6 +383,12 @@ impl Metrics {
                 "Raft RPCs and forwarded writes to a peer that failed (unreachable, timeout, error answer).",
                 &["rpc", "peer"],
             )?,
+            raft_rpc_hedged: counter_vec(
+                &r,
+                "raftchat_raft_rpc_hedged_total",
+                "Second copies of an unanswered AppendEntries or forwarded write, sent on another connection (a lossy or slow link).",
+                &["rpc", "peer"],
+            )?,
             storage_bytes: gauge_vec(
                 &r,
                 "raftchat_storage_bytes",
@@ -489,6 +496,7 @@ impl Metrics {
         for rpc in RPCS {
             self.raft_rpc_duration.with_label_values(&[rpc, &peer]);
             self.raft_rpc_failures.with_label_values(&[rpc, &peer]);
+            self.raft_rpc_hedged.with_label_values(&[rpc, &peer]);
         }
     }
 
@@ -507,6 +515,7 @@ impl Metrics {
         for rpc in RPCS {
             let _ = self.raft_rpc_duration.remove_label_values(&[rpc, &peer]);
             let _ = self.raft_rpc_failures.remove_label_values(&[rpc, &peer]);
+            let _ = self.raft_rpc_hedged.remove_label_values(&[rpc, &peer]);
         }
     }
 

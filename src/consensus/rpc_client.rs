@@ -1,0 +1,652 @@
+//! The raft port's client: JSON over HTTP/1.1 keep-alive connections (hyper), every request
+//! carrying the cluster secret and the id of the node it is meant for.
+//!
+//! Each request runs as its own task. The caller waits until its timeout; the task may run a
+//! little longer, so a reply that was merely slow (a retransmitted segment on a lossy link)
+//! still arrives and its connection goes back to the pool. Abandoning the request instead
+//! closes the connection, and the next request first waits for a new handshake, whose lost
+//! SYN costs a second. Requests that may arrive twice can also be hedged (see `hedge`).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
+use hyper::{Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::hedge::{HedgeSlot, Hedging};
+
+/// Header carrying the cluster secret.
+pub const SECRET_HEADER: &str = "x-raftchat-secret";
+/// Header carrying the leader's vote with a streamed snapshot.
+pub const VOTE_HEADER: &str = "x-raftchat-vote";
+/// Header naming the node a request is meant for; a node refuses requests for another id, so a
+/// misconfigured address cannot make a leader replicate to itself.
+pub const TARGET_HEADER: &str = "x-raftchat-target";
+
+/// How long a request may go on after its caller stopped waiting (at least).
+const LINGER: Duration = Duration::from_secs(2);
+/// Requests running past their caller are aborted instead once this many requests run (a dead
+/// peer must not collect a task per heartbeat).
+const MAX_RUNNING: usize = 64;
+/// Copies of one hedged request, the first included.
+const MAX_COPIES: usize = 3;
+
+/// Sees each RPC: its name, the peer, how long it took and whether it succeeded.
+pub type RpcObserver = Arc<dyn Fn(&'static str, u64, Duration, bool) + Send + Sync>;
+/// Sees each second copy of an unanswered RPC: its name and the peer.
+pub type HedgeObserver = Arc<dyn Fn(&'static str, u64) + Send + Sync>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("{addr} unreachable: {reason}")]
+    Unreachable { addr: String, reason: String },
+    #[error("{addr}: {reason}")]
+    Network { addr: String, reason: String },
+    #[error("{addr} answered {status}: {body}")]
+    Status {
+        addr: String,
+        status: StatusCode,
+        body: String,
+    },
+}
+
+/// A pooled HTTP client for the raft port of peers.
+type Body = BoxBody<Bytes, std::io::Error>;
+type HttpClient = Client<HttpsConnector<HttpConnector>, Body>;
+
+/// Where the raft client's TLS settings come from.
+#[derive(Clone, Default)]
+pub enum ClientTls {
+    #[default]
+    Plain,
+    /// A node's own certificate (`[tls] raft = true`), reread on SIGHUP.
+    Node(Arc<crate::tls::Tls>),
+    /// An operator's, fixed for the process (`raftchat admin --tls-*`).
+    Fixed(Arc<rustls::ClientConfig>),
+}
+
+impl ClientTls {
+    /// The configuration in force and its generation; `None` for plain HTTP.
+    fn current(&self) -> Option<(u64, Arc<rustls::ClientConfig>)> {
+        match self {
+            ClientTls::Plain => None,
+            ClientTls::Node(tls) => tls.raft_client().map(|c| (tls.generation(), c)),
+            ClientTls::Fixed(config) => Some((0, config.clone())),
+        }
+    }
+}
+
+/// What the callers of one node's client have to say about its requests.
+#[derive(Clone)]
+pub struct RpcObservers {
+    pub answered: RpcObserver,
+    pub hedged: HedgeObserver,
+}
+
+impl Default for RpcObservers {
+    fn default() -> Self {
+        RpcObservers {
+            answered: Arc::new(|_, _, _, _| {}),
+            hedged: Arc::new(|_, _| {}),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcClient {
+    /// The pool and the TLS generation it was built for: a reload builds a new pool, so new
+    /// connections present the new certificate.
+    http: Arc<std::sync::RwLock<(u64, HttpClient)>>,
+    tls: ClientTls,
+    secret: Arc<str>,
+    observers: RpcObservers,
+    reachability: Arc<super::reachability::Reachability>,
+    hedging: Arc<Hedging>,
+    running: Arc<AtomicUsize>,
+}
+
+fn build_http(tls: Option<Arc<rustls::ClientConfig>>) -> HttpClient {
+    let mut http = HttpConnector::new();
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(Duration::from_millis(500)));
+    http.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new();
+    let connector = match tls {
+        Some(config) => builder
+            .with_tls_config((*config).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(http),
+        None => builder
+            .with_tls_config(crate::tls::plain_client())
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http),
+    };
+    Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(16)
+        .build(connector)
+}
+
+/// One request as it goes out, shared by its copies.
+struct Outgoing {
+    rpc: &'static str,
+    target: u64,
+    addr: String,
+    path: String,
+    headers: Vec<(&'static str, String)>,
+    body: Bytes,
+}
+
+/// The tasks carrying one request's copies. Dropped while the caller still waits (it gave
+/// up), they are aborted unless the client can afford to let them finish.
+struct Copies {
+    tasks: Vec<tokio::task::AbortHandle>,
+    running: Arc<AtomicUsize>,
+}
+
+impl Drop for Copies {
+    fn drop(&mut self) {
+        if self.running.load(Ordering::Acquire) > MAX_RUNNING {
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+}
+
+/// Counts a running copy for as long as it lives.
+struct Running(Arc<AtomicUsize>);
+
+impl Running {
+    fn new(count: &Arc<AtomicUsize>) -> Running {
+        count.fetch_add(1, Ordering::AcqRel);
+        Running(count.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl RpcClient {
+    pub fn new(secret: &str, observers: RpcObservers, tls: ClientTls) -> RpcClient {
+        let (generation, config) = tls.current().unzip();
+        RpcClient {
+            http: Arc::new(std::sync::RwLock::new((
+                generation.unwrap_or(0),
+                build_http(config),
+            ))),
+            tls,
+            secret: secret.into(),
+            observers,
+            reachability: Arc::default(),
+            hedging: Arc::default(),
+            running: Arc::default(),
+        }
+    }
+
+    /// The pool for the TLS configuration in force.
+    fn http(&self) -> (HttpClient, &'static str) {
+        let Some((generation, config)) = self.tls.current() else {
+            let current = self.http.read().unwrap_or_else(|p| p.into_inner());
+            return (current.1.clone(), "http");
+        };
+        {
+            let current = self.http.read().unwrap_or_else(|p| p.into_inner());
+            if current.0 == generation {
+                return (current.1.clone(), "https");
+            }
+        }
+        let mut current = self.http.write().unwrap_or_else(|p| p.into_inner());
+        if current.0 != generation {
+            *current = (generation, build_http(Some(config)));
+        }
+        (current.1.clone(), "https")
+    }
+
+    /// POSTs `body` as JSON to `{addr}{path}` and decodes the JSON answer.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn post<Req: Serialize, Resp: DeserializeOwned + Send + 'static>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+        headers: &[(&'static str, String)],
+    ) -> Result<Resp, RpcError> {
+        self.send(rpc, target, addr, path, body, timeout, headers, false)
+            .await
+    }
+
+    /// `post` for a request that may safely arrive twice (a raft AppendEntries; a forwarded
+    /// message, deduplicated when applied): when no answer came in the usual time, a second
+    /// copy goes out on another connection and the first answer wins (see `hedge`).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn post_hedged<Req: Serialize, Resp: DeserializeOwned + Send + 'static>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+        headers: &[(&'static str, String)],
+    ) -> Result<Resp, RpcError> {
+        self.send(rpc, target, addr, path, body, timeout, headers, true)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send<Req: Serialize, Resp: DeserializeOwned + Send + 'static>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+        headers: &[(&'static str, String)],
+        hedge: bool,
+    ) -> Result<Resp, RpcError> {
+        let started = Instant::now();
+        let body = serde_json::to_vec(body).map_err(|e| RpcError::Network {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        })?;
+        let outgoing = Arc::new(Outgoing {
+            rpc,
+            target,
+            addr: addr.to_string(),
+            path: path.to_string(),
+            headers: headers.to_vec(),
+            body: Bytes::from(body),
+        });
+        let result = self.copies(outgoing, started, timeout, hedge).await;
+        self.observe(rpc, target, started.elapsed(), &result);
+        result
+    }
+
+    /// Sends the first copy, a second one if hedging and the first is slow, and returns the
+    /// first answer (or the last error).
+    async fn copies<Resp: DeserializeOwned + Send + 'static>(
+        &self,
+        outgoing: Arc<Outgoing>,
+        started: Instant,
+        timeout: Duration,
+        hedge: bool,
+    ) -> Result<Resp, RpcError> {
+        // Room for every copy's answer, so a copy never waits to deliver it.
+        let (answers, mut answered) = tokio::sync::mpsc::channel::<Result<Resp, RpcError>>(2);
+        let spawn = |slot: Option<HedgeSlot>| {
+            let client = self.clone();
+            let (outgoing, answers) = (outgoing.clone(), answers.clone());
+            let running = Running::new(&self.running);
+            let bound = timeout.max(LINGER);
+            tokio::spawn(async move {
+                let _running = running;
+                let sent = Instant::now();
+                let answer = match tokio::time::timeout(bound, client.exchange(&outgoing)).await {
+                    Ok(answer) => answer,
+                    Err(_) => Err(RpcError::Network {
+                        addr: outgoing.addr.clone(),
+                        reason: format!("no answer within {} ms", bound.as_millis()),
+                    }),
+                };
+                if answer.is_ok() {
+                    client
+                        .hedging
+                        .answered(outgoing.rpc, outgoing.target, sent.elapsed());
+                }
+                drop(slot);
+                let _ = answers.try_send(answer);
+            })
+            .abort_handle()
+        };
+        let mut copies = Copies {
+            tasks: vec![spawn(None)],
+            running: self.running.clone(),
+        };
+        let mut outstanding = 1usize;
+        let deadline = tokio::time::Instant::from_std(started + timeout);
+        let delay = self.hedging.delay(outgoing.rpc, outgoing.target);
+        let mut hedge_at = hedge.then(|| tokio::time::Instant::from_std(started + delay));
+        loop {
+            tokio::select! {
+                answer = answered.recv() => {
+                    let answer = answer.ok_or_else(|| RpcError::Network {
+                        addr: outgoing.addr.clone(),
+                        reason: "every copy of the request was lost".into(),
+                    })?;
+                    outstanding -= 1;
+                    // An error while another copy is out: that one may yet answer.
+                    if answer.is_ok() || outstanding == 0 {
+                        // The others finish on their own (their connections stay pooled).
+                        copies.tasks.clear();
+                        return answer;
+                    }
+                }
+                _ = tokio::time::sleep_until(hedge_at.unwrap_or(deadline)), if hedge_at.is_some() => {
+                    hedge_at = (copies.tasks.len() < MAX_COPIES - 1)
+                        .then(|| tokio::time::Instant::from_std(Instant::now() + delay));
+                    if let Some(slot) = self.hedging.slot() {
+                        (self.observers.hedged)(outgoing.rpc, outgoing.target);
+                        copies.tasks.push(spawn(Some(slot)));
+                        outstanding += 1;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(RpcError::Network {
+                        addr: outgoing.addr.clone(),
+                        reason: format!("no answer within {} ms", timeout.as_millis()),
+                    });
+                }
+            }
+        }
+    }
+
+    /// POSTs a stream of bytes (a snapshot file) and decodes the JSON answer; not retried,
+    /// not lingering: the stream cannot be replayed.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn post_file<Resp: DeserializeOwned>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        addr: &str,
+        path: &str,
+        file: std::fs::File,
+        timeout: Duration,
+        headers: &[(&'static str, String)],
+    ) -> Result<Resp, RpcError> {
+        let started = Instant::now();
+        let file = tokio::fs::File::from_std(file);
+        let stream =
+            tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024).map_ok(Frame::data);
+        let outgoing = Outgoing {
+            rpc,
+            target,
+            addr: addr.to_string(),
+            path: path.to_string(),
+            headers: headers.to_vec(),
+            body: Bytes::new(),
+        };
+        let body = BodyExt::boxed(StreamBody::new(stream));
+        let result = match tokio::time::timeout(timeout, self.exchange_body(&outgoing, body)).await
+        {
+            Ok(r) => r,
+            Err(_) => Err(RpcError::Network {
+                addr: addr.to_string(),
+                reason: format!("no answer within {} ms", timeout.as_millis()),
+            }),
+        };
+        self.observe(rpc, target, started.elapsed(), &result);
+        result
+    }
+
+    fn observe<Resp>(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        took: Duration,
+        result: &Result<Resp, RpcError>,
+    ) {
+        (self.observers.answered)(rpc, target, took, result.is_ok());
+        self.reachability.record(rpc, target, result);
+    }
+
+    async fn exchange<Resp: DeserializeOwned>(
+        &self,
+        outgoing: &Outgoing,
+    ) -> Result<Resp, RpcError> {
+        let body = Full::new(outgoing.body.clone())
+            .map_err(|never| match never {})
+            .boxed();
+        self.exchange_body(outgoing, body).await
+    }
+
+    async fn exchange_body<Resp: DeserializeOwned>(
+        &self,
+        outgoing: &Outgoing,
+        body: Body,
+    ) -> Result<Resp, RpcError> {
+        let addr = &outgoing.addr;
+        let network = |reason: String| RpcError::Network {
+            addr: addr.clone(),
+            reason,
+        };
+        let (http, scheme) = self.http();
+        let mut builder = Request::post(format!("{scheme}://{addr}{}", outgoing.path))
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .header(SECRET_HEADER, self.secret.as_ref())
+            .header(TARGET_HEADER, outgoing.target.to_string());
+        for (name, value) in &outgoing.headers {
+            builder = builder.header(*name, value);
+        }
+        let request = builder.body(body).map_err(|e| network(e.to_string()))?;
+        let response = http.request(request).await.map_err(|e| {
+            if e.is_connect() {
+                RpcError::Unreachable {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                }
+            } else {
+                network(e.to_string())
+            }
+        })?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| network(e.to_string()))?
+            .to_bytes();
+        if status != StatusCode::OK {
+            return Err(RpcError::Status {
+                addr: addr.clone(),
+                status,
+                body: String::from_utf8_lossy(&body).into_owned(),
+            });
+        }
+        serde_json::from_slice(&body).map_err(|e| network(format!("bad answer: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::net::TcpListener;
+
+    /// A peer answering `{}` to every request, the `n`-th (from 0) after `stall(n)`; counts
+    /// the connections it accepted and the requests it read.
+    struct Peer {
+        addr: String,
+        connections: Arc<AtomicUsize>,
+        requests: Arc<AtomicUsize>,
+    }
+
+    async fn peer(stall: fn(usize) -> Duration) -> Peer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (accepted, read) = (connections.clone(), requests.clone());
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                let read = read.clone();
+                tokio::spawn(async move {
+                    let mut socket = BufReader::new(socket);
+                    loop {
+                        let mut length = 0usize;
+                        loop {
+                            let mut line = String::new();
+                            if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(v) =
+                                line.to_ascii_lowercase().strip_prefix("content-length:")
+                            {
+                                length = v.trim().parse().unwrap_or(0);
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        let mut body = vec![0; length];
+                        if socket.read_exact(&mut body).await.is_err() {
+                            return;
+                        }
+                        let n = read.fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(stall(n)).await;
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
+                        if socket.get_mut().write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Peer {
+            addr,
+            connections,
+            requests,
+        }
+    }
+
+    fn client() -> (RpcClient, Arc<AtomicUsize>) {
+        let hedges = Arc::new(AtomicUsize::new(0));
+        let counted = hedges.clone();
+        let observers = RpcObservers {
+            hedged: Arc::new(move |_, _| {
+                counted.fetch_add(1, Ordering::SeqCst);
+            }),
+            ..RpcObservers::default()
+        };
+        (
+            RpcClient::new("secret", observers, ClientTls::Plain),
+            hedges,
+        )
+    }
+
+    type Empty = std::collections::BTreeMap<String, String>;
+
+    #[tokio::test]
+    async fn an_unanswered_hedged_request_is_answered_by_its_second_copy() {
+        // The first request stalls for good; any other is answered at once.
+        let peer = peer(|n| Duration::from_secs(if n == 0 { 3600 } else { 0 })).await;
+        let (client, hedges) = client();
+        let started = Instant::now();
+        let answer: Result<Empty, _> = client
+            .post_hedged(
+                "append",
+                2,
+                &peer.addr,
+                "/x",
+                &(),
+                Duration::from_secs(5),
+                &[],
+            )
+            .await;
+        assert!(answer.is_ok(), "{answer:?}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        assert_eq!(hedges.load(Ordering::SeqCst), 1);
+        assert_eq!(peer.requests.load(Ordering::SeqCst), 2);
+        // Without hedging the same stall is a timeout.
+        let peer = self::peer(|n| Duration::from_secs(if n == 0 { 3600 } else { 0 })).await;
+        let answer: Result<Empty, _> = client
+            .post(
+                "append",
+                2,
+                &peer.addr,
+                "/x",
+                &(),
+                Duration::from_millis(500),
+                &[],
+            )
+            .await;
+        assert!(answer.is_err());
+        assert_eq!(peer.requests.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn a_prompt_answer_sends_no_second_copy() {
+        let peer = peer(|_| Duration::ZERO).await;
+        let (client, hedges) = client();
+        for _ in 0..20 {
+            let answer: Result<Empty, _> = client
+                .post_hedged(
+                    "append",
+                    2,
+                    &peer.addr,
+                    "/x",
+                    &(),
+                    Duration::from_secs(5),
+                    &[],
+                )
+                .await;
+            assert!(answer.is_ok(), "{answer:?}");
+        }
+        // A loaded test machine may stall one past the delay, not most.
+        let hedged = hedges.load(Ordering::SeqCst);
+        assert!(hedged < 5, "{hedged} second copies");
+        assert_eq!(peer.requests.load(Ordering::SeqCst), 20 + hedged);
+        assert!(peer.connections.load(Ordering::SeqCst) <= 1 + hedged);
+    }
+
+    #[tokio::test]
+    async fn a_request_its_caller_gave_up_on_keeps_its_connection() {
+        // The first answer comes after the caller's timeout, but within the linger.
+        let peer = peer(|n| Duration::from_millis(if n == 0 { 400 } else { 0 })).await;
+        let (client, _) = client();
+        let answer: Result<Empty, _> = client
+            .post(
+                "append",
+                2,
+                &peer.addr,
+                "/x",
+                &(),
+                Duration::from_millis(100),
+                &[],
+            )
+            .await;
+        assert!(answer.is_err());
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while client.running.load(Ordering::SeqCst) > 0 {
+            assert!(
+                Instant::now() < deadline,
+                "the first request never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let answer: Result<Empty, _> = client
+            .post(
+                "append",
+                2,
+                &peer.addr,
+                "/x",
+                &(),
+                Duration::from_secs(5),
+                &[],
+            )
+            .await;
+        assert!(answer.is_ok(), "{answer:?}");
+        assert_eq!(peer.connections.load(Ordering::SeqCst), 1);
+    }
+}
