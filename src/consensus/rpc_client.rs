@@ -39,6 +39,10 @@ const LINGER: Duration = Duration::from_secs(2);
 /// Requests running past their caller are aborted instead once this many requests run (a dead
 /// peer must not collect a task per heartbeat).
 const MAX_RUNNING: usize = 64;
+/// Larger requests are never hedged: their time is the transfer and the peer's disk rather
+/// than one lost segment (with many segments in flight TCP repairs a loss by fast
+/// retransmit), and a copy would double a busy peer's work.
+const MAX_HEDGED_BYTES: usize = 64 * 1024;
 /// Copies of one hedged request, the first included.
 const MAX_COPIES: usize = 3;
 
@@ -270,6 +274,7 @@ impl RpcClient {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
+        let hedge = hedge && body.len() <= MAX_HEDGED_BYTES;
         let outgoing = Arc::new(Outgoing {
             rpc,
             target,
