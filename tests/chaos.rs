@@ -66,13 +66,6 @@ pub struct Applied {
     pub healed: Instant,
 }
 
-fn port(addr: &str) -> u16 {
-    addr.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .expect("port")
-}
-
 /// One client: keeps `IN_FLIGHT` messages unacknowledged, records everything, until `stop`.
 async fn run_client(
     servers: Vec<String>,
@@ -373,23 +366,7 @@ fn chaos_schedule_loses_nothing() {
     // Large enough for a long soak's history; it only takes memory as it fills.
     let _tmpfs = common::Tmpfs::mount(&disk, "4g");
     let base_uid = 42_000 + (std::process::id() % 1000) * 10;
-    let peers: Vec<Peer> = (1..=NODES)
-        .map(|id| {
-            let n = cluster.node(id);
-            Peer {
-                id,
-                uid: base_uid + id as u32,
-                chat: port(&n.chat),
-                raft: port(&n.raft),
-            }
-        })
-        .collect();
-    for p in &peers {
-        cluster.run_as(p.id, p.uid);
-    }
-    for id in 1..=NODES {
-        cluster.start_node(id);
-    }
+    let peers = faults::run_under_own_uids(&mut cluster, NODES, base_uid);
     cluster.wait_leader(&[1, 2, 3], T);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -11,17 +11,10 @@ mod faults;
 use std::time::Duration;
 
 use common::{Cluster, wait_for};
-use faults::{Net, Peer};
+use faults::Net;
 
 const T: Duration = Duration::from_secs(60);
 const MESSAGES: usize = 150;
-
-fn port(addr: &str) -> u16 {
-    addr.rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {addr}"))
-}
 
 /// The sum of `name`'s series on node `id` whose labels include `rpc="{rpc}"`.
 fn hedged(cluster: &Cluster, id: u64, rpc: &str) -> f64 {
@@ -48,23 +41,7 @@ fn a_lossy_cluster_hedges_its_requests_and_loses_nothing() {
     let mut cluster = Cluster::configure(3, "");
     // Apart from the chaos suite's 42,000–51,999, which may run at the same time.
     let base_uid = 60_000 + (std::process::id() % 1000) * 10;
-    let peers: Vec<Peer> = (1..=3)
-        .map(|id| {
-            let n = cluster.node(id);
-            Peer {
-                id,
-                uid: base_uid + id as u32,
-                chat: port(&n.chat),
-                raft: port(&n.raft),
-            }
-        })
-        .collect();
-    for p in &peers {
-        cluster.run_as(p.id, p.uid);
-    }
-    for id in 1..=3 {
-        cluster.start_node(id);
-    }
+    let peers = faults::run_under_own_uids(&mut cluster, 3, base_uid);
     let leader = cluster.wait_leader(&[1, 2, 3], T);
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let mut client = cluster.login(follower, "lossy");

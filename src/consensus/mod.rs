@@ -31,7 +31,7 @@ pub use leader_watch::run as watch_leader;
 use log_store::LogStore;
 pub use log_store::SyncObserver;
 use network::Network;
-use rpc_client::{ClientTls, RpcClient};
+use rpc_client::{ClientTls, Hedge, RpcClient};
 pub use rpc_client::{HedgeObserver, RpcObserver, RpcObservers};
 pub use server::serve_raft_port;
 use state_machine::StateMachine;
@@ -880,37 +880,25 @@ impl Consensus {
         // Messages are deduplicated per session and client id when applied, so an unanswered
         // forward of messages only may go out again on another connection; a second attach or
         // join could decide differently.
-        let hedge = request
+        let messages_only = request
             .commands
             .iter()
             .all(|c| matches!(c, ChatCommand::Send { .. }));
-        let call = async {
-            if hedge {
-                self.rpc
-                    .post_hedged::<_, ForwardAnswer>(
-                        "forward",
-                        leader,
-                        &addr,
-                        "/api/write",
-                        &request,
-                        timeout,
-                        &headers,
-                    )
-                    .await
-            } else {
-                self.rpc
-                    .post::<_, ForwardAnswer>(
-                        "forward",
-                        leader,
-                        &addr,
-                        "/api/write",
-                        &request,
-                        timeout,
-                        &headers,
-                    )
-                    .await
-            }
+        let hedge = if messages_only {
+            Hedge::IfSlow
+        } else {
+            Hedge::Never
         };
+        let call = self.rpc.post_with::<_, ForwardAnswer>(
+            "forward",
+            leader,
+            &addr,
+            "/api/write",
+            &request,
+            timeout,
+            &headers,
+            hedge,
+        );
         tokio::select! {
             answer = call => match answer {
                 Ok(ForwardAnswer::Results(items)) => Ok(items),

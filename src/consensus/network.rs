@@ -16,7 +16,7 @@ use openraft::raft::{
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use super::rpc_client::{RpcClient, RpcError, VOTE_HEADER};
+use super::rpc_client::{Hedge, RpcClient, RpcError, VOTE_HEADER};
 use super::snapshot_store::SnapshotBlob;
 use super::state_machine::Snapshot;
 use super::types::{NodeAddr, TypeConfig, Vote};
@@ -48,24 +48,19 @@ pub struct PeerClient {
 }
 
 impl PeerClient {
-    /// One RPC; `hedged` for those a peer may safely receive twice.
+    /// One RPC; hedged only if a peer may safely receive it twice.
     async fn call<Req: Serialize, Resp: DeserializeOwned + Send + 'static>(
         &self,
         rpc: &'static str,
         path: &'static str,
         req: &Req,
         timeout: Duration,
-        hedged: bool,
+        hedge: Hedge,
     ) -> Result<Resp, RPCError<TypeConfig>> {
-        let answer = if hedged {
-            self.rpc
-                .post_hedged(rpc, self.target, &self.addr, path, req, timeout, &[])
-                .await
-        } else {
-            self.rpc
-                .post(rpc, self.target, &self.addr, path, req, timeout, &[])
-                .await
-        };
+        let answer = self
+            .rpc
+            .post_with(rpc, self.target, &self.addr, path, req, timeout, &[], hedge)
+            .await;
         let answer: Result<Resp, RaftError<TypeConfig>> = answer.map_err(|e| match e {
             // Unreachable makes openraft back off instead of hammering a dead peer.
             RpcError::Unreachable { .. } => RPCError::Unreachable(Unreachable::new(&e)),
@@ -94,7 +89,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         } else {
             option.hard_ttl().max(REPLICATION_RPC_TIMEOUT)
         };
-        self.call("append", "/raft/append", &req, timeout, !heartbeat)
+        let hedge = if heartbeat {
+            Hedge::Never
+        } else {
+            Hedge::IfSlow
+        };
+        self.call("append", "/raft/append", &req, timeout, hedge)
             .await
     }
 
@@ -103,7 +103,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("vote", "/raft/vote", &req, option.soft_ttl(), false)
+        self.call("vote", "/raft/vote", &req, option.soft_ttl(), Hedge::Never)
             .await
     }
 
@@ -112,8 +112,14 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         req: VoteRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.call("vote", "/raft/pre-vote", &req, option.soft_ttl(), false)
-            .await
+        self.call(
+            "vote",
+            "/raft/pre-vote",
+            &req,
+            option.soft_ttl(),
+            Hedge::Never,
+        )
+        .await
     }
 
     async fn full_snapshot(
@@ -164,7 +170,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             "/raft/transfer-leader",
             &req,
             option.soft_ttl(),
-            false,
+            Hedge::Never,
         )
         .await
     }

@@ -91,6 +91,14 @@ impl ClientTls {
     }
 }
 
+/// Whether a request may go out more than once (see `hedge`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hedge {
+    Never,
+    /// It may arrive twice: copy it when unanswered for longer than usual.
+    IfSlow,
+}
+
 /// What the callers of one node's client have to say about its requests.
 #[derive(Clone)]
 pub struct RpcObservers {
@@ -235,15 +243,24 @@ impl RpcClient {
         timeout: Duration,
         headers: &[(&'static str, String)],
     ) -> Result<Resp, RpcError> {
-        self.send(rpc, target, addr, path, body, timeout, headers, false)
-            .await
+        self.post_with(
+            rpc,
+            target,
+            addr,
+            path,
+            body,
+            timeout,
+            headers,
+            Hedge::Never,
+        )
+        .await
     }
 
-    /// `post` for a request that may safely arrive twice (a raft AppendEntries; a forwarded
-    /// message, deduplicated when applied): when no answer came in the usual time, a second
-    /// copy goes out on another connection and the first answer wins (see `hedge`).
+    /// `post`, hedged when the request may safely arrive twice (a raft AppendEntries; a
+    /// forward of messages, deduplicated when applied): when no answer came in the usual
+    /// time, another copy goes out on another connection and the first answer wins.
     #[allow(clippy::too_many_arguments)]
-    pub async fn post_hedged<Req: Serialize, Resp: DeserializeOwned + Send + 'static>(
+    pub async fn post_with<Req: Serialize, Resp: DeserializeOwned + Send + 'static>(
         &self,
         rpc: &'static str,
         target: u64,
@@ -252,29 +269,14 @@ impl RpcClient {
         body: &Req,
         timeout: Duration,
         headers: &[(&'static str, String)],
-    ) -> Result<Resp, RpcError> {
-        self.send(rpc, target, addr, path, body, timeout, headers, true)
-            .await
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn send<Req: Serialize, Resp: DeserializeOwned + Send + 'static>(
-        &self,
-        rpc: &'static str,
-        target: u64,
-        addr: &str,
-        path: &str,
-        body: &Req,
-        timeout: Duration,
-        headers: &[(&'static str, String)],
-        hedge: bool,
+        hedge: Hedge,
     ) -> Result<Resp, RpcError> {
         let started = Instant::now();
         let body = serde_json::to_vec(body).map_err(|e| RpcError::Network {
             addr: addr.to_string(),
             reason: e.to_string(),
         })?;
-        let hedge = hedge && body.len() <= MAX_HEDGED_BYTES;
+        let hedge = hedge == Hedge::IfSlow && body.len() <= MAX_HEDGED_BYTES;
         let outgoing = Arc::new(Outgoing {
             rpc,
             target,
@@ -559,7 +561,7 @@ mod tests {
         let (client, hedges) = client();
         let started = Instant::now();
         let answer: Result<Empty, _> = client
-            .post_hedged(
+            .post_with(
                 "append",
                 2,
                 &peer.addr,
@@ -567,6 +569,7 @@ mod tests {
                 &(),
                 Duration::from_secs(5),
                 &[],
+                Hedge::IfSlow,
             )
             .await;
         assert!(answer.is_ok(), "{answer:?}");
@@ -596,7 +599,7 @@ mod tests {
         let (client, hedges) = client();
         for _ in 0..20 {
             let answer: Result<Empty, _> = client
-                .post_hedged(
+                .post_with(
                     "append",
                     2,
                     &peer.addr,
@@ -604,6 +607,7 @@ mod tests {
                     &(),
                     Duration::from_secs(5),
                     &[],
+                    Hedge::IfSlow,
                 )
                 .await;
             assert!(answer.is_ok(), "{answer:?}");

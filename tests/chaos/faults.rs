@@ -9,6 +9,8 @@ use std::process::Command;
 use rand::Rng;
 use rand::rngs::StdRng;
 
+use crate::common::Cluster;
+
 /// One node's ports and uid, as the rules need them.
 #[derive(Clone, Debug)]
 pub struct Peer {
@@ -16,6 +18,35 @@ pub struct Peer {
     pub uid: u32,
     pub chat: u16,
     pub raft: u16,
+}
+
+fn port(addr: &str) -> u16 {
+    addr.rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {addr}"))
+}
+
+/// Every node of `cluster`, node `id` under uid `base_uid + id`, each started under it.
+pub fn run_under_own_uids(cluster: &mut Cluster, nodes: u64, base_uid: u32) -> Vec<Peer> {
+    let peers: Vec<Peer> = (1..=nodes)
+        .map(|id| {
+            let n = cluster.node(id);
+            Peer {
+                id,
+                uid: base_uid + id as u32,
+                chat: port(&n.chat),
+                raft: port(&n.raft),
+            }
+        })
+        .collect();
+    for p in &peers {
+        cluster.run_as(p.id, p.uid);
+    }
+    for id in 1..=nodes {
+        cluster.start_node(id);
+    }
+    peers
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
