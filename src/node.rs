@@ -169,19 +169,36 @@ fn observers(metrics: &Arc<Metrics>) -> Observers {
     }
 }
 
+/// A file's size, or the total of the files in a directory.
+async fn bytes_on_disk(path: &std::path::Path) -> u64 {
+    let Ok(meta) = tokio::fs::metadata(path).await else {
+        return 0;
+    };
+    if !meta.is_dir() {
+        return meta.len();
+    }
+    let mut total = 0;
+    if let Ok(mut dir) = tokio::fs::read_dir(path).await {
+        while let Ok(Some(item)) = dir.next_entry().await {
+            total += item.metadata().await.map_or(0, |m| m.len());
+        }
+    }
+    total
+}
+
 /// How often the stores' sizes on disk are measured.
 const STORAGE_EVERY: Duration = Duration::from_secs(5);
 
 /// Keeps `raftchat_storage_bytes` and `raftchat_snapshot_bytes` current (a `stat` per store).
 async fn measure_storage(data_dir: PathBuf, metrics: Arc<Metrics>, shutdown: CancellationToken) {
     let files = [
-        ("log", data_dir.join(consensus::LOG_FILE)),
+        ("log", data_dir.join(consensus::LOG_DIR)),
         ("history", data_dir.join(HISTORY_FILE)),
         ("state", data_dir.join(consensus::SNAPSHOT_FILE)),
     ];
     loop {
         for (store, path) in &files {
-            let bytes = tokio::fs::metadata(path).await.map_or(0, |m| m.len());
+            let bytes = bytes_on_disk(path).await;
             metrics
                 .storage_bytes
                 .with_label_values(&[store])

@@ -160,6 +160,17 @@ fn every_bad_request_gets_its_error_code_and_others_are_unaffected() {
     }
 }
 
+/// The raft log's newest segment file in `dir`.
+fn newest_segment(dir: &std::path::Path) -> std::path::PathBuf {
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .collect();
+    segments.sort();
+    segments.pop().unwrap()
+}
+
 /// Runs node 1 of `cluster` in the foreground: (exit code, stderr).
 fn start_in_foreground(cluster: &Cluster) -> (Option<i32>, String) {
     let out = std::process::Command::new(BIN)
@@ -184,10 +195,12 @@ fn corrupt_or_truncated_data_refuses_to_start() {
     drop(c);
     assert!(cluster.stop(1).success());
 
-    let log = cluster.data_dir(1).join("raft-log.redb");
+    let log = newest_segment(&cluster.data_dir(1).join("raft-log"));
     let original = std::fs::read(&log).unwrap();
+    // Where the records end (the rest of the segment is preallocated zeros).
+    let end = original.iter().rposition(|b| *b != 0).unwrap() + 1;
 
-    // Garbage over the log's header.
+    // Garbage over the segment's header.
     let mut garbage = original.clone();
     for b in garbage.iter_mut().take(4096) {
         *b = 0xA5;
@@ -195,20 +208,44 @@ fn corrupt_or_truncated_data_refuses_to_start() {
     std::fs::write(&log, &garbage).unwrap();
     let (code, err) = start_in_foreground(&cluster);
     assert_eq!(code, Some(1));
-    assert!(err.contains("raft-log.redb"), "names the file: {err}");
+    assert!(err.contains("raft-log/"), "names the file: {err}");
 
-    // Truncated at several points: a clear refusal every time, never a panic.
-    for cut in [
-        4096,
-        original.len() / 4,
-        original.len() / 2,
-        original.len() - 1,
-    ] {
-        std::fs::write(&log, &original[..cut]).unwrap();
+    // A byte changed inside a record the disk did write: corruption, refused every time,
+    // never a panic.
+    for at in [20, 100, end / 2, end - 20] {
+        let mut damaged = original.clone();
+        damaged[at] ^= 0x55;
+        std::fs::write(&log, &damaged).unwrap();
         let (code, err) = start_in_foreground(&cluster);
-        assert_eq!(code, Some(1), "cut at {cut}: {err}");
-        assert!(err.contains("raft-log.redb"), "cut at {cut}: {err}");
+        assert_eq!(code, Some(1), "byte {at} changed: {err}");
+        assert!(
+            err.contains("raft-log/") && err.contains("corrupt"),
+            "byte {at} changed: {err}"
+        );
     }
+
+    // Cut in the middle of the last record, as a crash during a write leaves it: that record
+    // was never acknowledged, so it is dropped and the node starts.
+    std::fs::write(&log, &original[..end - 3]).unwrap();
+    cluster.start_node(1);
+    cluster.wait_leader(&[1], T);
+    assert!(cluster.stop(1).success());
+    let mut c = {
+        std::fs::write(&log, &original).unwrap();
+        cluster.start_node(1);
+        cluster.wait_leader(&[1], T);
+        cluster.login(1, "solo")
+    };
+    c.join("#r");
+    let page = c.request(json!({"type": "history", "room": "#r"})).unwrap();
+    assert!(
+        page["messages"]
+            .as_array()
+            .is_some_and(|m| m.iter().any(|m| m["text"] == "kept")),
+        "the acknowledged message is still there: {page}"
+    );
+    drop(c);
+    assert!(cluster.stop(1).success());
 
     // A compacted log without its snapshot would drop committed entries: refused.
     std::fs::write(&log, &original).unwrap();

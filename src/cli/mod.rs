@@ -97,7 +97,9 @@ fn config_error(e: &ConfigError) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+fn run_async(
+    fut: impl std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -105,7 +107,14 @@ fn run_async(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> Exit
             return ExitCode::from(1);
         }
     };
-    match runtime.block_on(fut) {
+    // On a worker, not the main thread: every wake-up of the main task would otherwise be a
+    // hand-off between threads.
+    let outcome = runtime.block_on(async {
+        tokio::spawn(fut)
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("the main task failed: {e}")))
+    });
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             if let Some(ce) = e.downcast_ref::<ConfigError>() {

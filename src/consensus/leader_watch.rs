@@ -44,10 +44,8 @@ pub struct WatchAnswer {
 /// The leader's side: answers when this node stops leading, raft stops, or after `HOLD`.
 pub async fn hold(consensus: &Consensus) -> WatchAnswer {
     let id = consensus.id;
-    let _ = consensus
-        .raft
-        .wait(Some(HOLD))
-        .metrics(|m| m.current_leader != Some(id), "no longer leading")
+    consensus
+        .wait_server(Some(HOLD), |m| m.current_leader != Some(id))
         .await;
     WatchAnswer {
         leader: consensus.status().leader,
@@ -66,13 +64,10 @@ async fn watch_leaders(consensus: &Consensus) {
     loop {
         let Some((leader, vote, addr)) = followed_leader(consensus) else {
             let id = consensus.id;
-            let _ = consensus
-                .raft
-                .wait(Some(Duration::from_secs(1)))
-                .metrics(
-                    |m| m.vote.committed && m.current_leader.is_some_and(|l| l != id),
-                    "following a leader",
-                )
+            consensus
+                .wait_server(Some(Duration::from_secs(1)), |m| {
+                    m.vote.committed && m.current_leader.is_some_and(|l| l != id)
+                })
                 .await;
             continue;
         };

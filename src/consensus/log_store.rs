@@ -1,14 +1,15 @@
-//! The raft log on disk (redb), with group commit.
+//! The raft log on disk (`consensus::wal`), with group commit.
 //!
 //! Entries live in memory from `append` on, so they are readable at once; a dedicated storage
-//! thread drains every queued write into one redb transaction and one fsync, then reports each
+//! thread drains every queued write into one write and one fsync, then reports each
 //! append as flushed. Under load many client writes share one durable commit, and no fsync
 //! ever runs on the async runtime. Writes are applied in the order they were queued, so a
 //! truncate or purge is never reordered against a later append or vote.
 //!
 //! Memory is bounded: an entry stays in memory until it is durable, and after that only while
 //! it is among the newest `CACHE_BYTES` of entries (what replication to a healthy follower
-//! reads). A lagging follower's older entries are read from redb on a blocking thread.
+//! reads). A lagging follower's older entries are read from the log's files on a blocking
+//! thread.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -22,13 +23,10 @@ use std::time::{Duration, Instant};
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader};
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::oneshot;
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
-
-const LOGS: TableDefinition<u64, &[u8]> = TableDefinition::new("logs");
-const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+use super::wal::{Record, Replayed, WalReader, WalWriter};
 
 /// Most operations one durable commit takes.
 const MAX_BATCH: usize = 4096;
@@ -36,8 +34,6 @@ const MAX_BATCH: usize = 4096;
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of entries one AppendEntries carries.
 const REPLICATION_BYTES: usize = 1024 * 1024;
-/// redb's page cache for the log.
-const DB_CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 /// Reports the duration of each durable commit (the storage sync histogram).
 pub type SyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
@@ -46,7 +42,7 @@ pub type SyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 pub struct LogStore {
     mem: Arc<Mutex<LogMem>>,
     ops: mpsc::Sender<Op>,
-    db: Arc<Database>,
+    files: WalReader,
 }
 
 #[derive(Default)]
@@ -54,7 +50,7 @@ struct LogMem {
     /// Entries not yet durable, and the newest durable ones, with their approximate size.
     cache: BTreeMap<u64, (Entry, usize)>,
     cache_bytes: usize,
-    /// Every entry up to this index is in redb as the log has it (and may leave the cache).
+    /// Every entry up to this index is on disk as the log has it (and may leave the cache).
     durable_upto: u64,
     /// How many truncations happened: an append queued before the latest one may have
     /// written entries that are no longer the log's, so it proves nothing durable.
@@ -120,7 +116,7 @@ impl LogMem {
     fn truncated(&mut self, from: u64, last: Option<LogId>) {
         self.retain(|i| i < from);
         self.last = last.or(self.last_purged);
-        // Until the truncation is written, redb still holds the old entries from `from` on:
+        // Until the truncation is written, the disk still holds the old entries from `from` on:
         // entries appended there must stay in memory until they are written themselves.
         self.truncations += 1;
         self.durable_upto = self.durable_upto.min(from.saturating_sub(1));
@@ -131,7 +127,7 @@ impl LogMem {
         for op in batch {
             match op {
                 Op::Append(entries, _, truncations) => {
-                    // Written before a later truncation: redb holds them until that
+                    // Written before a later truncation: the disk holds them until that
                     // truncation is written, but the log no longer does.
                     if let Some(last) = entries.last()
                         && *truncations == self.truncations
@@ -178,102 +174,71 @@ enum Op {
     Purge(LogId),
 }
 
-fn corrupt(path: &Path, what: impl std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("raft log {} is corrupt: {what}", path.display()),
-    )
-}
-
 fn other(e: impl std::fmt::Display) -> io::Error {
     io::Error::other(e.to_string())
 }
 
 impl LogStore {
-    /// Opens (or creates) the log at `path`, loads it and starts the storage thread.
+    /// Opens (or creates) the log in the directory `dir` and starts the storage thread. A log
+    /// written by an older version into the redb file `legacy` is moved into `dir` first.
     /// A log that cannot be decoded or has a hole is refused with an error naming the problem.
-    pub fn open(path: &Path, on_sync: SyncObserver) -> io::Result<LogStore> {
-        let db = crate::disk::open_database(path, DB_CACHE_BYTES).map_err(io::Error::other)?;
+    pub fn open(dir: &Path, legacy: &Path, on_sync: SyncObserver) -> io::Result<LogStore> {
+        if legacy.exists() && !super::wal::exists(dir) {
+            super::legacy_log::import(legacy, dir)?;
+        }
         let mut mem = LogMem::default();
-        {
-            let txn = db.begin_write().map_err(other)?;
-            txn.open_table(LOGS).map_err(other)?;
-            txn.open_table(META).map_err(other)?;
-            txn.commit().map_err(other)?;
-        }
-        {
-            let txn = db.begin_read().map_err(other)?;
-            let meta = txn.open_table(META).map_err(other)?;
-            let read_meta = |key: &str| -> io::Result<Option<Vec<u8>>> {
-                Ok(meta.get(key).map_err(other)?.map(|v| v.value().to_vec()))
-            };
-            if let Some(bytes) = read_meta("vote")? {
-                mem.vote = Some(
-                    serde_json::from_slice(&bytes)
-                        .map_err(|e| corrupt(path, format!("vote: {e}")))?,
-                );
-            }
-            if let Some(bytes) = read_meta("committed")? {
-                mem.committed = serde_json::from_slice(&bytes)
-                    .map_err(|e| corrupt(path, format!("committed: {e}")))?;
-            }
-            if let Some(bytes) = read_meta("last_purged")? {
-                mem.last_purged = serde_json::from_slice(&bytes)
-                    .map_err(|e| corrupt(path, format!("last_purged: {e}")))?;
-            }
-            let logs = txn.open_table(LOGS).map_err(other)?;
-            let mut expected = mem.last_purged.as_ref().map(|l| l.index() + 1);
-            for row in logs.iter().map_err(other)? {
-                let (k, v) = row.map_err(other)?;
-                let index = k.value();
-                if let Some(exp) = expected
-                    && exp != index
-                {
-                    return Err(corrupt(
-                        path,
-                        format!("expected entry {exp}, found {index}"),
-                    ));
+        let (writer, files) = WalWriter::open(dir, |record| {
+            match record {
+                Replayed::Entry(entry) => {
+                    mem.durable_upto = entry.index();
+                    // Every entry is checked; only the newest stay in memory.
+                    mem.insert(entry);
+                    mem.evict();
                 }
-                let entry: Entry = serde_json::from_slice(v.value())
-                    .map_err(|e| corrupt(path, format!("entry {index}: {e}")))?;
-                if entry.index() != index {
-                    return Err(corrupt(
-                        path,
-                        format!("entry stored at {index} says {}", entry.index()),
-                    ));
+                Replayed::Vote(vote) => mem.vote = Some(vote),
+                Replayed::Committed(committed) => mem.committed = committed,
+                Replayed::Truncate(from) => {
+                    mem.retain(|i| i < from);
+                    mem.durable_upto = mem.durable_upto.min(from.saturating_sub(1));
                 }
-                expected = Some(index + 1);
-                mem.last = Some(entry.log_id());
-                mem.durable_upto = index;
-                // Every entry is checked; only the newest stay in memory.
-                mem.insert(entry);
-                mem.evict();
+                Replayed::Purge(upto) => {
+                    mem.retain(|i| i > upto.index());
+                    mem.last_purged = Some(upto);
+                }
             }
-        }
-        if mem.last.is_none() {
-            mem.last = mem.last_purged;
-        }
+            Ok(())
+        })?;
+        mem.last = match files.last_index() {
+            Some(last) => match mem.cache.get(&last) {
+                Some((entry, _)) => Some(entry.log_id()),
+                None => files.read(last, last + 1, 1)?.first().map(|e| e.log_id()),
+            },
+            None => mem.last_purged,
+        };
         if let Some(committed) = &mem.committed
             && mem.last.as_ref().map(|l| l.index()) < Some(committed.index())
         {
-            return Err(corrupt(
-                path,
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
                 format!(
-                    "committed index {} is beyond the last entry",
+                    "raft log {} is corrupt: committed index {} is beyond the last entry",
+                    dir.display(),
                     committed.index()
                 ),
             ));
         }
         let (tx, rx) = mpsc::channel();
-        let thread_path = path.to_path_buf();
-        let db = Arc::new(db);
+        let thread_path = dir.to_path_buf();
         let mem = Arc::new(Mutex::new(mem));
-        let thread_db = db.clone();
         let thread_mem = mem.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || storage_thread(&thread_db, &thread_mem, rx, &thread_path, on_sync))?;
-        Ok(LogStore { mem, ops: tx, db })
+            .spawn(move || storage_thread(writer, &thread_mem, rx, &thread_path, on_sync))?;
+        Ok(LogStore {
+            mem,
+            ops: tx,
+            files,
+        })
     }
 
     fn mem(&self) -> MutexGuard<'_, LogMem> {
@@ -292,7 +257,7 @@ impl LogStore {
 const DEFERRED_FLUSH: Duration = Duration::from_millis(200);
 
 fn storage_thread(
-    db: &Database,
+    mut wal: WalWriter,
     mem: &Mutex<LogMem>,
     rx: mpsc::Receiver<Op>,
     path: &Path,
@@ -312,7 +277,7 @@ fn storage_thread(
                 Ok(op) => op,
                 Err(timeout_or_closed) => {
                     commit(
-                        db,
+                        &mut wal,
                         mem,
                         std::mem::take(&mut deferred),
                         false,
@@ -337,10 +302,10 @@ fn storage_thread(
             }
         }
         if batch.iter().any(Op::needs_fsync) {
-            commit(db, mem, batch, true, path, &on_sync);
+            commit(&mut wal, mem, batch, true, path, &on_sync);
         } else if batch.len() >= MAX_BATCH || (waited && deferred_since.elapsed() >= DEFERRED_FLUSH)
         {
-            commit(db, mem, batch, false, path, &on_sync);
+            commit(&mut wal, mem, batch, false, path, &on_sync);
         } else {
             if !waited {
                 deferred_since = Instant::now();
@@ -350,10 +315,10 @@ fn storage_thread(
     }
 }
 
-/// Writes `batch` in one redb transaction (with an fsync when `durable`) and reports each
-/// write's outcome.
+/// Writes `batch` in one write (with an fsync when `durable`) and reports each write's
+/// outcome.
 fn commit(
-    db: &Database,
+    wal: &mut WalWriter,
     mem: &Mutex<LogMem>,
     batch: Vec<Op>,
     durable: bool,
@@ -361,7 +326,7 @@ fn commit(
     on_sync: &SyncObserver,
 ) {
     let started = Instant::now();
-    let result = write_batch(db, &batch, durable);
+    let result = write_batch(wal, &batch, durable);
     if result.is_ok() {
         if durable {
             on_sync(started.elapsed());
@@ -387,104 +352,47 @@ fn commit(
     }
 }
 
-fn write_batch(db: &Database, batch: &[Op], durable: bool) -> io::Result<()> {
-    let mut txn = db.begin_write().map_err(other)?;
-    if !durable {
-        // Persisted with the next durable commit; a crash may lose it, which is safe.
-        txn.set_durability(redb::Durability::None).map_err(other)?;
-    }
-    {
-        let mut logs = txn.open_table(LOGS).map_err(other)?;
-        let mut meta = txn.open_table(META).map_err(other)?;
-        for op in batch {
-            match op {
-                Op::Append(entries, _, _) => {
-                    for entry in entries {
-                        let bytes = serde_json::to_vec(entry).map_err(other)?;
-                        logs.insert(entry.index(), bytes.as_slice())
-                            .map_err(other)?;
-                    }
-                }
-                Op::SaveVote(vote, _) => {
-                    let bytes = serde_json::to_vec(vote).map_err(other)?;
-                    meta.insert("vote", bytes.as_slice()).map_err(other)?;
-                }
-                Op::SaveCommitted(committed) => {
-                    let bytes = serde_json::to_vec(committed).map_err(other)?;
-                    meta.insert("committed", bytes.as_slice()).map_err(other)?;
-                }
-                Op::Truncate(from, _) => {
-                    logs.retain_in(*from.., |_, _| false).map_err(other)?;
-                }
-                Op::Purge(upto) => {
-                    logs.retain_in(..=upto.index(), |_, _| false)
-                        .map_err(other)?;
-                    let bytes = serde_json::to_vec(upto).map_err(other)?;
-                    meta.insert("last_purged", bytes.as_slice())
-                        .map_err(other)?;
-                }
-            }
+fn write_batch(wal: &mut WalWriter, batch: &[Op], durable: bool) -> io::Result<()> {
+    let mut records = Vec::with_capacity(batch.len());
+    for op in batch {
+        match op {
+            Op::Append(entries, _, _) => records.extend(entries.iter().map(Record::Entry)),
+            Op::SaveVote(vote, _) => records.push(Record::Vote(vote)),
+            Op::SaveCommitted(committed) => records.push(Record::Committed(committed)),
+            Op::Truncate(from, _) => records.push(Record::Truncate(*from)),
+            Op::Purge(upto) => records.push(Record::Purge(upto)),
         }
     }
-    txn.commit().map_err(other)
-}
-
-/// Entries in [`start`, `end`) from redb, stopping once about `budget` bytes are read
-/// (after at least one entry). Returns them and the bytes read.
-fn read_range(
-    db: &Database,
-    start: u64,
-    end: u64,
-    budget: usize,
-) -> io::Result<(Vec<Entry>, usize)> {
-    let txn = db.begin_read().map_err(other)?;
-    let logs = txn.open_table(LOGS).map_err(other)?;
-    let mut out = Vec::new();
-    let mut bytes = 0;
-    if start >= end {
-        return Ok((out, bytes));
-    }
-    for row in logs.range(start..end).map_err(other)? {
-        let (k, v) = row.map_err(other)?;
-        let entry: Entry = serde_json::from_slice(v.value())
-            .map_err(|e| other(format!("raft log entry {}: {e}", k.value())))?;
-        bytes += approx_size(&entry);
-        out.push(entry);
-        if bytes >= budget {
-            break;
-        }
-    }
-    Ok((out, bytes))
+    wal.write(&records, durable)
 }
 
 impl LogStore {
-    /// Entries in [`start`, `end`): the part below the cache from redb, the rest from memory,
+    /// Entries in [`start`, `end`): the part below the cache from disk, the rest from memory,
     /// stopping after about `budget` bytes (never before the first entry).
     async fn read(&self, start: u64, end: u64, budget: usize) -> io::Result<Vec<Entry>> {
         let mut entries = Vec::new();
         let mut bytes = 0;
         let mut cursor = start;
         while cursor < end && bytes < budget {
-            // Everything below the cache is durable, so it is in redb.
+            // Everything below the cache is durable, so it is on disk.
             let cache_start = self.mem().cache.keys().next().copied();
             let disk_end = cache_start.map_or(end, |first| first.min(end));
             if cursor < disk_end {
-                let db = self.db.clone();
+                let files = self.files.clone();
                 let left = budget - bytes;
-                let (read, read_bytes) =
-                    tokio::task::spawn_blocking(move || read_range(&db, cursor, disk_end, left))
-                        .await
-                        .map_err(other)??;
+                let read = tokio::task::spawn_blocking(move || files.read(cursor, disk_end, left))
+                    .await
+                    .map_err(other)??;
                 let Some(last) = read.last() else {
                     return Ok(entries);
                 };
                 cursor = last.index() + 1;
+                bytes += read.iter().map(approx_size).sum::<usize>();
                 entries.extend(read);
-                bytes += read_bytes;
                 continue;
             }
             let mem = self.mem();
-            // Entries may have left the cache since it was looked at: read them from redb.
+            // Entries may have left the cache since it was looked at: read them from disk.
             if mem.cache.keys().next().is_none_or(|first| *first > cursor) {
                 if mem.cache.is_empty() {
                     return Ok(entries);
@@ -638,8 +546,8 @@ mod tests {
     fn entries_appended_after_a_truncation_stay_in_memory_until_written() {
         // A follower got a large run of entries from an old leader (not yet written), then a
         // new leader truncated them and sent its own. When the old run's write completes,
-        // redb holds the old entries at those indexes: the new ones must not be evicted in
-        // favour of reading redb, or the node would apply entries that were never committed.
+        // the disk holds the old entries at those indexes: the new ones must not be evicted in
+        // favour of reading the disk, or the node would apply entries that were never committed.
         let mut mem = LogMem::default();
         let big = CACHE_BYTES / 100;
         let old: Vec<Entry> = (1..=200).map(|i| entry(1, i, big)).collect();
@@ -667,12 +575,17 @@ mod tests {
         assert!(mem.cache_bytes <= CACHE_BYTES);
     }
 
-    /// The commit index as redb holds it (what a restart would read).
-    fn stored_committed(store: &LogStore) -> Option<LogId> {
-        let txn = store.db.begin_read().ok()?;
-        let meta = txn.open_table(META).ok()?;
-        let bytes = meta.get("committed").ok()??;
-        serde_json::from_slice::<Option<LogId>>(bytes.value()).ok()?
+    /// The commit index as the disk holds it (what a restart would read).
+    fn stored_committed(dir: &Path) -> Option<LogId> {
+        let mut committed = None;
+        crate::consensus::wal::replay(dir, |r| {
+            if let Replayed::Committed(c) = r {
+                committed = c;
+            }
+            Ok(())
+        })
+        .ok()?;
+        committed
     }
 
     #[tokio::test]
@@ -681,7 +594,8 @@ mod tests {
         let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = syncs.clone();
         let mut store = LogStore::open(
-            &dir.path().join("log.redb"),
+            dir.path(),
+            &dir.path().join("legacy.redb"),
             Arc::new(move |_| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
@@ -691,7 +605,7 @@ mod tests {
         store.save_committed(Some(committed)).await.unwrap();
         // Alone, it is written within the deferral, with no fsync.
         let deadline = Instant::now() + Duration::from_secs(5);
-        while stored_committed(&store) != Some(committed) {
+        while stored_committed(dir.path()) != Some(committed) {
             assert!(
                 Instant::now() < deadline,
                 "the commit index was never written"
@@ -703,7 +617,7 @@ mod tests {
         let later = openraft::testing::log_id::<TypeConfig>(1, 1, 9);
         store.save_committed(Some(later)).await.unwrap();
         store.save_vote(&Vote::new(2, 1)).await.unwrap();
-        assert_eq!(stored_committed(&store), Some(later));
+        assert_eq!(stored_committed(dir.path()), Some(later));
         assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 }

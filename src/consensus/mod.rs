@@ -4,6 +4,7 @@
 
 mod hedge;
 mod leader_watch;
+mod legacy_log;
 mod log_store;
 mod network;
 mod reachability;
@@ -12,6 +13,7 @@ mod server;
 mod snapshot_store;
 mod state_machine;
 mod types;
+mod wal;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -86,8 +88,10 @@ impl Role {
     }
 }
 
-/// The raft log's file in the data directory.
-pub const LOG_FILE: &str = "raft-log.redb";
+/// The raft log's directory (segment files) in the data directory.
+pub const LOG_DIR: &str = "raft-log";
+/// Where raftchat 0.1 kept the raft log (moved into `LOG_DIR` on start).
+const LEGACY_LOG_FILE: &str = "raft-log.redb";
 pub use snapshot_store::SNAPSHOT_FILE;
 
 /// This node's view of the cluster, from openraft's metrics.
@@ -329,9 +333,10 @@ impl Consensus {
             path: data_dir.display().to_string(),
             reason,
         };
-        let log_path = data_dir.join(LOG_FILE);
-        let fresh = !log_path.exists();
-        let log = LogStore::open(&log_path, observers.storage_sync.clone())
+        let log_dir = data_dir.join(LOG_DIR);
+        let legacy = data_dir.join(LEGACY_LOG_FILE);
+        let fresh = !wal::exists(&log_dir) && !legacy.exists();
+        let log = LogStore::open(&log_dir, &legacy, observers.storage_sync.clone())
             .map_err(|e| storage_err(e.to_string()))?;
         let sm = StateMachine::open(data_dir, chat.clone(), observers.snapshot_built.clone())
             .map_err(|e| storage_err(e.to_string()))?;
@@ -644,10 +649,11 @@ impl Consensus {
         peers
     }
 
-    /// A handle that wakes when openraft's view changes.
+    /// A handle that wakes when openraft's view of vote, role, leader or membership changes
+    /// (not on every write).
     pub fn watch(&self) -> StatusWatch {
         StatusWatch {
-            rx: self.raft.metrics(),
+            rx: self.raft.server_metrics(),
         }
     }
 
@@ -682,10 +688,36 @@ impl Consensus {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits until openraft's metrics change (or `timeout` passes).
+    /// Waits until openraft's view of vote, role, leader or membership changes (or `timeout`
+    /// passes).
     pub async fn status_changed(&self, timeout: Duration) {
-        let mut rx = self.raft.metrics();
+        let mut rx = self.raft.server_metrics();
         let _ = tokio::time::timeout(timeout, rx.changed()).await;
+    }
+
+    /// Waits (at most `timeout`) until `holds` is true of openraft's server metrics; false if
+    /// the time ran out or raft stopped first. Server metrics (vote, role, leader, membership)
+    /// change on elections, not on every write, so a waiter is not woken per commit.
+    pub(crate) async fn wait_server(
+        &self,
+        timeout: Option<Duration>,
+        holds: impl Fn(&openraft::metrics::RaftServerMetrics<TypeConfig>) -> bool,
+    ) -> bool {
+        let mut rx = self.raft.server_metrics();
+        let wait = async {
+            loop {
+                if holds(&rx.borrow_watched()) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        };
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, wait).await.unwrap_or(false),
+            None => wait.await,
+        }
     }
 
     /// Replicates `command` through the leader, wherever it is, and waits until it is
@@ -801,9 +833,8 @@ impl Consensus {
             .into_iter()
             .map(|command| Request { ts_ms, command })
             .collect();
-        let waiter = self.raft.wait(None);
-        let lost_leadership =
-            waiter.metrics(|m| m.current_leader != Some(self.id), "leadership lost");
+        let id = self.id;
+        let lost_leadership = self.wait_server(None, |m| m.current_leader != Some(id));
         let write = async {
             let mut stream = self
                 .raft
@@ -875,8 +906,7 @@ impl Consensus {
             traceparents,
             timeout_ms: timeout.as_millis() as u64,
         };
-        let waiter = self.raft.wait(None);
-        let leader_changed = waiter.metrics(|m| m.current_leader != Some(leader), "leader changed");
+        let leader_changed = self.wait_server(None, |m| m.current_leader != Some(leader));
         // Messages are deduplicated per session and client id when applied, so an unanswered
         // forward of messages only may go out again on another connection; a second attach or
         // join could decide differently.
@@ -993,7 +1023,10 @@ impl Consensus {
 
 /// Wakes when openraft's view of the cluster changes.
 pub struct StatusWatch {
-    rx: openraft::alias::WatchReceiverOf<TypeConfig, openraft::RaftMetrics<TypeConfig>>,
+    rx: openraft::alias::WatchReceiverOf<
+        TypeConfig,
+        openraft::metrics::RaftServerMetrics<TypeConfig>,
+    >,
 }
 
 impl StatusWatch {
