@@ -148,6 +148,8 @@ pub struct StoredMessage {
 #[derive(Debug)]
 pub struct MessageEvent {
     pub message: StoredMessage,
+    /// `message.to` folded, once for every connection that checks it.
+    pub to_key: String,
     pub json: OnceLock<Bytes>,
     /// The IRC line without tags, and with `time`/`msgid` tags.
     pub irc: OnceLock<Bytes>,
@@ -157,6 +159,7 @@ pub struct MessageEvent {
 impl MessageEvent {
     pub fn new(message: StoredMessage) -> Arc<MessageEvent> {
         Arc::new(MessageEvent {
+            to_key: super::names::fold(&message.to),
             message,
             json: OnceLock::new(),
             irc: OnceLock::new(),

@@ -269,8 +269,65 @@ pub struct Follow {
     pub events: super::fanout::Receiver,
 }
 
-/// Pushes a connection's applied events, in index order, as `render` writes them. A client
-/// that falls further behind than the event queue is disconnected; it can resume.
+/// Frames of events that were already queued go to the writer as one item, up to this size:
+/// a burst of events costs a connection one wake-up of its writer and one write, not one each.
+const DELIVER_BATCH_BYTES: usize = 64 * 1024;
+
+/// Frames gathered for one hand-off to the writer; a lone frame is passed on uncopied.
+#[derive(Default)]
+struct FrameBatch {
+    first: Option<Bytes>,
+    more: Option<bytes::BytesMut>,
+}
+
+impl FrameBatch {
+    fn push(&mut self, frame: Bytes) {
+        match (&mut self.first, &mut self.more) {
+            (None, _) => self.first = Some(frame),
+            (Some(_), Some(more)) => more.extend_from_slice(&frame),
+            (Some(first), more @ None) => {
+                let mut joined = bytes::BytesMut::with_capacity(first.len() + frame.len() * 4);
+                joined.extend_from_slice(first);
+                joined.extend_from_slice(&frame);
+                *more = Some(joined);
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        match (&self.first, &self.more) {
+            (_, Some(more)) => more.len(),
+            (Some(first), None) => first.len(),
+            (None, None) => 0,
+        }
+    }
+
+    fn take(&mut self) -> Option<Bytes> {
+        let first = self.first.take();
+        match self.more.take() {
+            Some(more) => Some(more.freeze()),
+            None => first,
+        }
+    }
+
+    /// Hands what was gathered to the writer; false once the connection is gone.
+    async fn flush(&mut self, out: &Outbox) -> bool {
+        match self.take() {
+            Some(frames) => out.send(Outbound::Frame(frames)).await.is_ok(),
+            None => true,
+        }
+    }
+}
+
+/// What a connection does after one event.
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// Pushes a connection's applied events, in index order, as `render` writes them. Events
+/// already queued behind the one that woke it go out together. A client that falls further
+/// behind than the event queue is disconnected; it can resume.
 pub async fn deliver<R: Render>(
     svc: Arc<ChatService>,
     mut follow: Follow,
@@ -279,7 +336,7 @@ pub async fn deliver<R: Render>(
     closed: CancellationToken,
     reason: Arc<CloseReason>,
 ) {
-    let metrics = svc.metrics.clone();
+    let mut batch = FrameBatch::default();
     loop {
         let event = tokio::select! {
             e = follow.events.recv() => e,
@@ -294,57 +351,97 @@ pub async fn deliver<R: Render>(
             }
             Err(super::fanout::Ended::Closed) => return,
         };
-        let frame = match follow.filter.on_event(&event) {
-            None => continue,
-            Some(Delivery::Message(m)) => match render.message(&m) {
-                Some(frame) => {
-                    metrics.messages_delivered.inc();
-                    frame
-                }
-                None => continue,
-            },
-            Some(Delivery::Presence { room, user, joined }) => {
-                render.presence(&room, &user, joined)
-            }
-            Some(Delivery::Close(why)) => {
-                reason.set("replaced");
-                let _ = out.send(Outbound::Fatal(render.replaced(why))).await;
+        let mut delivered = 0;
+        let mut next = Some(event);
+        while let Some(event) = next.take() {
+            let step = on_event(
+                &svc,
+                &mut follow,
+                &render,
+                &out,
+                &reason,
+                &event,
+                &mut batch,
+                &mut delivered,
+            )
+            .await;
+            if matches!(step, Next::Stop) {
                 return;
             }
-            Some(Delivery::Resync { upto }) => {
-                // A snapshot from the leader replaced the state. Without the history it
-                // skipped this node cannot replay what the client missed: send it elsewhere.
-                if svc.store.gap().is_some() {
-                    reason.set("catching_up");
-                    let why = "this node is copying history from its peers; resume on another node";
-                    let _ = out.send(Outbound::Fatal(render.unavailable(why))).await;
-                    return;
-                }
-                let rooms: Vec<String> = svc
-                    .store
-                    .state()
-                    .session(&follow.session)
-                    .map(|s| s.rooms.iter().cloned().collect())
-                    .unwrap_or_default();
-                follow.filter.set_rooms(rooms);
-                let after = follow.filter.last();
-                // Boxed: the replay's state exists only while it runs, not in every idle task.
-                let replayed = Box::pin(replay(&svc, &follow.session, after, upto, &render, &out));
-                if let Err(e) = replayed.await {
-                    tracing::warn!(error = %e, "resync after snapshot failed");
-                    reason.set("error");
-                    let why = format!("cannot replay after a snapshot: {e}");
-                    let _ = out.send(Outbound::Fatal(render.unavailable(&why))).await;
-                    return;
-                }
-                follow.filter.advance(upto);
-                continue;
+            if batch.len() < DELIVER_BATCH_BYTES {
+                // What ended the queue, if anything, the next `recv` reports.
+                next = follow.events.try_recv();
             }
-        };
-        if out.send(Outbound::Frame(frame)).await.is_err() {
+        }
+        svc.metrics.messages_delivered.inc_by(delivered);
+        if !batch.flush(&out).await {
             return;
         }
     }
+}
+
+/// Renders one event into `batch`, or acts on it (closing, replaying after a snapshot).
+#[allow(clippy::too_many_arguments)]
+async fn on_event<R: Render>(
+    svc: &ChatService,
+    follow: &mut Follow,
+    render: &R,
+    out: &Outbox,
+    reason: &CloseReason,
+    event: &super::command::Event,
+    batch: &mut FrameBatch,
+    delivered: &mut u64,
+) -> Next {
+    match follow.filter.on_event(event) {
+        None => {}
+        Some(Delivery::Message(m)) => {
+            if let Some(frame) = render.message(&m) {
+                *delivered += 1;
+                batch.push(frame);
+            }
+        }
+        Some(Delivery::Presence { room, user, joined }) => {
+            batch.push(render.presence(&room, &user, joined));
+        }
+        Some(Delivery::Close(why)) => {
+            reason.set("replaced");
+            let _ = batch.flush(out).await;
+            let _ = out.send(Outbound::Fatal(render.replaced(why))).await;
+            return Next::Stop;
+        }
+        Some(Delivery::Resync { upto }) => {
+            if !batch.flush(out).await {
+                return Next::Stop;
+            }
+            // A snapshot from the leader replaced the state. Without the history it
+            // skipped this node cannot replay what the client missed: send it elsewhere.
+            if svc.store.gap().is_some() {
+                reason.set("catching_up");
+                let why = "this node is copying history from its peers; resume on another node";
+                let _ = out.send(Outbound::Fatal(render.unavailable(why))).await;
+                return Next::Stop;
+            }
+            let rooms: Vec<String> = svc
+                .store
+                .state()
+                .session(&follow.session)
+                .map(|s| s.rooms.iter().cloned().collect())
+                .unwrap_or_default();
+            follow.filter.set_rooms(rooms);
+            let after = follow.filter.last();
+            // Boxed: the replay's state exists only while it runs, not in every idle task.
+            let replayed = Box::pin(replay(svc, &follow.session, after, upto, render, out));
+            if let Err(e) = replayed.await {
+                tracing::warn!(error = %e, "resync after snapshot failed");
+                reason.set("error");
+                let why = format!("cannot replay after a snapshot: {e}");
+                let _ = out.send(Outbound::Fatal(render.unavailable(&why))).await;
+                return Next::Stop;
+            }
+            follow.filter.advance(upto);
+        }
+    }
+    Next::Continue
 }
 
 /// Sends what `session` missed in (`after`, `upto`] from the history, page by page, so a

@@ -75,7 +75,7 @@ impl DeliveryFilter {
                     return None;
                 }
                 let mine = if is_room_target(&m.to) {
-                    self.rooms.contains(&fold(&m.to))
+                    self.rooms.contains(&event.to_key)
                 } else if !m.parties.is_empty() {
                     m.parties.contains(&self.session_id)
                 } else {

@@ -49,6 +49,14 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// An event already queued, without waiting; `None` if there is none or the queue
+    /// ended (the next `recv` says why).
+    pub fn try_recv(&mut self) -> Option<Arc<Event>> {
+        self.rx.try_recv().ok()
+    }
+}
+
 impl Drop for Receiver {
     fn drop(&mut self) {
         self.fanout.remove(self.id);
@@ -239,10 +247,14 @@ impl Fanout {
         self.routes().remove(id);
     }
 
-    /// Routes applied events, in index order.
+    /// Routes applied events, in index order. A subscriber gets all of its events of the batch
+    /// one after the other, so it is woken once for them, not once per event.
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
         let mut routes = self.routes();
         let mut recipients = Vec::new();
+        // (subscriber, event) in index order; grouped by subscriber below (a stable sort
+        // keeps each subscriber's events in index order).
+        let mut sends: Vec<(u64, Arc<Event>)> = Vec::new();
         for event in events {
             recipients.clear();
             routes.recipients(&event, &mut recipients);
@@ -251,16 +263,23 @@ impl Fanout {
                 continue;
             }
             let event = Arc::new(event);
-            for id in &recipients {
-                let Some(sub) = routes.subs.get(id) else {
-                    continue;
-                };
-                if sub.tx.try_send(event.clone()).is_err() {
-                    // Full (a client that does not keep up) or gone: stop routing to it; the
-                    // connection reads what is queued, then learns it fell behind.
-                    sub.shared.missed.fetch_add(1, Ordering::AcqRel);
-                    routes.remove(*id);
-                }
+            sends.extend(recipients.iter().map(|id| (*id, event.clone())));
+        }
+        sends.sort_by_key(|(id, _)| *id);
+        let mut dropped = None;
+        for (id, event) in sends {
+            if dropped == Some(id) {
+                continue;
+            }
+            let Some(sub) = routes.subs.get(&id) else {
+                continue;
+            };
+            if sub.tx.try_send(event).is_err() {
+                // Full (a client that does not keep up) or gone: stop routing to it; the
+                // connection reads what is queued, then learns it fell behind.
+                sub.shared.missed.fetch_add(1, Ordering::AcqRel);
+                routes.remove(id);
+                dropped = Some(id);
             }
         }
     }

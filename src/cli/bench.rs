@@ -78,6 +78,16 @@ pub struct BenchArgs {
     /// Seconds of small-room ack measurement before and during `--idle`.
     #[arg(long, default_value_t = 5)]
     idle_probe_secs: u64,
+    /// Fill one room with this many members, spread over every node, and measure how a
+    /// message written at `--room-rate` per second reaches all of them.
+    #[arg(long, default_value_t = 0)]
+    room_members: usize,
+    /// Messages per second written to the `--room-members` room.
+    #[arg(long, default_value_t = 1000)]
+    room_rate: u64,
+    /// Seconds the `--room-members` room is written to (after a second of warm-up).
+    #[arg(long, default_value_t = 10)]
+    room_secs: u64,
 }
 
 #[derive(Default)]
@@ -192,6 +202,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         let probe = Duration::from_secs(args.idle_probe_secs.max(1));
         super::idle_bench::run(target, args.idle, probe, &mut report).await?;
     }
+    if args.room_members > 0 {
+        // The sender writes through the leader, as clients of a busy room mostly do not
+        // need to: any node forwards; this measures the fan-out, not the forwarding.
+        let mut ordered = servers.clone();
+        if let Some((cluster, _)) = &local {
+            let leader = wait_for_leader(cluster, &[], Duration::from_secs(30)).await?;
+            if let Some(node) = cluster.config.nodes.iter().find(|n| n.id == leader) {
+                ordered.retain(|s| *s != node.chat);
+                ordered.insert(0, node.chat.clone());
+            }
+        }
+        let load = super::room_bench::RoomLoad {
+            members: args.room_members,
+            rate: args.room_rate.max(1),
+            duration: Duration::from_secs(args.room_secs.max(1)),
+            size: args.size,
+        };
+        super::room_bench::run(&ordered, load, &mut report).await?;
+    }
     if let Some((cluster, _)) = &local
         && let Some(p99) = probe_p99_ms(cluster).await
     {
@@ -294,7 +323,10 @@ async fn start_local(
         config.chat.max_line_bytes = config.chat.max_line_bytes.max(args.size + 1024);
         config.chat.max_clients_per_ip = 0;
         config.chat.max_new_sessions_per_ip_per_sec = 0;
-        config.chat.max_clients = config.chat.max_clients.max(args.idle + 1024);
+        config.chat.max_clients = config
+            .chat
+            .max_clients
+            .max(args.idle + args.room_members + 1024);
     }
     config.validate()?;
     let cluster = LocalCluster::start(config, &dir, true)?;

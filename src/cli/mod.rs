@@ -6,6 +6,7 @@ mod chat;
 mod cluster;
 mod failover_bench;
 mod idle_bench;
+mod room_bench;
 mod status;
 
 use std::path::PathBuf;

@@ -364,20 +364,30 @@ impl WalWriter {
         }
         self.offset += buf.len() as u64;
         if let Some(upto) = purged {
-            self.delete_purged(upto);
+            self.delete_purged(upto, durable);
         }
         Ok(())
     }
 
     /// Deletes the oldest segments while every entry in them is purged (never the one being
     /// written: it holds the newest checkpoint).
-    fn delete_purged(&mut self, upto: u64) {
+    fn delete_purged(&mut self, upto: u64, synced: bool) {
+        let mut synced = synced;
         while self.segments.len() > 1 {
             let Some(&(seq, max)) = self.segments.front() else {
                 return;
             };
             if max.is_some_and(|m| m > upto) {
                 return;
+            }
+            // The purge that allows it must be on disk first: after a crash, a replay that
+            // finds the segment gone but not the purge would see a hole.
+            if !synced {
+                if let Err(e) = self.file.sync_data() {
+                    tracing::warn!(error = %e, "could not sync the raft log before deleting a segment");
+                    return;
+                }
+                synced = true;
             }
             let path = segment_path(&self.dir, seq);
             if let Err(e) = std::fs::remove_file(&path) {
@@ -439,15 +449,13 @@ pub fn replay(
                                 at = end;
                                 continue;
                             }
-                            let expected = if index.locs.is_empty() {
-                                purged.map(|p| p + 1)
-                            } else {
-                                Some(index.next())
-                            };
-                            if expected.is_some_and(|e| i > e) {
+                            // After a gap, entries may resume higher up: the segments holding
+                            // the gap were deleted behind a purge recorded further on (checked
+                            // once everything is replayed).
+                            if !index.locs.is_empty() && i > index.next() {
                                 return Err(corrupt(
                                     &path,
-                                    format!("expected entry {}, found {i}", expected.unwrap_or(0)),
+                                    format!("expected entry {}, found {i}", index.next()),
                                 ));
                             }
                             index.push(i, loc);
@@ -482,6 +490,20 @@ pub fn replay(
         }
         index.files.insert(seq, Arc::new(file));
         segments.push_back((seq, max_index));
+    }
+    if let Some(purged) = &last_purged
+        && !index.locs.is_empty()
+        && index.first != purged.index() + 1
+    {
+        return Err(corrupt(
+            dir,
+            format!(
+                "entries {} to {} are missing (purged up to {})",
+                purged.index() + 1,
+                index.first - 1,
+                purged.index()
+            ),
+        ));
     }
     Ok(Replay {
         index,
@@ -757,6 +779,38 @@ mod tests {
         assert_eq!(log.first().map(|l| l.1), Some(keep_from));
         assert_eq!(vote_back, Some(vote));
         let _ = upto;
+    }
+
+    #[test]
+    fn a_log_reopens_after_segments_behind_a_later_purge_were_deleted() {
+        // A segment's checkpoint carries the purge of its time; the segments after it hold
+        // entries far above it once older segments are deleted behind a newer purge.
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _, mut w, _) = reopen(dir.path()).unwrap();
+        let mut next = 1u64;
+        let mut write = |w: &mut WalWriter, n: u64| {
+            let es: Vec<Entry> = (next..next + n).map(|i| entry(1, i)).collect();
+            let recs: Vec<Record> = es.iter().map(Record::Entry).collect();
+            w.write(&recs, true).unwrap();
+            next += n;
+        };
+        for round in 0..6u64 {
+            for _ in 0..20 {
+                write(&mut w, 1000);
+            }
+            let upto = entry(1, (round + 1) * 20_000 - 500).log_id();
+            w.write(&[Record::Purge(&upto)], false).unwrap();
+        }
+        let segments = list_segments(dir.path()).unwrap().len();
+        assert!(
+            segments < 10,
+            "purged segments are deleted: {segments} left"
+        );
+        drop(w);
+        let (log, _, _, r) = reopen(dir.path()).unwrap();
+        assert_eq!(log.first().map(|l| l.1), Some(119_501));
+        assert_eq!(log.last().map(|l| l.1), Some(120_000));
+        assert_eq!(r.read(119_990, u64::MAX, usize::MAX).unwrap().len(), 11);
     }
 
     fn last_segment(dir: &Path) -> PathBuf {
