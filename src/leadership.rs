@@ -21,6 +21,8 @@ use crate::telemetry::{self, metrics::Metrics};
 
 /// A transfer announced this recently explains the next leader change.
 const TRANSFER_WINDOW: Duration = Duration::from_secs(5);
+/// A leader heard from this recently has not been away (two heartbeats).
+const RECENT_CONTACT: Duration = Duration::from_millis(100);
 /// How often leaderless time and the leader's health are re-checked without raft news.
 const TICK: Duration = Duration::from_millis(50);
 
@@ -119,7 +121,18 @@ impl Tracker {
         let effective = effective_leader(status, alive);
         let mut events = Vec::new();
         let changed = match (self.current, effective) {
-            (Some((old, term)), Some(new)) => old != new || status.term > term && new != me,
+            (Some((old, term)), Some(new)) if old == new && status.term > term && new != me => {
+                // Re-elected in a new term. Heard from a moment ago, it never went away: no
+                // change and no failover, only the term moves on. Not heard from for longer,
+                // it may have restarted and won again: a change.
+                let heard = last_contact(new)
+                    .is_some_and(|t| now.saturating_duration_since(t) < RECENT_CONTACT);
+                if heard {
+                    self.current = Some((new, status.term));
+                }
+                !heard
+            }
+            (Some((old, _)), Some(new)) => old != new,
             (None, Some(_)) => true,
             (Some(_), None) => {
                 let (previous, term) = self.current.take().unwrap_or_default();
@@ -504,6 +517,39 @@ mod tests {
                 .iter()
                 .any(|e| matches!(e, LeadershipEvent::Changed { term: 5, .. }))
         );
+    }
+
+    #[test]
+    fn the_same_leader_re_elected_while_in_contact_is_no_change() {
+        let mut t = Tracker::default();
+        let t0 = Instant::now();
+        t.observe(&status(Some(2), 4), t0, |_| true, |_| None, None);
+        let later = t0 + Duration::from_secs(1);
+        let (events, leaderless) = t.observe(
+            &status(Some(2), 5),
+            later,
+            |_| true,
+            |_| Some(later - Duration::from_millis(1)),
+            None,
+        );
+        assert!(events.is_empty(), "{events:?}");
+        assert_eq!(leaderless, Duration::ZERO);
+        // Later it goes away, and another node takes over: one failover, from 2.
+        let (events, _) = t.observe(
+            &status(Some(3), 6),
+            later + Duration::from_secs(1),
+            |_| true,
+            |_| Some(later),
+            None,
+        );
+        assert!(events.iter().any(|e| matches!(
+            e,
+            LeadershipEvent::Failover {
+                previous: Some(2),
+                new: 3,
+                ..
+            }
+        )));
     }
 
     #[test]
