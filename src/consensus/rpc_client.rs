@@ -7,6 +7,8 @@
 //! closes the connection, and the next request first waits for a new handshake, whose lost
 //! SYN costs a second. Requests that may arrive twice can also be hedged (see `hedge`).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -179,6 +181,45 @@ impl Drop for Copies {
     }
 }
 
+/// A copy's outcome, once it has one.
+type Answer<Resp> = Pin<Box<dyn Future<Output = Result<Resp, RpcError>> + Send>>;
+
+/// The first copy of a request, run in the caller's own task: a request answered in time
+/// costs no hand-off to a task of its own and back. If the caller stops waiting first, the
+/// copy moves to a task and lingers like the others (its connection stays pooled).
+struct InlineCopy<Resp: Send + 'static> {
+    answer: Option<Answer<Resp>>,
+    running: Arc<AtomicUsize>,
+}
+
+impl<Resp: Send + 'static> InlineCopy<Resp> {
+    /// Resolves with the copy's answer (never, once it was taken).
+    async fn next(&mut self) -> Result<Resp, RpcError> {
+        match self.answer.as_mut() {
+            Some(answer) => answer.await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+impl<Resp: Send + 'static> Drop for InlineCopy<Resp> {
+    fn drop(&mut self) {
+        let Some(answer) = self.answer.take() else {
+            return;
+        };
+        if self.running.load(Ordering::Acquire) > MAX_RUNNING {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let running = Running::new(&self.running);
+            runtime.spawn(async move {
+                let _running = running;
+                let _ = answer.await;
+            });
+        }
+    }
+}
+
 /// Counts a running copy for as long as it lives.
 struct Running(Arc<AtomicUsize>);
 
@@ -301,33 +342,49 @@ impl RpcClient {
     ) -> Result<Resp, RpcError> {
         // Room for every copy's answer, so a copy never waits to deliver it.
         let (answers, mut answered) = tokio::sync::mpsc::channel::<Result<Resp, RpcError>>(2);
-        let spawn = |slot: Option<HedgeSlot>| {
+        let bound = timeout.max(LINGER);
+        let attempt = {
             let client = self.clone();
-            let (outgoing, answers) = (outgoing.clone(), answers.clone());
+            let outgoing = outgoing.clone();
+            move || {
+                let (client, outgoing) = (client.clone(), outgoing.clone());
+                async move {
+                    let sent = Instant::now();
+                    let answer = match tokio::time::timeout(bound, client.exchange(&outgoing)).await
+                    {
+                        Ok(answer) => answer,
+                        Err(_) => Err(RpcError::Network {
+                            addr: outgoing.addr.clone(),
+                            reason: format!("no answer within {} ms", bound.as_millis()),
+                        }),
+                    };
+                    if answer.is_ok() {
+                        client
+                            .hedging
+                            .answered(outgoing.rpc, outgoing.target, sent.elapsed());
+                    }
+                    answer
+                }
+            }
+        };
+        let spawn = |slot: HedgeSlot| {
+            let answers = answers.clone();
             let running = Running::new(&self.running);
-            let bound = timeout.max(LINGER);
+            let answer = attempt();
             tokio::spawn(async move {
                 let _running = running;
-                let sent = Instant::now();
-                let answer = match tokio::time::timeout(bound, client.exchange(&outgoing)).await {
-                    Ok(answer) => answer,
-                    Err(_) => Err(RpcError::Network {
-                        addr: outgoing.addr.clone(),
-                        reason: format!("no answer within {} ms", bound.as_millis()),
-                    }),
-                };
-                if answer.is_ok() {
-                    client
-                        .hedging
-                        .answered(outgoing.rpc, outgoing.target, sent.elapsed());
-                }
+                let answer = answer.await;
                 drop(slot);
                 let _ = answers.try_send(answer);
             })
             .abort_handle()
         };
+        let mut first = InlineCopy {
+            answer: Some(Box::pin(attempt()) as Answer<Resp>),
+            running: self.running.clone(),
+        };
         let mut copies = Copies {
-            tasks: vec![spawn(None)],
+            tasks: Vec::new(),
             running: self.running.clone(),
         };
         let mut outstanding = 1usize;
@@ -335,28 +392,26 @@ impl RpcClient {
         let delay = self.hedging.delay(outgoing.rpc, outgoing.target);
         let mut hedge_at = hedge.then(|| tokio::time::Instant::from_std(started + delay));
         loop {
-            tokio::select! {
-                answer = answered.recv() => {
-                    let answer = answer.ok_or_else(|| RpcError::Network {
+            let answer = tokio::select! {
+                answer = first.next(), if first.answer.is_some() => {
+                    first.answer = None;
+                    answer
+                }
+                answer = answered.recv(), if !copies.tasks.is_empty() => {
+                    answer.ok_or_else(|| RpcError::Network {
                         addr: outgoing.addr.clone(),
                         reason: "every copy of the request was lost".into(),
-                    })?;
-                    outstanding -= 1;
-                    // An error while another copy is out: that one may yet answer.
-                    if answer.is_ok() || outstanding == 0 {
-                        // The others finish on their own (their connections stay pooled).
-                        copies.tasks.clear();
-                        return answer;
-                    }
+                    })?
                 }
                 _ = tokio::time::sleep_until(hedge_at.unwrap_or(deadline)), if hedge_at.is_some() => {
-                    hedge_at = (copies.tasks.len() < MAX_COPIES - 1)
+                    hedge_at = (copies.tasks.len() + 1 < MAX_COPIES - 1)
                         .then(|| tokio::time::Instant::from_std(Instant::now() + delay));
                     if let Some(slot) = self.hedging.slot() {
                         (self.observers.hedged)(outgoing.rpc, outgoing.target);
-                        copies.tasks.push(spawn(Some(slot)));
+                        copies.tasks.push(spawn(slot));
                         outstanding += 1;
                     }
+                    continue;
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     return Err(RpcError::Network {
@@ -364,6 +419,13 @@ impl RpcClient {
                         reason: format!("no answer within {} ms", timeout.as_millis()),
                     });
                 }
+            };
+            outstanding -= 1;
+            // An error while another copy is out: that one may yet answer.
+            if answer.is_ok() || outstanding == 0 {
+                // The others finish on their own (their connections stay pooled).
+                copies.tasks.clear();
+                return answer;
             }
         }
     }
