@@ -351,9 +351,16 @@ impl ChatService {
                 }
                 continue;
             }
+            // The watch wakes on leader changes only; a new leader's lease and the apply of
+            // its log follow within milliseconds of its election, so look again soon while
+            // this node leads with settings not yet replicated (writes accepted before the
+            // `Configure` entry are not trimmed by its retention).
+            let pending =
+                status.leader == Some(self.node_id) && self.store.state().settings() != desired;
+            let again = std::time::Duration::from_millis(if pending { 5 } else { 500 });
             tokio::select! {
                 changed = watch.changed() => if !changed { return },
-                _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+                _ = tokio::time::sleep(again) => {}
                 _ = shutdown.cancelled() => return,
             }
         }

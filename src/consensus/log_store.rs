@@ -516,12 +516,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::chat::command::ChatCommand;
     use crate::consensus::types::Request;
 
-    fn entry(term: u64, index: u64, text_bytes: usize) -> Entry {
+    /// A chat message entry with `text_bytes` of text (also used by the WAL's tests).
+    pub(crate) fn entry(term: u64, index: u64, text_bytes: usize) -> Entry {
         Entry::new_normal(
             openraft::testing::log_id::<TypeConfig>(term, 1, index),
             Request {

@@ -680,21 +680,9 @@ fn next_record(data: &[u8], at: usize) -> Scan {
 mod tests {
     use super::*;
     use crate::chat::command::ChatCommand;
-    use crate::consensus::types::Request;
 
     fn entry(term: u64, index: u64) -> Entry {
-        Entry::new_normal(
-            openraft::testing::log_id::<crate::consensus::types::TypeConfig>(term, 1, index),
-            Request {
-                ts_ms: 0,
-                command: ChatCommand::Send {
-                    session: "s".into(),
-                    id: format!("{term}-{index}"),
-                    to: "#r".into(),
-                    text: "x".repeat(300),
-                },
-            },
-        )
+        crate::consensus::log_store::tests::entry(term, index, 300)
     }
 
     /// A reopened log: its (term, index) list, its vote, and the writer and reader.
