@@ -351,16 +351,15 @@ impl ChatService {
                 }
                 continue;
             }
-            // The watch wakes on leader changes only; a new leader's lease and the apply of
-            // its log follow within milliseconds of its election, so look again soon while
-            // this node leads with settings not yet replicated (writes accepted before the
-            // `Configure` entry are not trimmed by its retention).
+            // Leading with settings not yet replicated: what is awaited (the lease, the apply
+            // of the log) is raft progress, so wait on that; otherwise on leader changes.
             let pending =
                 status.leader == Some(self.node_id) && self.store.state().settings() != desired;
-            let again = std::time::Duration::from_millis(if pending { 5 } else { 500 });
+            let wait = std::time::Duration::from_millis(500);
             tokio::select! {
-                changed = watch.changed() => if !changed { return },
-                _ = tokio::time::sleep(again) => {}
+                changed = watch.changed(), if !pending => if !changed { return },
+                _ = self.consensus.progress_changed(wait), if pending => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => return,
             }
         }

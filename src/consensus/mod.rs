@@ -695,6 +695,13 @@ impl Consensus {
         let _ = tokio::time::timeout(timeout, rx.changed()).await;
     }
 
+    /// Waits until any of openraft's metrics change, log and apply progress included (or
+    /// `timeout` passes). They change on every write: for one waiter at a time, not per write.
+    pub async fn progress_changed(&self, timeout: Duration) {
+        let mut rx = self.raft.metrics();
+        let _ = tokio::time::timeout(timeout, rx.changed()).await;
+    }
+
     /// Waits (at most `timeout`) until `holds` is true of openraft's server metrics; false if
     /// the time ran out or raft stopped first. Server metrics (vote, role, leader, membership)
     /// change on elections, not on every write, so a waiter is not woken per commit.
