@@ -11,6 +11,7 @@ mod reachability;
 mod rpc_client;
 mod server;
 mod snapshot_store;
+mod spare_segment;
 mod state_machine;
 mod types;
 mod wal;

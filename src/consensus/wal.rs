@@ -1,9 +1,10 @@
 //! The raft log's files: an append-only write-ahead log in segments.
 //!
-//! A directory of segment files (`00000000000000000001.wal`, …), each preallocated, starting
-//! with a magic header and then records `[len u32][crc32 u32][kind u8][payload]`. A batch of
-//! records is one `pwrite` and (when it must be durable) one `fdatasync`: appends land in
-//! place, on blocks already allocated, so the sync writes only the new data. redb, which held
+//! A directory of segment files (`00000000000000000001.wal`, …), each zero-filled before use
+//! (`spare_segment` says why not fallocated), starting with a magic header and then records
+//! `[len u32][crc32 u32][kind u8][payload]`. A batch of records is one `pwrite` and (when it
+//! must be durable) one `fdatasync`: appends overwrite blocks already written, so the sync
+//! writes only the new data and never commits the file system's journal. redb, which held
 //! the log before, rewrote about ten B-tree pages per commit and each sync cost 0.5–0.9 ms.
 //!
 //! Replaying the segments in order rebuilds the log: entries, truncations, purges, the vote
@@ -24,10 +25,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::entry::RaftEntry;
 
+use super::spare_segment::SpareSegment;
 use super::types::{Entry, LogId, Vote};
 
 const MAGIC: &[u8; 8] = b"RCWAL01\n";
-/// Each segment is preallocated to this size; a batch that does not fit starts a new one.
+/// Each segment is zero-filled to this size; a batch that does not fit starts a new one (the
+/// next file is prepared once the current one is half full).
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
 const RECORD_HEADER: usize = 9;
 /// No record is larger (an entry is a chat command, well under this).
@@ -215,6 +218,7 @@ pub struct WalWriter {
     committed: Option<LogId>,
     last_purged: Option<LogId>,
     buf: Vec<u8>,
+    spare: SpareSegment,
 }
 
 impl WalWriter {
@@ -232,6 +236,7 @@ impl WalWriter {
             last_purged,
             tail,
         } = replay(dir, on_record)?;
+        let mut spare = SpareSegment::new(dir, SEGMENT_BYTES);
         let (file, offset) = match tail {
             Some((seq, at, junk)) => {
                 let Some(file) = index.files.get(&seq).cloned() else {
@@ -245,7 +250,8 @@ impl WalWriter {
                 (file, at)
             }
             None => {
-                let (file, head) = create_segment(dir, 1, &vote, &committed, &last_purged)?;
+                let (file, head) =
+                    create_segment(dir, &mut spare, 1, &vote, &committed, &last_purged)?;
                 let file = Arc::new(file);
                 index.files.insert(1, file.clone());
                 segments.push_back((1, None));
@@ -264,6 +270,7 @@ impl WalWriter {
             committed,
             last_purged,
             buf: Vec::new(),
+            spare,
         };
         Ok((writer, WalReader { index }))
     }
@@ -276,6 +283,7 @@ impl WalWriter {
     fn start_segment(&mut self, seq: u64) -> io::Result<()> {
         let (file, head) = create_segment(
             &self.dir,
+            &mut self.spare,
             seq,
             &self.vote,
             &self.committed,
@@ -363,6 +371,9 @@ impl WalWriter {
             }
         }
         self.offset += buf.len() as u64;
+        if self.offset > SEGMENT_BYTES / 2 {
+            self.spare.prepare_ahead();
+        }
         if let Some(upto) = purged {
             self.delete_purged(upto, durable);
         }
@@ -515,31 +526,19 @@ pub fn replay(
     })
 }
 
-/// Creates segment `seq`: preallocated, headed by a checkpoint of the log's state, on disk.
+/// Creates segment `seq`: zero-filled, headed by a checkpoint of the log's state, on disk.
 /// Returns it and where its records begin.
 fn create_segment(
     dir: &Path,
+    spare: &mut SpareSegment,
     seq: u64,
     vote: &Option<Vote>,
     committed: &Option<LogId>,
     last_purged: &Option<LogId>,
 ) -> io::Result<(File, u64)> {
     let path = segment_path(dir, seq);
-    let file = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)?;
+    let file = spare.take(&path)?;
     let prepared = (|| {
-        match nix::fcntl::fallocate(
-            &file,
-            nix::fcntl::FallocateFlags::empty(),
-            0,
-            SEGMENT_BYTES as i64,
-        ) {
-            Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => {}
-            Err(e) => return Err(io::Error::from(e)),
-        }
         let mut head = MAGIC.to_vec();
         if let Some(vote) = vote {
             encode(&mut head, &Record::Vote(vote))?;
