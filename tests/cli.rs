@@ -294,6 +294,17 @@ fn cluster_command_serves_and_stops_cleanly() {
     );
     let children = pgrep_children(child.id());
     assert_eq!(children.len(), 3, "three node processes");
+    // The three nodes share this machine's cores: each runs its share of runtime workers.
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let share = std::env::var("TOKIO_WORKER_THREADS").unwrap_or((cores / 3).max(1).to_string());
+    for pid in &children {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+        let workers = environ
+            .split(|b| *b == 0)
+            .find_map(|v| v.strip_prefix(b"TOKIO_WORKER_THREADS="))
+            .map(|v| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(workers.as_deref(), Some(share.as_str()), "node {pid}");
+    }
     // Ctrl-C at the terminal: SIGINT to the process group.
     let group = nix::unistd::Pid::from_raw(child.id() as i32);
     assert!(group.as_raw() > 1);
