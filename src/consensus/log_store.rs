@@ -228,12 +228,22 @@ impl LogStore {
             ));
         }
         let (tx, rx) = mpsc::channel();
+        let on_disk_committed = mem.committed;
         let thread_path = dir.to_path_buf();
         let mem = Arc::new(Mutex::new(mem));
         let thread_mem = mem.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || storage_thread(writer, &thread_mem, rx, &thread_path, on_sync))?;
+            .spawn(move || {
+                storage_thread(
+                    writer,
+                    on_disk_committed,
+                    &thread_mem,
+                    rx,
+                    &thread_path,
+                    on_sync,
+                )
+            })?;
         Ok(LogStore {
             mem,
             ops: tx,
@@ -256,8 +266,13 @@ impl LogStore {
 /// for a durable batch to ride on, then are written without one.
 const DEFERRED_FLUSH: Duration = Duration::from_millis(200);
 
+/// The commit index is not queued: `save_committed` only records it in `LogMem`, and this
+/// thread writes it with the next batch (or alone, without an fsync, when nothing else came
+/// for `DEFERRED_FLUSH`). A commit advances once per write, so queueing it woke this thread a
+/// second time for every message.
 fn storage_thread(
     mut wal: WalWriter,
+    mut written_committed: Option<LogId>,
     mem: &Mutex<LogMem>,
     rx: mpsc::Receiver<Op>,
     path: &Path,
@@ -266,30 +281,31 @@ fn storage_thread(
     let mut deferred: Vec<Op> = Vec::new();
     let mut deferred_since = Instant::now();
     loop {
-        let first = if deferred.is_empty() {
-            match rx.recv() {
-                Ok(op) => op,
-                Err(_) => return,
-            }
+        let wait = if deferred.is_empty() {
+            DEFERRED_FLUSH
         } else {
-            let wait = DEFERRED_FLUSH.saturating_sub(deferred_since.elapsed());
-            match rx.recv_timeout(wait) {
-                Ok(op) => op,
-                Err(timeout_or_closed) => {
-                    commit(
-                        &mut wal,
-                        mem,
-                        std::mem::take(&mut deferred),
-                        false,
-                        path,
-                        &on_sync,
-                    );
-                    if timeout_or_closed == mpsc::RecvTimeoutError::Disconnected {
-                        return;
-                    }
-                    continue;
+            DEFERRED_FLUSH.saturating_sub(deferred_since.elapsed())
+        };
+        let first = match rx.recv_timeout(wait) {
+            Ok(op) => Some(op),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => {
+                let mut batch = std::mem::take(&mut deferred);
+                add_committed(&mut batch, &wal, mem, &mut written_committed);
+                if !batch.is_empty() {
+                    commit(&mut wal, mem, batch, false, path, &on_sync);
                 }
+                return;
             }
+        };
+        let Some(first) = first else {
+            // Nothing came for a while: what waited is written without an fsync.
+            let mut batch = std::mem::take(&mut deferred);
+            add_committed(&mut batch, &wal, mem, &mut written_committed);
+            if !batch.is_empty() {
+                commit(&mut wal, mem, batch, false, path, &on_sync);
+            }
+            continue;
         };
         // What waited goes first: the order of writes is the order they were queued.
         let waited = !deferred.is_empty();
@@ -302,9 +318,11 @@ fn storage_thread(
             }
         }
         if batch.iter().any(Op::needs_fsync) {
+            add_committed(&mut batch, &wal, mem, &mut written_committed);
             commit(&mut wal, mem, batch, true, path, &on_sync);
         } else if batch.len() >= MAX_BATCH || (waited && deferred_since.elapsed() >= DEFERRED_FLUSH)
         {
+            add_committed(&mut batch, &wal, mem, &mut written_committed);
             commit(&mut wal, mem, batch, false, path, &on_sync);
         } else {
             if !waited {
@@ -312,6 +330,33 @@ fn storage_thread(
             }
             deferred = batch;
         }
+    }
+}
+
+/// Appends the commit index to `batch` if it moved since it was last written, and only once
+/// the log (with this batch) holds the entry it names: a log on disk never says more is
+/// committed than it has.
+fn add_committed(
+    batch: &mut Vec<Op>,
+    wal: &WalWriter,
+    mem: &Mutex<LogMem>,
+    written: &mut Option<LogId>,
+) {
+    let committed = mem.lock().unwrap_or_else(|p| p.into_inner()).committed;
+    if committed == *written {
+        return;
+    }
+    let batch_end = batch
+        .iter()
+        .filter_map(|op| match op {
+            Op::Append(entries, _, _) => entries.last().map(|e| e.index()),
+            _ => None,
+        })
+        .max();
+    let covered = wal.end().max(batch_end);
+    if committed.as_ref().map(|c| c.index()) <= covered {
+        batch.push(Op::SaveCommitted(committed));
+        *written = committed;
     }
 }
 
@@ -471,8 +516,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Written by the storage thread with its next batch (see `storage_thread`).
         self.mem().committed = committed;
-        self.send(Op::SaveCommitted(committed))
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
@@ -589,6 +635,14 @@ pub(crate) mod tests {
         committed
     }
 
+    async fn wait_for_syncs(syncs: &std::sync::atomic::AtomicUsize, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while syncs.load(std::sync::atomic::Ordering::SeqCst) < n {
+            assert!(Instant::now() < deadline, "the log never synced {n} times");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     #[tokio::test]
     async fn the_commit_index_is_written_without_an_fsync_of_its_own_but_soon() {
         let dir = tempfile::tempdir().unwrap();
@@ -602,6 +656,9 @@ pub(crate) mod tests {
             }),
         )
         .unwrap();
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(1, i, 10)).collect();
+        store.append(entries, IOFlushed::noop()).await.unwrap();
+        wait_for_syncs(&syncs, 1).await;
         let committed = openraft::testing::log_id::<TypeConfig>(1, 1, 7);
         store.save_committed(Some(committed)).await.unwrap();
         // Alone, it is written within the deferral, with no fsync.
@@ -613,12 +670,45 @@ pub(crate) mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 0);
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
         // Behind a vote (durable), it rides on the vote's commit.
         let later = openraft::testing::log_id::<TypeConfig>(1, 1, 9);
         store.save_committed(Some(later)).await.unwrap();
         store.save_vote(&Vote::new(2, 1)).await.unwrap();
         assert_eq!(stored_committed(dir.path()), Some(later));
-        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_commit_index_on_disk_never_runs_ahead_of_the_entries_on_disk() {
+        // A leader may count two followers' acks before its own append is written: the
+        // commit index it knows then names an entry its log file does not hold yet.
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let mut store = LogStore::open(
+            dir.path(),
+            &dir.path().join("legacy.redb"),
+            Arc::new(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        let ahead = openraft::testing::log_id::<TypeConfig>(1, 1, 3);
+        store.save_committed(Some(ahead)).await.unwrap();
+        store.save_vote(&Vote::new(1, 1)).await.unwrap();
+        assert_eq!(stored_committed(dir.path()), None);
+        let entries: Vec<Entry> = (1..=3).map(|i| entry(1, i, 10)).collect();
+        store.append(entries, IOFlushed::noop()).await.unwrap();
+        wait_for_syncs(&syncs, 2).await;
+        assert_eq!(stored_committed(dir.path()), Some(ahead));
+        drop(store);
+        // And the log reopens with it.
+        let reopened = LogStore::open(
+            dir.path(),
+            &dir.path().join("legacy.redb"),
+            Arc::new(|_| {}),
+        );
+        assert!(reopened.is_ok());
     }
 }

@@ -279,6 +279,13 @@ impl WalWriter {
         self.index.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The highest index the log covers: its last entry, or its last purge if it holds none.
+    pub fn end(&self) -> Option<u64> {
+        let index = self.index();
+        let last = (!index.locs.is_empty()).then(|| index.next() - 1);
+        last.max(self.last_purged.map(|p| p.index()))
+    }
+
     /// Starts segment `seq` and writes into it from now on.
     fn start_segment(&mut self, seq: u64) -> io::Result<()> {
         let (file, head) = create_segment(
