@@ -288,6 +288,15 @@ pub struct FlagOverrides {
 /// The one config loader: defaults, then `file` (or `RAFTCHAT_CONFIG`), then the environment,
 /// then flags. The result is validated.
 pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
+    let config = load_settings(file, flags)?;
+    config.validate()?;
+    Ok(config)
+}
+
+/// `load` without the final validation, for commands that replace the node list and the data
+/// directory themselves (`cluster`, `bench`): a file of settings alone is enough for them.
+/// They validate what they built.
+pub fn load_settings(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, ConfigError> {
     let mut figment = Figment::from(Serialized::defaults(Config::default()));
     let file = file
         .map(Path::to_path_buf)
@@ -322,7 +331,6 @@ pub fn load(file: Option<&Path>, flags: &FlagOverrides) -> Result<Config, Config
     if let Some(path) = config.secret_file.clone() {
         config.secret = read_secret_file(Path::new(&path))?;
     }
-    config.validate()?;
     Ok(config)
 }
 
@@ -641,6 +649,24 @@ chat = "127.0.0.1:1"
 raft = "127.0.0.1:2"
 metrics = "127.0.0.1:3"
 "#;
+
+    #[test]
+    fn a_file_of_settings_alone_is_enough_for_commands_that_bring_their_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), "[health]\nprobe_interval_ms = 20\n");
+        let err = load(Some(&path), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nodes"), "{err}");
+        let settings = load_settings(Some(&path), &FlagOverrides::default()).unwrap();
+        assert_eq!(settings.health.probe_interval_ms, 20);
+        // Still checked key by key.
+        let bad = write(dir.path(), "[health]\nprobe_every = 20\n");
+        let err = load_settings(Some(&bad), &FlagOverrides::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("probe_every"), "{err}");
+    }
 
     #[test]
     fn unknown_key_is_named() {

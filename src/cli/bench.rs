@@ -283,7 +283,7 @@ async fn start_local(
     otlp_endpoint: Option<String>,
 ) -> anyhow::Result<(LocalCluster, PathBuf)> {
     let base = match &args.config {
-        Some(path) => config::load(Some(path), &FlagOverrides::default())?,
+        Some(path) => config::load_settings(Some(path), &FlagOverrides::default())?,
         None => Config::default(),
     };
     let mut listeners = Vec::new();

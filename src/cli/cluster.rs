@@ -62,7 +62,7 @@ fn cluster_config(args: &ClusterArgs) -> anyhow::Result<Config> {
     let base = match &args.config {
         Some(path) => {
             // The file's own node list may be anything: only its settings are used.
-            let mut c = config::load(Some(path), &FlagOverrides::default())?;
+            let mut c = config::load_settings(Some(path), &FlagOverrides::default())?;
             c.nodes.clear();
             c
         }
