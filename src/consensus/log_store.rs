@@ -635,6 +635,21 @@ pub(crate) mod tests {
         committed
     }
 
+    /// A log store in `dir` and how many durable writes it has made.
+    fn counted_store(dir: &Path) -> (LogStore, Arc<std::sync::atomic::AtomicUsize>) {
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let store = LogStore::open(
+            dir,
+            &dir.join("legacy.redb"),
+            Arc::new(move |_| {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }),
+        )
+        .unwrap();
+        (store, syncs)
+    }
+
     async fn wait_for_syncs(syncs: &std::sync::atomic::AtomicUsize, n: usize) {
         let deadline = Instant::now() + Duration::from_secs(5);
         while syncs.load(std::sync::atomic::Ordering::SeqCst) < n {
@@ -646,16 +661,7 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn the_commit_index_is_written_without_an_fsync_of_its_own_but_soon() {
         let dir = tempfile::tempdir().unwrap();
-        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let mut store = LogStore::open(
-            dir.path(),
-            &dir.path().join("legacy.redb"),
-            Arc::new(move |_| {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }),
-        )
-        .unwrap();
+        let (mut store, syncs) = counted_store(dir.path());
         let entries: Vec<Entry> = (1..=10).map(|i| entry(1, i, 10)).collect();
         store.append(entries, IOFlushed::noop()).await.unwrap();
         wait_for_syncs(&syncs, 1).await;
@@ -684,16 +690,7 @@ pub(crate) mod tests {
         // A leader may count two followers' acks before its own append is written: the
         // commit index it knows then names an entry its log file does not hold yet.
         let dir = tempfile::tempdir().unwrap();
-        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let mut store = LogStore::open(
-            dir.path(),
-            &dir.path().join("legacy.redb"),
-            Arc::new(move |_| {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }),
-        )
-        .unwrap();
+        let (mut store, syncs) = counted_store(dir.path());
         let ahead = openraft::testing::log_id::<TypeConfig>(1, 1, 3);
         store.save_committed(Some(ahead)).await.unwrap();
         store.save_vote(&Vote::new(1, 1)).await.unwrap();

@@ -79,8 +79,17 @@ impl SpareSegment {
     }
 }
 
-/// Creates (or replaces) `path` with `bytes` of zeros, on disk.
+/// Creates (or replaces) `path` with `bytes` of zeros, on disk. On failure (a full disk) the
+/// partial file is removed: it would hold space the node needs.
 fn zero_filled(path: &Path, bytes: u64) -> io::Result<File> {
+    let filled = fill_zeros(path, bytes);
+    if filled.is_err() {
+        let _ = std::fs::remove_file(path);
+    }
+    filled
+}
+
+fn fill_zeros(path: &Path, bytes: u64) -> io::Result<File> {
     let file = File::options()
         .read(true)
         .write(true)
