@@ -53,8 +53,8 @@ impl SpareSegment {
     }
 
     /// A zero-filled, synced file now named `path` (which must not exist): the prepared spare,
-    /// or one filled here if it was not ready or failed.
-    pub fn take(&mut self, path: &Path) -> io::Result<File> {
+    /// or one of `bytes` filled here if none was started or it failed.
+    pub fn take(&mut self, path: &Path, bytes: u64) -> io::Result<File> {
         if path.exists() {
             return Err(io::Error::new(
                 io::ErrorKind::AlreadyExists,
@@ -72,7 +72,7 @@ impl SpareSegment {
         };
         let file = match prepared {
             Some(file) => file,
-            None => zero_filled(&spare, self.bytes)?,
+            None => zero_filled(&spare, bytes)?,
         };
         std::fs::rename(&spare, path)?;
         Ok(file)
@@ -117,13 +117,13 @@ mod tests {
         let mut spares = SpareSegment::new(dir.path(), 3 * ZERO_CHUNK as u64 + 5);
         // Not prepared ahead: filled on the spot.
         let first = dir.path().join("1.wal");
-        let file = spares.take(&first).unwrap();
+        let file = spares.take(&first, 3 * ZERO_CHUNK as u64 + 5).unwrap();
         assert_eq!(file.metadata().unwrap().len(), 3 * ZERO_CHUNK as u64 + 5);
         assert!(std::fs::read(&first).unwrap().iter().all(|b| *b == 0));
         // Prepared ahead: the same, from the helper thread.
         spares.prepare_ahead();
         let second = dir.path().join("2.wal");
-        spares.take(&second).unwrap();
+        spares.take(&second, 1).unwrap();
         assert_eq!(
             std::fs::metadata(&second).unwrap().len(),
             3 * ZERO_CHUNK as u64 + 5
@@ -131,7 +131,7 @@ mod tests {
         assert!(!dir.path().join(SPARE_NAME).exists());
         // An existing segment is never replaced.
         std::fs::write(&first, b"records").unwrap();
-        assert!(spares.take(&first).is_err());
+        assert!(spares.take(&first, 1).is_err());
         assert_eq!(std::fs::read(&first).unwrap(), b"records");
     }
 }

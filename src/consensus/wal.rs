@@ -32,6 +32,9 @@ const MAGIC: &[u8; 8] = b"RCWAL01\n";
 /// Each segment is zero-filled to this size; a batch that does not fit starts a new one (the
 /// next file is prepared once the current one is half full).
 const SEGMENT_BYTES: u64 = 16 * 1024 * 1024;
+/// A new log's first segment is smaller: it is filled before the node can start, and a node
+/// that starts late on a busy disk campaigns before it hears from the leader.
+const FIRST_SEGMENT_BYTES: u64 = 1024 * 1024;
 const RECORD_HEADER: usize = 9;
 /// No record is larger (an entry is a chat command, well under this).
 const MAX_RECORD: usize = 64 * 1024 * 1024;
@@ -212,6 +215,8 @@ pub struct WalWriter {
     segments: VecDeque<(u64, Option<u64>)>,
     file: Arc<File>,
     offset: u64,
+    /// The current segment's size: a batch that does not fit starts the next segment.
+    segment_len: u64,
     /// A write failed part-way: start a new segment before the next one.
     broken: bool,
     vote: Option<Vote>,
@@ -237,7 +242,7 @@ impl WalWriter {
             tail,
         } = replay(dir, on_record)?;
         let mut spare = SpareSegment::new(dir, SEGMENT_BYTES);
-        let (file, offset) = match tail {
+        let (file, offset, segment_len) = match tail {
             Some((seq, at, junk)) => {
                 let Some(file) = index.files.get(&seq).cloned() else {
                     return Err(io::Error::other("raft log: last segment vanished"));
@@ -247,15 +252,23 @@ impl WalWriter {
                     file.write_all_at(&vec![0; junk + 1], at)?;
                     file.sync_data()?;
                 }
-                (file, at)
+                let len = file.metadata()?.len();
+                (file, at, len)
             }
             None => {
-                let (file, head) =
-                    create_segment(dir, &mut spare, 1, &vote, &committed, &last_purged)?;
+                let (file, head) = create_segment(
+                    dir,
+                    &mut spare,
+                    FIRST_SEGMENT_BYTES,
+                    1,
+                    &vote,
+                    &committed,
+                    &last_purged,
+                )?;
                 let file = Arc::new(file);
                 index.files.insert(1, file.clone());
                 segments.push_back((1, None));
-                (file, head)
+                (file, head, FIRST_SEGMENT_BYTES)
             }
         };
         let index = Arc::new(Mutex::new(index));
@@ -265,6 +278,7 @@ impl WalWriter {
             segments,
             file,
             offset,
+            segment_len,
             broken: false,
             vote,
             committed,
@@ -291,6 +305,7 @@ impl WalWriter {
         let (file, head) = create_segment(
             &self.dir,
             &mut self.spare,
+            SEGMENT_BYTES,
             seq,
             &self.vote,
             &self.committed,
@@ -301,6 +316,7 @@ impl WalWriter {
         self.segments.push_back((seq, None));
         self.file = file;
         self.offset = head;
+        self.segment_len = SEGMENT_BYTES;
         self.broken = false;
         Ok(())
     }
@@ -331,7 +347,9 @@ impl WalWriter {
         durable: bool,
     ) -> io::Result<()> {
         let header = MAGIC.len() as u64 + 512;
-        if self.broken || (self.offset > header && self.offset + buf.len() as u64 > SEGMENT_BYTES) {
+        if self.broken
+            || (self.offset > header && self.offset + buf.len() as u64 > self.segment_len)
+        {
             // What is in the old segment was synced when it was written, except writes that
             // needed no sync: sync them before leaving it.
             self.file.sync_data()?;
@@ -378,7 +396,7 @@ impl WalWriter {
             }
         }
         self.offset += buf.len() as u64;
-        if self.offset > SEGMENT_BYTES / 2 {
+        if self.offset > self.segment_len / 2 {
             self.spare.prepare_ahead();
         }
         if let Some(upto) = purged {
@@ -538,13 +556,14 @@ pub fn replay(
 fn create_segment(
     dir: &Path,
     spare: &mut SpareSegment,
+    bytes: u64,
     seq: u64,
     vote: &Option<Vote>,
     committed: &Option<LogId>,
     last_purged: &Option<LogId>,
 ) -> io::Result<(File, u64)> {
     let path = segment_path(dir, seq);
-    let file = spare.take(&path)?;
+    let file = spare.take(&path, bytes)?;
     let prepared = (|| {
         let mut head = MAGIC.to_vec();
         if let Some(vote) = vote {
