@@ -228,22 +228,12 @@ impl LogStore {
             ));
         }
         let (tx, rx) = mpsc::channel();
-        let on_disk_committed = mem.committed;
         let thread_path = dir.to_path_buf();
         let mem = Arc::new(Mutex::new(mem));
         let thread_mem = mem.clone();
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || {
-                storage_thread(
-                    writer,
-                    on_disk_committed,
-                    &thread_mem,
-                    rx,
-                    &thread_path,
-                    on_sync,
-                )
-            })?;
+            .spawn(move || storage_thread(writer, &thread_mem, rx, &thread_path, on_sync))?;
         Ok(LogStore {
             mem,
             ops: tx,
@@ -272,7 +262,6 @@ const DEFERRED_FLUSH: Duration = Duration::from_millis(200);
 /// second time for every message.
 fn storage_thread(
     mut wal: WalWriter,
-    mut written_committed: Option<LogId>,
     mem: &Mutex<LogMem>,
     rx: mpsc::Receiver<Op>,
     path: &Path,
@@ -287,25 +276,20 @@ fn storage_thread(
             DEFERRED_FLUSH.saturating_sub(deferred_since.elapsed())
         };
         let first = match rx.recv_timeout(wait) {
-            Ok(op) => Some(op),
-            Err(mpsc::RecvTimeoutError::Timeout) => None,
-            Err(mpsc::RecvTimeoutError::Disconnected) => {
+            Ok(op) => op,
+            Err(why) => {
+                // Nothing came for a while (or the store is gone): what waited is written
+                // without an fsync.
                 let mut batch = std::mem::take(&mut deferred);
-                add_committed(&mut batch, &wal, mem, &mut written_committed);
+                add_committed(&mut batch, &wal, mem);
                 if !batch.is_empty() {
                     commit(&mut wal, mem, batch, false, path, &on_sync);
                 }
-                return;
+                if why == mpsc::RecvTimeoutError::Disconnected {
+                    return;
+                }
+                continue;
             }
-        };
-        let Some(first) = first else {
-            // Nothing came for a while: what waited is written without an fsync.
-            let mut batch = std::mem::take(&mut deferred);
-            add_committed(&mut batch, &wal, mem, &mut written_committed);
-            if !batch.is_empty() {
-                commit(&mut wal, mem, batch, false, path, &on_sync);
-            }
-            continue;
         };
         // What waited goes first: the order of writes is the order they were queued.
         let waited = !deferred.is_empty();
@@ -318,11 +302,11 @@ fn storage_thread(
             }
         }
         if batch.iter().any(Op::needs_fsync) {
-            add_committed(&mut batch, &wal, mem, &mut written_committed);
+            add_committed(&mut batch, &wal, mem);
             commit(&mut wal, mem, batch, true, path, &on_sync);
         } else if batch.len() >= MAX_BATCH || (waited && deferred_since.elapsed() >= DEFERRED_FLUSH)
         {
-            add_committed(&mut batch, &wal, mem, &mut written_committed);
+            add_committed(&mut batch, &wal, mem);
             commit(&mut wal, mem, batch, false, path, &on_sync);
         } else {
             if !waited {
@@ -333,17 +317,12 @@ fn storage_thread(
     }
 }
 
-/// Appends the commit index to `batch` if it moved since it was last written, and only once
+/// Appends the commit index to `batch` if it moved since the log last wrote one, and only once
 /// the log (with this batch) holds the entry it names: a log on disk never says more is
 /// committed than it has.
-fn add_committed(
-    batch: &mut Vec<Op>,
-    wal: &WalWriter,
-    mem: &Mutex<LogMem>,
-    written: &mut Option<LogId>,
-) {
+fn add_committed(batch: &mut Vec<Op>, wal: &WalWriter, mem: &Mutex<LogMem>) {
     let committed = mem.lock().unwrap_or_else(|p| p.into_inner()).committed;
-    if committed == *written {
+    if committed == wal.committed() {
         return;
     }
     let batch_end = batch
@@ -356,7 +335,6 @@ fn add_committed(
     let covered = wal.end().max(batch_end);
     if committed.as_ref().map(|c| c.index()) <= covered {
         batch.push(Op::SaveCommitted(committed));
-        *written = committed;
     }
 }
 

@@ -88,6 +88,11 @@ impl Index {
         self.first + self.locs.len() as u64
     }
 
+    /// The index of the last entry, if it holds any.
+    fn last(&self) -> Option<u64> {
+        (!self.locs.is_empty()).then(|| self.next() - 1)
+    }
+
     fn push(&mut self, index: u64, loc: Loc) {
         if self.locs.is_empty() {
             self.first = index;
@@ -158,8 +163,7 @@ pub struct WalReader {
 impl WalReader {
     /// The index of the last entry in the log, if it holds any.
     pub fn last_index(&self) -> Option<u64> {
-        let index = self.index();
-        (!index.locs.is_empty()).then(|| index.next() - 1)
+        self.index().last()
     }
 
     fn index(&self) -> MutexGuard<'_, Index> {
@@ -256,7 +260,7 @@ impl WalWriter {
                 (file, at, len)
             }
             None => {
-                let (file, head) = create_segment(
+                let (file, head, len) = create_segment(
                     dir,
                     &mut spare,
                     FIRST_SEGMENT_BYTES,
@@ -268,7 +272,7 @@ impl WalWriter {
                 let file = Arc::new(file);
                 index.files.insert(1, file.clone());
                 segments.push_back((1, None));
-                (file, head, FIRST_SEGMENT_BYTES)
+                (file, head, len)
             }
         };
         let index = Arc::new(Mutex::new(index));
@@ -295,14 +299,18 @@ impl WalWriter {
 
     /// The highest index the log covers: its last entry, or its last purge if it holds none.
     pub fn end(&self) -> Option<u64> {
-        let index = self.index();
-        let last = (!index.locs.is_empty()).then(|| index.next() - 1);
+        let last = self.index().last();
         last.max(self.last_purged.map(|p| p.index()))
+    }
+
+    /// The commit index the log on disk holds (the last one written).
+    pub fn committed(&self) -> Option<LogId> {
+        self.committed
     }
 
     /// Starts segment `seq` and writes into it from now on.
     fn start_segment(&mut self, seq: u64) -> io::Result<()> {
-        let (file, head) = create_segment(
+        let (file, head, len) = create_segment(
             &self.dir,
             &mut self.spare,
             SEGMENT_BYTES,
@@ -316,7 +324,7 @@ impl WalWriter {
         self.segments.push_back((seq, None));
         self.file = file;
         self.offset = head;
-        self.segment_len = SEGMENT_BYTES;
+        self.segment_len = len;
         self.broken = false;
         Ok(())
     }
@@ -552,7 +560,7 @@ pub fn replay(
 }
 
 /// Creates segment `seq`: zero-filled, headed by a checkpoint of the log's state, on disk.
-/// Returns it and where its records begin.
+/// Returns it, where its records begin and its size.
 fn create_segment(
     dir: &Path,
     spare: &mut SpareSegment,
@@ -561,7 +569,7 @@ fn create_segment(
     vote: &Option<Vote>,
     committed: &Option<LogId>,
     last_purged: &Option<LogId>,
-) -> io::Result<(File, u64)> {
+) -> io::Result<(File, u64, u64)> {
     let path = segment_path(dir, seq);
     let file = spare.take(&path, bytes)?;
     let prepared = (|| {
@@ -576,10 +584,10 @@ fn create_segment(
         file.write_all_at(&head, 0)?;
         file.sync_all()?;
         File::open(dir)?.sync_all()?;
-        Ok(head.len() as u64)
+        Ok((head.len() as u64, file.metadata()?.len()))
     })();
     match prepared {
-        Ok(head) => Ok((file, head)),
+        Ok((head, len)) => Ok((file, head, len)),
         Err(e) => {
             let _ = std::fs::remove_file(&path);
             Err(e)
