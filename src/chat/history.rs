@@ -16,7 +16,7 @@
 //! twice (re-applying the log after a restart) is harmless. All calls block: callers run them
 //! on a blocking thread. Every read returns at most one bounded page.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use redb::{
@@ -146,6 +146,11 @@ struct Tables<'t> {
     by_target: Table<'t, (&'static str, u64), ()>,
     counts: Table<'t, &'static str, u64>,
     pruned: Table<'t, &'static str, u64>,
+    /// Count changes not yet written: a batch of a room's messages updates its count once
+    /// (`finish`), not once per message.
+    count_deltas: HashMap<String, i64>,
+    /// Pruning watermarks read (or raised) in this transaction.
+    pruned_seen: HashMap<String, u64>,
 }
 
 impl<'t> Tables<'t> {
@@ -155,50 +160,82 @@ impl<'t> Tables<'t> {
             by_target: txn.open_table(BY_TARGET)?,
             counts: txn.open_table(COUNTS)?,
             pruned: txn.open_table(PRUNED)?,
+            count_deltas: HashMap::new(),
+            pruned_seen: HashMap::new(),
         })
     }
 
-    fn add_count(&mut self, key: &str, delta: i64) -> Result<(), HistoryError> {
-        let now = self.counts.get(key)?.map(|v| v.value()).unwrap_or(0);
-        let next = now.saturating_add_signed(delta);
-        if next == 0 {
-            self.counts.remove(key)?;
-        } else {
-            self.counts.insert(key, next)?;
+    /// Writes the counts changed in this transaction; call before it commits.
+    fn finish(mut self) -> Result<(), HistoryError> {
+        for (key, delta) in std::mem::take(&mut self.count_deltas) {
+            if delta == 0 {
+                continue;
+            }
+            let now = self
+                .counts
+                .get(key.as_str())?
+                .map(|v| v.value())
+                .unwrap_or(0);
+            let next = now.saturating_add_signed(delta);
+            if next == 0 {
+                self.counts.remove(key.as_str())?;
+            } else {
+                self.counts.insert(key.as_str(), next)?;
+            }
         }
         Ok(())
+    }
+
+    fn add_count(&mut self, key: &str, delta: i64) {
+        match self.count_deltas.get_mut(key) {
+            Some(d) => *d += delta,
+            None => {
+                self.count_deltas.insert(key.to_string(), delta);
+            }
+        }
+    }
+
+    fn count(&self, key: &str) -> Result<u64, HistoryError> {
+        let stored = self.counts.get(key)?.map(|v| v.value()).unwrap_or(0);
+        Ok(stored.saturating_add_signed(self.count_deltas.get(key).copied().unwrap_or(0)))
+    }
+
+    fn pruned_upto(&mut self, key: &str) -> Result<u64, HistoryError> {
+        if let Some(upto) = self.pruned_seen.get(key) {
+            return Ok(*upto);
+        }
+        let upto = self.pruned.get(key)?.map(|v| v.value()).unwrap_or(0);
+        self.pruned_seen.insert(key.to_string(), upto);
+        Ok(upto)
     }
 
     fn raise_pruned(&mut self, key: &str, index: u64) -> Result<(), HistoryError> {
-        let now = self.pruned.get(key)?.map(|v| v.value()).unwrap_or(0);
-        if index > now {
+        if index > self.pruned_upto(key)? {
             self.pruned.insert(key, index)?;
+            self.pruned_seen.insert(key.to_string(), index);
         }
         Ok(())
     }
 
-    /// Stores one message; returns the room keys that gained a message.
+    /// Stores one message; returns the bytes it took (0 when it was already there or pruned).
     fn insert(&mut self, msg: &StoredMessage) -> Result<u64, HistoryError> {
         let json = serde_json::to_string(msg).map_err(|e| HistoryError::Corrupt {
             index: msg.index,
             reason: e.to_string(),
         })?;
+        let keys = target_keys(msg);
         // A message that retention already removed must not come back through a re-apply.
-        for key in target_keys(msg) {
-            if self
-                .pruned
-                .get(key.as_str())?
-                .is_some_and(|p| p.value() >= msg.index)
-            {
+        for key in &keys {
+            if self.pruned_upto(key)? >= msg.index {
                 return Ok(0);
             }
         }
         if self.messages.insert(msg.index, json.as_str())?.is_some() {
             return Ok(0);
         }
-        for key in target_keys(msg) {
+        for key in &keys {
             self.by_target.insert((key.as_str(), msg.index), ())?;
-            self.add_count(&key, 1)?;
+            self.add_count(key, 1);
         }
         Ok(json.len() as u64)
     }
@@ -211,7 +248,7 @@ impl<'t> Tables<'t> {
         let msg = decode(index, &json)?;
         for key in target_keys(&msg) {
             if self.by_target.remove((key.as_str(), index))?.is_some() {
-                self.add_count(&key, -1)?;
+                self.add_count(&key, -1);
             }
             self.raise_pruned(&key, index)?;
         }
@@ -220,8 +257,11 @@ impl<'t> Tables<'t> {
 
     /// Keeps the newest `max` messages of `room`.
     fn trim_room(&mut self, room: &str, max: u64) -> Result<(), HistoryError> {
-        let count = self.counts.get(room)?.map(|v| v.value()).unwrap_or(0);
-        if max == 0 || count <= max {
+        if max == 0 {
+            return Ok(());
+        }
+        let count = self.count(room)?;
+        if count <= max {
             return Ok(());
         }
         let excess = (count - max) as usize;
@@ -311,6 +351,7 @@ impl History {
                     t.counts.insert(key.as_str(), n)?;
                 }
             }
+            t.finish()?;
         }
         txn.open_table(META)?.insert("counts_v1", 1)?;
         txn.commit()?;
@@ -344,6 +385,7 @@ impl History {
                 }
             }
             t.retain(&rooms, retention, now_ms)?;
+            t.finish()?;
         }
         use std::sync::atomic::Ordering::Relaxed;
         let total = self.unsynced_bytes.fetch_add(written, Relaxed) + written;
@@ -420,6 +462,7 @@ impl History {
                 t.raise_pruned(key, *upto)?;
             }
             t.retain(&rooms, retention, now_ms)?;
+            t.finish()?;
             let mut meta = txn.open_table(META)?;
             let after = meta.get("gap_after")?.map(|v| v.value()).unwrap_or(0);
             meta.insert("gap_after", after.max(page.covered_upto))?;
@@ -763,6 +806,38 @@ mod tests {
         h.write(&[&msg(2, "#r")], keep, 0).unwrap();
         assert_eq!(h.count_missed(&["#r".into()], 0, 100).unwrap(), 3);
         assert_eq!(h.pruned_upto(&["#r".into()]).unwrap(), 7);
+    }
+
+    /// Counts change once per batch: a batch over the cap, a re-applied batch, and batches of
+    /// direct messages must leave every room at its cap and the counts equal to the rows.
+    #[test]
+    fn batched_counts_match_the_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let h = open(&dir);
+        let keep = Retention {
+            max_per_room: 10,
+            max_age_ms: 0,
+        };
+        let first: Vec<_> = (1..=50)
+            .map(|i| msg(i, if i % 5 == 0 { "bob" } else { "#r" }))
+            .collect();
+        h.write(&first.iter().collect::<Vec<_>>(), keep, 0).unwrap();
+        // Re-applied (a restart replays the log above the snapshot), then five more.
+        h.write(&first.iter().collect::<Vec<_>>(), keep, 0).unwrap();
+        let more: Vec<_> = (51..=55).map(|i| msg(i, "#r")).collect();
+        h.write(&more.iter().collect::<Vec<_>>(), keep, 0).unwrap();
+        let room: Vec<u64> = (36..=55).filter(|i| i % 5 != 0 || *i > 50).collect();
+        let kept = idx(h.page("#r", Some(0), None, 100, 100).unwrap().messages);
+        assert_eq!(kept, room[room.len() - 10..].to_vec());
+        let txn = h.db.begin_read().unwrap();
+        let counts = txn.open_table(COUNTS).unwrap();
+        let by_target = txn.open_table(BY_TARGET).unwrap();
+        for key in ["#r", "@alice", "@bob"] {
+            let rows = by_target.range((key, 0)..=(key, u64::MAX)).unwrap().count() as u64;
+            let counted = counts.get(key).unwrap().map_or(0, |v| v.value());
+            assert_eq!(counted, rows, "{key}");
+        }
+        assert_eq!(counts.get("@bob").unwrap().map(|v| v.value()), Some(10));
     }
 
     #[test]
