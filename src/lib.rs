@@ -12,7 +12,8 @@
 //!                                                                        │ applied entries, in order
 //!                                                                        ▼
 //!                  chat::store (ChatState + History on disk) ──► chat::fanout ──► connections
-//!                                             (each event only to its room's members, a DM's parties)
+//!                  (the history written after the acks;  (each event only to its room's members,
+//!                   its readers wait until it has it all)  a DM's parties)
 //!                        ▲ skipped history, in pages ── chat::backfill ◄── peers' raft ports
 //!  metrics port ◄── http (/healthz /readyz /status /metrics) ◄── node state, health prober
 //!                                                       (peers: the raft membership)

@@ -54,6 +54,8 @@ pub enum HistoryError {
     Open(String),
     #[error("history store: corrupt message at index {index}: {reason}")]
     Corrupt { index: u64, reason: String },
+    #[error("history store: an earlier write failed; this node stops applying")]
+    WriteFailed,
 }
 
 macro_rules! from_redb {

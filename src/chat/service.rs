@@ -578,6 +578,11 @@ impl ChatService {
         + 'static,
     ) -> Result<T, ChatError> {
         self.history_complete()?;
+        // Everything applied so far, written.
+        self.store
+            .history_ready(self.store.applied())
+            .await
+            .map_err(|e| ChatError::Internal(e.to_string()))?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || read(store.history()))
             .await

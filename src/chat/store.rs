@@ -1,12 +1,17 @@
 //! The applied chat state of one node: the in-memory `ChatState`, the on-disk `History`, and
 //! the fan-out of applied events to this node's connections, in index order.
+//!
+//! Applying a batch changes the state and publishes its events at once; the batch's messages
+//! reach the history afterwards (`write_history`, on a blocking thread), so the writers'
+//! acknowledgements do not wait for the history's B-tree commit. Whoever reads the history
+//! first waits until it holds what it asks for (`history_ready`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use super::command::{ChatCommand, ChatResponse, Event, StoredMessage};
+use super::command::{ChatCommand, ChatResponse, Event, MessageEvent, StoredMessage};
 use super::fanout::{Fanout, Receiver, Subscriber};
-use super::history::{Gap, History, HistoryError, RangePage};
+use super::history::{Gap, History, HistoryError, RangePage, Retention};
 use super::state::ChatState;
 
 /// One log entry as the chat layer sees it: blank and membership entries carry no command.
@@ -26,6 +31,21 @@ pub struct ChatStore {
     /// Wakes the history copier (`chat::backfill`) when a gap opens.
     pub gap_opened: tokio::sync::Notify,
     fanout: Arc<Fanout>,
+    /// How far the history has been written (or that a write failed).
+    written: tokio::sync::watch::Sender<Written>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Written {
+    upto: u64,
+    failed: bool,
+}
+
+/// An applied batch's messages on their way to the history: runs that share one retention
+/// setting (a retention change takes effect at its own entry on every node).
+pub struct HistoryWork {
+    runs: Vec<(Vec<Arc<MessageEvent>>, Retention, i64)>,
+    upto: u64,
 }
 
 /// A consistent starting point for a connection: events above `applied` that concern it
@@ -47,22 +67,20 @@ impl ChatStore {
             gap: std::sync::Mutex::new(gap),
             gap_opened: tokio::sync::Notify::new(),
             fanout: Fanout::new(queue_events),
+            written: tokio::sync::watch::Sender::new(Written::default()),
         })
     }
 
-    /// Applies a batch of committed entries (blocking: writes the history).
-    pub fn apply(
-        &self,
-        entries: &[AppliedEntry<'_>],
-    ) -> Result<Vec<Option<ChatResponse>>, HistoryError> {
+    /// Applies a batch of committed entries to the state and publishes its events; the
+    /// returned work is for `write_history`, which must run before the next batch's.
+    pub fn apply(&self, entries: &[AppliedEntry<'_>]) -> (Vec<Option<ChatResponse>>, HistoryWork) {
         let mut events = Vec::new();
         let mut responses = Vec::with_capacity(entries.len());
-        // Messages are written in runs that share one set of settings: retention changes take
-        // effect at their own entry on every node, whatever the apply batches were.
+        let mut runs = Vec::new();
         let mut run_start = 0;
         for e in entries {
             if matches!(e.command, Some(ChatCommand::Configure { .. })) {
-                self.write_history(&events[run_start..])?;
+                runs.push(self.history_run(&events[run_start..]));
                 run_start = events.len();
             }
             let response = {
@@ -75,30 +93,67 @@ impl ChatStore {
             }
             responses.push(response);
         }
-        self.write_history(&events[run_start..])?;
+        runs.push(self.history_run(&events[run_start..]));
+        let upto = entries.last().map_or(0, |e| e.index);
         // Publishing under the state lock makes `subscribe` see either all or none of a batch.
         let _guard = self.write_state();
-        if let Some(last) = entries.last() {
-            self.applied.store(last.index, Ordering::Release);
+        if !entries.is_empty() {
+            self.applied.store(upto, Ordering::Release);
         }
         self.fanout.publish(events);
-        Ok(responses)
+        (responses, HistoryWork { runs, upto })
     }
 
-    /// Stores the messages among `events` with the retention in force now.
-    fn write_history(&self, events: &[Event]) -> Result<(), HistoryError> {
-        let messages: Vec<&StoredMessage> = events
+    /// The messages among `events`, with the retention in force now.
+    fn history_run(&self, events: &[Event]) -> (Vec<Arc<MessageEvent>>, Retention, i64) {
+        let messages = events
             .iter()
             .filter_map(|e| match e {
-                Event::Message(m) => Some(&m.message),
+                Event::Message(m) => Some(m.clone()),
                 _ => None,
             })
             .collect();
-        let (settings, now) = {
-            let state = self.state();
-            (state.settings(), state.last_ts_ms())
-        };
-        self.history.write(&messages, settings.retention, now)
+        let state = self.state();
+        (messages, state.settings().retention, state.last_ts_ms())
+    }
+
+    /// Writes an applied batch's messages (blocking). After a failure every later write and
+    /// every reader waiting for the history fails too: the node must stop applying.
+    pub fn write_history(&self, work: HistoryWork) -> Result<(), HistoryError> {
+        if self.written.borrow().failed {
+            return Err(HistoryError::WriteFailed);
+        }
+        for (messages, retention, now) in &work.runs {
+            let messages: Vec<&StoredMessage> = messages.iter().map(|m| &m.message).collect();
+            if let Err(e) = self.history.write(&messages, *retention, *now) {
+                self.written.send_modify(|w| w.failed = true);
+                return Err(e);
+            }
+        }
+        self.mark_written(work.upto);
+        Ok(())
+    }
+
+    fn mark_written(&self, upto: u64) {
+        self.written.send_if_modified(|w| {
+            let raised = upto > w.upto;
+            w.upto = w.upto.max(upto);
+            raised
+        });
+    }
+
+    /// Waits until the history holds every message up to `upto` that this node applied.
+    pub async fn history_ready(&self, upto: u64) -> Result<(), HistoryError> {
+        let mut written = self.written.subscribe();
+        let now = written
+            .wait_for(|w| w.failed || w.upto >= upto)
+            .await
+            .map(|w| *w)
+            .map_err(|_| HistoryError::WriteFailed)?;
+        if now.failed {
+            return Err(HistoryError::WriteFailed);
+        }
+        Ok(())
     }
 
     /// Stores a page of history copied from a peer; returns what is still missing.
@@ -173,6 +228,8 @@ impl ChatStore {
         *guard = state;
         self.applied.store(applied, Ordering::Release);
         self.fanout.resync(&guard, applied);
+        // Everything up to a snapshot is in the history, or in the gap just recorded.
+        self.mark_written(applied);
         Ok(())
     }
 }

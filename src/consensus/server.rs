@@ -240,6 +240,9 @@ async fn history_page(consensus: &Consensus, req: HistoryRequest) -> HistoryAnsw
             consensus.id, gap.after, gap.upto
         ));
     }
+    if let Err(e) = chat.history_ready(req.upto).await {
+        return HistoryAnswer::Unavailable(e.to_string());
+    }
     let read = tokio::task::spawn_blocking(move || {
         chat.history().range(
             req.after,
@@ -273,6 +276,7 @@ async fn history_digest(
             gap.after, gap.upto
         ));
     }
+    chat.history_ready(upto).await.map_err(|e| e.to_string())?;
     tokio::task::spawn_blocking(move || chat.history().digest(after, upto))
         .await
         .map_err(|e| e.to_string())?

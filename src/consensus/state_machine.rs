@@ -1,7 +1,8 @@
 //! openraft's state machine over the chat store.
 //!
-//! Durability: messages are written to the history without an fsync on apply; the chat state
-//! lives in memory. A snapshot first makes the history durable, then writes the chat state and
+//! Durability: messages are written to the history without an fsync, after the apply that
+//! answered their writers (one batch's write at a time, awaited before the next apply, a
+//! snapshot or an install); the chat state lives in memory. A snapshot first makes the history durable, then writes the chat state and
 //! its meta to `snapshot.json` (see `snapshot_store`). After a crash the node restores that
 //! snapshot and openraft re-applies the log above it (the log is never purged past a durable
 //! snapshot), so nothing committed is lost and re-written messages are identical.
@@ -37,6 +38,8 @@ struct Inner {
     snapshots: Arc<SnapshotStore>,
     applied: Mutex<Applied>,
     on_built: SyncObserver,
+    /// The last applied batch's history write, still running.
+    history_write: Mutex<Option<tokio::task::JoinHandle<io::Result<()>>>>,
 }
 
 #[derive(Clone, Default)]
@@ -80,6 +83,7 @@ impl StateMachine {
                 snapshots: Arc::new(snapshots),
                 applied: Mutex::new(applied),
                 on_built,
+                history_write: Mutex::new(None),
             }),
         })
     }
@@ -99,6 +103,20 @@ impl StateMachine {
 
     fn applied(&self) -> MutexGuard<'_, Applied> {
         self.inner.applied.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for the last batch's history write; its failure is this call's.
+    async fn history_written(&self) -> io::Result<()> {
+        let running = self
+            .inner
+            .history_write
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        match running {
+            Some(write) => write.await.map_err(io_err)?,
+            None => Ok(()),
+        }
     }
 }
 
@@ -129,28 +147,33 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 membership = Some(StoredMembership::new(Some(entry.log_id()), m.clone()));
             }
         }
+        // History writes go one batch at a time, in order.
+        self.history_written().await?;
+        let applied: Vec<AppliedEntry<'_>> = batch
+            .iter()
+            .map(|(entry, _)| match &entry.payload {
+                EntryPayload::Normal(req) => AppliedEntry {
+                    index: entry.index(),
+                    ts_ms: req.ts_ms,
+                    command: Some(&req.command),
+                },
+                _ => AppliedEntry {
+                    index: entry.index(),
+                    ts_ms: 0,
+                    command: None,
+                },
+            })
+            .collect();
+        // In memory only: the history write that follows runs on a blocking thread.
+        let (responses, work) = self.inner.chat.apply(&applied);
+        drop(applied);
         let chat = self.inner.chat.clone();
-        let (batch, responses) = blocking(move || {
-            let applied: Vec<AppliedEntry<'_>> = batch
-                .iter()
-                .map(|(entry, _)| match &entry.payload {
-                    EntryPayload::Normal(req) => AppliedEntry {
-                        index: entry.index(),
-                        ts_ms: req.ts_ms,
-                        command: Some(&req.command),
-                    },
-                    _ => AppliedEntry {
-                        index: entry.index(),
-                        ts_ms: 0,
-                        command: None,
-                    },
-                })
-                .collect();
-            let responses = chat.apply(&applied).map_err(io_err)?;
-            drop(applied);
-            Ok((batch, responses))
-        })
-        .await?;
+        let write = tokio::task::spawn_blocking(move || chat.write_history(work).map_err(io_err));
+        *self
+            .inner
+            .history_write
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(write);
         {
             let mut a = self.applied();
             a.last = Some(last_log_id);
@@ -171,6 +194,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // written to a temporary file right here, from the live state: no copy of it is held
         // in memory while the snapshot is completed.
         let started = std::time::Instant::now();
+        // The snapshot's messages must be in the history before `build_snapshot` flushes it.
+        let history = self.history_written().await;
         let a = self.applied().clone();
         let meta = SnapshotMeta {
             last_log_id: a.last,
@@ -178,11 +203,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         let inner = self.inner.clone();
         let written_meta = meta.clone();
-        let written = blocking(move || {
-            let state = inner.chat.state();
-            inner.snapshots.write_temporary(&written_meta, &state)
-        })
-        .await;
+        let written = match history {
+            Ok(()) => {
+                blocking(move || {
+                    let state = inner.chat.state();
+                    inner.snapshots.write_temporary(&written_meta, &state)
+                })
+                .await
+            }
+            Err(e) => Err(e),
+        };
         SnapshotBuilder {
             sm: self.clone(),
             written: Some(written),
@@ -196,6 +226,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta,
         snapshot: SnapshotBlob,
     ) -> Result<(), io::Error> {
+        self.history_written().await?;
         let inner = self.inner.clone();
         let meta_copy = meta.clone();
         blocking(move || {
@@ -428,6 +459,68 @@ mod tests {
         assert!(checks.await.unwrap() > 0);
         let (meta, state) = current(dir.path());
         assert_eq!((index_of(&meta), reflects(&state)), (40, 40));
+    }
+
+    /// Messages reach the history after their apply answered: a reader that waits for the
+    /// applied index finds every one, and a snapshot built right after flushes them all.
+    #[tokio::test]
+    async fn history_readers_see_every_applied_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let chat = store(dir.path());
+        let mut sm = StateMachine::open(dir.path(), chat.clone(), Arc::new(|_| {})).unwrap();
+        apply(&mut sm, 1..=1).await;
+        let join = ChatCommand::Join {
+            session: "s1".into(),
+            room: "#r".into(),
+        };
+        let normal = |index: u64, command: ChatCommand| {
+            Ok((
+                Entry::new_normal(
+                    openraft::testing::log_id::<TypeConfig>(1, 1, index),
+                    Request { ts_ms: 0, command },
+                ),
+                None,
+            ))
+        };
+        sm.apply(futures_util::stream::iter(vec![normal(2, join)]))
+            .await
+            .unwrap();
+        for round in 0..20u64 {
+            let entries: Vec<io::Result<EntryResponder<TypeConfig>>> = (0..5u64)
+                .map(|i| {
+                    let index = 3 + round * 5 + i;
+                    let send = ChatCommand::Send {
+                        session: "s1".into(),
+                        id: index.to_string(),
+                        to: "#r".into(),
+                        text: "x".into(),
+                    };
+                    normal(index, send)
+                })
+                .collect();
+            sm.apply(futures_util::stream::iter(entries)).await.unwrap();
+            let applied = chat.applied();
+            chat.history_ready(applied).await.unwrap();
+            let stored = chat
+                .history()
+                .count_missed(&["#r".to_string()], 0, applied)
+                .unwrap();
+            assert_eq!(stored, (round + 1) * 5, "after applying up to {applied}");
+        }
+        sm.get_snapshot_builder()
+            .await
+            .build_snapshot()
+            .await
+            .unwrap();
+        drop(sm);
+        // Reopened without the log: the flushed history holds all 100.
+        drop(chat);
+        let reopened = store(dir.path());
+        let stored = reopened
+            .history()
+            .count_missed(&["#r".to_string()], 0, 200)
+            .unwrap();
+        assert_eq!(stored, 100);
     }
 
     #[tokio::test]
