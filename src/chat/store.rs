@@ -117,12 +117,9 @@ impl ChatStore {
         (messages, state.settings().retention, state.last_ts_ms())
     }
 
-    /// Writes an applied batch's messages (blocking). After a failure every later write and
-    /// every reader waiting for the history fails too: the node must stop applying.
+    /// Writes an applied batch's messages (blocking). After a failure every reader waiting for
+    /// the history fails too, and the state machine stops applying.
     pub fn write_history(&self, work: HistoryWork) -> Result<(), HistoryError> {
-        if self.written.borrow().failed {
-            return Err(HistoryError::WriteFailed);
-        }
         for (messages, retention, now) in &work.runs {
             let messages: Vec<&StoredMessage> = messages.iter().map(|m| &m.message).collect();
             if let Err(e) = self.history.write(&messages, *retention, *now) {

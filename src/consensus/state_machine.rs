@@ -2,8 +2,9 @@
 //!
 //! Durability: messages are written to the history without an fsync, after the apply that
 //! answered their writers (one batch's write at a time, awaited before the next apply, a
-//! snapshot or an install); the chat state lives in memory. A snapshot first makes the history durable, then writes the chat state and
-//! its meta to `snapshot.json` (see `snapshot_store`). After a crash the node restores that
+//! snapshot or an install); the chat state lives in memory. A snapshot first makes the
+//! history durable, then writes the chat state and its meta to `snapshot.json` (see
+//! `snapshot_store`). After a crash the node restores that
 //! snapshot and openraft re-applies the log above it (the log is never purged past a durable
 //! snapshot), so nothing committed is lost and re-written messages are identical.
 //!
