@@ -118,8 +118,8 @@ async fn serve_until_closed(
             _ = tick.tick() => {
                 match ping_sent {
                     Some(at) if at.elapsed() >= ping_timeout => {
-                        reason.set("login_timeout");
-                        conn.fatal(&format!("Ping timeout: {} seconds", ping_timeout.as_secs())).await;
+                        reason.set("idle");
+                        conn.fatal(&format!("Ping timeout: {} seconds", ping_timeout.as_secs_f64())).await;
                         break;
                     }
                     None if last_heard.elapsed() >= ping_interval => {
