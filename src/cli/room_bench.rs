@@ -46,13 +46,9 @@ pub async fn run(
     let members = connect_members(servers, &run, &room, load.members).await?;
     eprintln!("bench: {} members in {room}", members.len());
     let mut readers = Vec::with_capacity(members.len());
-    for member in members {
-        readers.push(tokio::spawn(receive(
-            member,
-            clock,
-            window_from.clone(),
-            stop.clone(),
-        )));
+    for (server, member) in members {
+        let received = tokio::spawn(receive(member, clock, window_from.clone(), stop.clone()));
+        readers.push((server, received));
     }
 
     let sender = login(&servers[0], &format!("roomsender{run}"), &room).await?;
@@ -115,15 +111,24 @@ pub async fn run(
     ack_reader.abort();
 
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
+    // The sender's node (the leader) first: its members need no replication to see a message.
+    let mut by_server = vec![Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?; servers.len()];
     let mut delivered = 0u64;
     let mut closed = 0usize;
-    for reader in readers {
+    for (server, reader) in readers {
         let got = reader.await??;
         latency.add(&got.latency)?;
+        by_server[server].add(&got.latency)?;
         delivered += got.count;
         closed += usize::from(got.closed);
     }
     let ms = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let per_server = |q: f64| -> Vec<f64> {
+        by_server
+            .iter()
+            .map(|h| h.value_at_quantile(q) as f64 / 1000.0)
+            .collect()
+    };
     let expected = sent_measured * load.members as u64;
     report.insert("room_members".into(), json!(load.members));
     report.insert("room_rate".into(), json!(load.rate));
@@ -144,6 +149,9 @@ pub async fn run(
     report.insert("room_members_disconnected".into(), json!(closed));
     report.insert("room_delivery_p50_ms".into(), json!(ms(0.5)));
     report.insert("room_delivery_p99_ms".into(), json!(ms(0.99)));
+    report.insert("room_servers".into(), json!(servers));
+    report.insert("room_delivery_p50_ms_by_server".into(), json!(per_server(0.5)));
+    report.insert("room_delivery_p99_ms_by_server".into(), json!(per_server(0.99)));
     report.insert(
         "room_delivery_max_ms".into(),
         json!(latency.max() as f64 / 1000.0),
@@ -252,17 +260,22 @@ async fn login(addr: &str, user: &str, room: &str) -> anyhow::Result<Member> {
     }
 }
 
+/// Logs in `n` members round robin over `servers`; each with the index of its server.
 async fn connect_members(
     servers: &[String],
     run: &str,
     room: &str,
     n: usize,
-) -> anyhow::Result<Vec<Member>> {
+) -> anyhow::Result<Vec<(usize, Member)>> {
     use futures_util::StreamExt;
     let logins = futures_util::stream::iter(0..n)
         .map(|i| {
-            let addr = servers[i % servers.len()].clone();
-            async move { login(&addr, &format!("member{run}x{i}"), room).await }
+            let server = i % servers.len();
+            let addr = servers[server].clone();
+            async move {
+                let member = login(&addr, &format!("member{run}x{i}"), room).await;
+                member.map(|m| (server, m))
+            }
         })
         .buffer_unordered(LOGIN_CONCURRENCY);
     tokio::pin!(logins);
