@@ -9,6 +9,7 @@
 //!                                                                        ▼
 //!  raft port ◄──► consensus (openraft: log store, state machine, snapshots, transport,
 //!  (mTLS: tls)               forwarding, history pages for peers, leader watch)
+//!                  [on a runtime of its own, so connections' bursts never queue ahead of it]
 //!                                                                        │ applied entries, in order
 //!                                                                        ▼
 //!                  chat::store (ChatState + History on disk) ──► chat::fanout ──► connections
