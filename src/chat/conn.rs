@@ -140,15 +140,18 @@ async fn write_loop(
     let stall = tokio::time::sleep(write_timeout);
     tokio::pin!(stall);
     loop {
-        let item = tokio::select! {
-            item = rx.recv() => item,
-            _ = closed.cancelled() => {
-                if shared.slow.load(Ordering::SeqCst) {
-                    break;
-                }
-                // Drain what is already queued (the last acks or an error), then stop.
-                rx.try_recv().ok()
-            }
+        // A slow client's queue is dropped, not written.
+        if shared.slow.load(Ordering::SeqCst) {
+            break;
+        }
+        // What is queued goes first, also once the connection is closing (the last acks or
+        // an error); the cancellation, behind a lock, is looked at only when the queue is dry.
+        let item = match rx.try_recv() {
+            Ok(item) => Some(item),
+            Err(_) => tokio::select! {
+                item = rx.recv() => item,
+                _ = closed.cancelled() => rx.try_recv().ok(),
+            },
         };
         let Some(item) = item else { break };
         let (bytes, last) = match item {
