@@ -402,3 +402,26 @@ fn welcome_gives_clients_each_nodes_advertised_chat_address() {
         "{w}"
     );
 }
+
+/// Raft's tasks run on their own thread, apart from the client connections' runtime: a
+/// burst of deliveries to a big room must not queue ahead of the next commit (BENCHMARKS.md,
+/// the 1,000-member room). The leader, which replicates and applies there, still commits.
+#[test]
+fn raft_runs_on_a_thread_of_its_own() {
+    let cluster = Cluster::start(3, "");
+    let leader = cluster.wait_leader(&[1, 2, 3], T);
+    let pid = cluster.pid(leader).expect("the leader runs");
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("the node's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect();
+    assert!(threads.iter().any(|t| t == "raft"), "{threads:?}");
+    assert!(
+        threads.iter().any(|t| t == "tokio-rt-worker"),
+        "{threads:?}"
+    );
+    let mut c = cluster.login(leader, "dora");
+    c.join("#own");
+    assert_eq!(c.say("#own", "m1", "committed")["type"], "ack");
+}

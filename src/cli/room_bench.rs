@@ -150,8 +150,14 @@ pub async fn run(
     report.insert("room_delivery_p50_ms".into(), json!(ms(0.5)));
     report.insert("room_delivery_p99_ms".into(), json!(ms(0.99)));
     report.insert("room_servers".into(), json!(servers));
-    report.insert("room_delivery_p50_ms_by_server".into(), json!(per_server(0.5)));
-    report.insert("room_delivery_p99_ms_by_server".into(), json!(per_server(0.99)));
+    report.insert(
+        "room_delivery_p50_ms_by_server".into(),
+        json!(per_server(0.5)),
+    );
+    report.insert(
+        "room_delivery_p99_ms_by_server".into(),
+        json!(per_server(0.99)),
+    );
     report.insert(
         "room_delivery_max_ms".into(),
         json!(latency.max() as f64 / 1000.0),
