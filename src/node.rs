@@ -28,41 +28,6 @@ const HISTORY_FILE: &str = "chat-history.redb";
 /// How long a node whose raft stopped fatally keeps reporting why before it exits.
 const FATAL_EXIT_DELAY: Duration = Duration::from_secs(3);
 
-/// The runtime raft's tasks run on (its core, replication to each peer, the state machine,
-/// the raft port, the leader watch), apart from the client connections'. On one runtime a
-/// message to a 1,000-member room woke as many connection tasks, and each step of the next
-/// commit (read the request, append, replicate, apply) queued behind them: the commit took
-/// 24 ms instead of 2. Its one thread sleeps between steps, so the kernel runs it first when
-/// it wakes.
-struct ConsensusRuntime(Option<tokio::runtime::Runtime>);
-
-impl ConsensusRuntime {
-    fn new() -> std::io::Result<ConsensusRuntime> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("raft")
-            .enable_all()
-            .build()?;
-        Ok(ConsensusRuntime(Some(runtime)))
-    }
-
-    fn handle(&self) -> tokio::runtime::Handle {
-        match &self.0 {
-            Some(runtime) => runtime.handle().clone(),
-            None => unreachable!("the runtime is taken only on drop"),
-        }
-    }
-}
-
-impl Drop for ConsensusRuntime {
-    fn drop(&mut self) {
-        // Dropped from the main runtime: waiting for its tasks here would block it.
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
-    }
-}
-
 /// What the metrics port reads.
 pub struct NodeState {
     pub id: u64,
@@ -351,7 +316,7 @@ async fn serve(
     metrics
         .register_exports(&exports)
         .context("cannot register metrics")?;
-    let raft_runtime = ConsensusRuntime::new().context("cannot start raft's runtime")?;
+    let raft_runtime = consensus::ConsensusRuntime::new().context("cannot start raft's runtime")?;
     let raft_handle = raft_runtime.handle();
     // Started on its runtime, raft spawns all its tasks there.
     let consensus = {
