@@ -365,11 +365,11 @@ async fn serve(
             shutdown.clone(),
             tls.clone(),
         ),
-        &raft_handle,
+        raft_handle,
     );
     tasks.spawn_on(
         consensus::watch_leader(consensus.clone(), shutdown.clone()),
-        &raft_handle,
+        raft_handle,
     );
     tasks.spawn(crate::http::serve_metrics_port(
         metrics_listener,

@@ -111,7 +111,7 @@ pub async fn run(
     ack_reader.abort();
 
     let mut latency = Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?;
-    // The sender's node (the leader) first: its members need no replication to see a message.
+    // In `servers` order: the sender's node first (the leader of a local cluster).
     let mut by_server = vec![Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)?; servers.len()];
     let mut delivered = 0u64;
     let mut closed = 0usize;

@@ -5,7 +5,11 @@
 /// message to a 1,000-member room woke as many connection tasks, and each step of the next
 /// commit (the answer to a write, the next request) queued behind them: a write took 21–24 ms
 /// from its line to its ack instead of 2 (BENCHMARKS.md, the 1,000-member room).
-pub struct ConsensusRuntime(Option<tokio::runtime::Runtime>);
+pub struct ConsensusRuntime {
+    handle: tokio::runtime::Handle,
+    /// Taken only on drop.
+    runtime: Option<tokio::runtime::Runtime>,
+}
 
 impl ConsensusRuntime {
     pub fn new() -> std::io::Result<ConsensusRuntime> {
@@ -14,21 +18,21 @@ impl ConsensusRuntime {
             .thread_name("raft")
             .enable_all()
             .build()?;
-        Ok(ConsensusRuntime(Some(runtime)))
+        Ok(ConsensusRuntime {
+            handle: runtime.handle().clone(),
+            runtime: Some(runtime),
+        })
     }
 
-    pub fn handle(&self) -> tokio::runtime::Handle {
-        match &self.0 {
-            Some(runtime) => runtime.handle().clone(),
-            None => unreachable!("the runtime is taken only on drop"),
-        }
+    pub fn handle(&self) -> &tokio::runtime::Handle {
+        &self.handle
     }
 }
 
 impl Drop for ConsensusRuntime {
     fn drop(&mut self) {
         // Dropped from the main runtime: waiting for its tasks here would block it.
-        if let Some(runtime) = self.0.take() {
+        if let Some(runtime) = self.runtime.take() {
             runtime.shutdown_background();
         }
     }
