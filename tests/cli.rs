@@ -307,7 +307,19 @@ fn cluster_command_serves_and_stops_cleanly() {
     // Ctrl-C at the terminal: SIGINT to the process group.
     let group = nix::unistd::Pid::from_raw(child.id() as i32);
     assert!(group.as_raw() > 1);
-    nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT).unwrap();
+    if let Err(e) = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGINT) {
+        // Seen once in CI (ESRCH): say what became of the supervisor and what it printed.
+        let exited = child.try_wait();
+        for pid in &children {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = child.kill();
+        let errors = errors.join().unwrap_or_default();
+        panic!("cannot SIGINT `raftchat cluster`: {e}; it exited: {exited:?}; stderr:\n{errors}");
+    }
     let stopping = std::time::Instant::now();
     let status = wait_for(T, "raftchat cluster to exit", || {
         child.try_wait().ok().flatten()
