@@ -299,6 +299,8 @@ impl RaftchatSender {
     async fn start(servers: &[String], user: &str) -> anyhow::Result<RaftchatSender> {
         let mut config = ClientConfig::new(servers.to_vec(), user);
         config.rooms = vec![ROOM.into()];
+        // A publisher, as on NATS: it is told its messages are committed, not sent them back.
+        config.echo = false;
         let mut client = Client::start(config);
         wait_joined(&mut client).await?;
         let (requests, mut rx) = mpsc::channel::<(String, oneshot::Sender<()>)>(4096);

@@ -425,3 +425,34 @@ fn raft_runs_on_a_thread_of_its_own() {
     c.join("#own");
     assert_eq!(c.say("#own", "m1", "committed")["type"], "ack");
 }
+
+#[test]
+fn a_client_without_echo_gets_acks_and_others_messages_but_not_its_own() {
+    let cluster = Cluster::start(3, "");
+    let leader = cluster.wait_leader(&[1, 2, 3], T);
+    let other = if leader == 1 { 2 } else { 1 };
+    let mut quiet = wait_for(T, "a hello without echo to be accepted", || {
+        let mut c = Client::try_connect(&cluster.node(leader).chat)?;
+        let w = c.request(json!({"type": "hello", "user": "quiet", "echo": false}))?;
+        (w["type"] == "welcome").then_some(c)
+    });
+    assert_eq!(quiet.join("#r")["type"], "joined");
+    let mut loud = cluster.login(other, "loud");
+    assert_eq!(loud.join("#r")["type"], "joined");
+    for i in 0..3 {
+        let ack = quiet.say("#r", &format!("q{i}"), "mine");
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    assert_eq!(loud.say("#r", "l0", "theirs")["type"], "ack");
+    // Delivery is in index order: once loud's later message is here, an echo of quiet's own
+    // would have come before it.
+    quiet.wait_messages(T, "loud's message", |m| {
+        m.iter().any(|m| m["from"] == "loud")
+    });
+    assert!(
+        quiet.messages.iter().all(|m| m["from"] != "quiet"),
+        "no echo: {:?}",
+        quiet.messages
+    );
+    loud.wait_messages(T, "all four messages", |m| m.len() >= 4);
+}

@@ -148,6 +148,9 @@ pub struct StoredMessage {
 #[derive(Debug)]
 pub struct MessageEvent {
     pub message: StoredMessage,
+    /// The session token of its writer (empty when not known): a connection that said
+    /// `echo: false` is not sent its own session's messages.
+    pub sender: String,
     /// `message.to` folded, once for every connection that checks it.
     pub to_key: String,
     pub json: OnceLock<Bytes>,
@@ -158,9 +161,15 @@ pub struct MessageEvent {
 
 impl MessageEvent {
     pub fn new(message: StoredMessage) -> Arc<MessageEvent> {
+        Self::sent_by(message, String::new())
+    }
+
+    /// A message written by the session `sender` (its token).
+    pub fn sent_by(message: StoredMessage, sender: String) -> Arc<MessageEvent> {
         Arc::new(MessageEvent {
             to_key: super::names::fold(&message.to),
             message,
+            sender,
             json: OnceLock::new(),
             irc: OnceLock::new(),
             irc_tagged: OnceLock::new(),

@@ -33,6 +33,8 @@ pub struct DeliveryFilter {
     rooms: HashSet<String>,
     /// Highest index delivered (or known to be covered); lower events are duplicates.
     last: u64,
+    /// Whether the session's own messages come back to it live (`hello`'s `echo`).
+    echo: bool,
 }
 
 impl DeliveryFilter {
@@ -51,7 +53,14 @@ impl DeliveryFilter {
             user_key: fold(user),
             rooms: rooms.into_iter().collect(),
             last,
+            echo: true,
         }
+    }
+
+    /// Leaves out the session's own messages (its acknowledgements say they are committed).
+    pub fn without_echo(mut self) -> Self {
+        self.echo = false;
+        self
     }
 
     pub fn last(&self) -> u64 {
@@ -85,6 +94,9 @@ impl DeliveryFilter {
                     return None;
                 }
                 self.last = m.index;
+                if !self.echo && event.sender == self.session {
+                    return None;
+                }
                 Some(Delivery::Message(event.clone()))
             }
             Event::Presence {
@@ -146,6 +158,39 @@ mod tests {
             ts_ms: 0,
             parties,
         }))
+    }
+
+    #[test]
+    fn without_echo_a_session_gets_others_messages_but_not_its_own() {
+        let sent = |index, sender: &str| {
+            Event::Message(MessageEvent::sent_by(
+                crate::chat::command::StoredMessage {
+                    index,
+                    to: "#r".into(),
+                    from: "alice".into(),
+                    id: "x".into(),
+                    text: "t".into(),
+                    ts_ms: 0,
+                    parties: Vec::new(),
+                },
+                sender.into(),
+            ))
+        };
+        let mut quiet =
+            DeliveryFilter::new("s1".into(), 1, 1, "alice", ["#r".into()], 1).without_echo();
+        let mut echoed = DeliveryFilter::new("s1".into(), 1, 1, "alice", ["#r".into()], 1);
+        // Its own session's message: skipped (but counted as seen), another session's kept,
+        // even under the same name.
+        assert!(quiet.on_event(&sent(2, "s1")).is_none());
+        assert_eq!(quiet.last(), 2);
+        assert!(matches!(
+            quiet.on_event(&sent(3, "s9")),
+            Some(Delivery::Message(_))
+        ));
+        assert!(matches!(
+            echoed.on_event(&sent(2, "s1")),
+            Some(Delivery::Message(_))
+        ));
     }
 
     #[test]

@@ -110,6 +110,8 @@ pub enum ClientRequest {
         session: Option<String>,
         resume_from: Option<u64>,
         password: Option<String>,
+        /// False: the session's own messages are not pushed back to it live.
+        echo: bool,
     },
     Join {
         room: String,
@@ -155,6 +157,17 @@ fn opt_str(v: &Value, name: &str) -> Result<Option<String>, ProtocolError> {
     }
 }
 
+fn opt_bool(v: &Value, name: &str) -> Result<Option<bool>, ProtocolError> {
+    match v.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(_) => Err(ProtocolError::new(
+            ErrorCode::BadJson,
+            format!("field `{name}` must be true or false"),
+        )),
+    }
+}
+
 fn opt_u64(v: &Value, name: &str) -> Result<Option<u64>, ProtocolError> {
     match v.get(name) {
         None | Some(Value::Null) => Ok(None),
@@ -188,6 +201,7 @@ pub fn parse(line: &str) -> Result<ClientRequest, ProtocolError> {
             session: opt_str(&v, "session")?,
             resume_from: opt_u64(&v, "resume_from")?,
             password: opt_str(&v, "password")?,
+            echo: opt_bool(&v, "echo")?.unwrap_or(true),
         },
         "join" => ClientRequest::Join {
             room: field_str(&v, "room")?,
@@ -520,9 +534,16 @@ impl Connection {
                 session,
                 resume_from,
                 password,
+                echo,
             } => {
-                self.hello(&user, session.as_deref(), resume_from, password.as_deref())
-                    .await
+                self.hello(
+                    &user,
+                    session.as_deref(),
+                    resume_from,
+                    password.as_deref(),
+                    echo,
+                )
+                .await
             }
             ClientRequest::Ping => {
                 self.reply(ServerFrame::Pong.encode()).await;
@@ -608,6 +629,7 @@ impl Connection {
         token: Option<&str>,
         resume_from: Option<u64>,
         password: Option<&str>,
+        echo: bool,
     ) -> Result<(), ProtocolError> {
         let attached = self.svc.attach(user, token, false, password).await?;
         self.svc.register(&attached);
@@ -659,6 +681,9 @@ impl Connection {
             rooms,
             sub.applied,
         );
+        if !echo {
+            filter = filter.without_echo();
+        }
         // A resumed session is a reconnect; its span stays open until the client's first
         // re-sends are answered, to count how many were duplicates.
         let reconnect_span = attached
@@ -828,7 +853,24 @@ mod tests {
                 session: Some("s".into()),
                 resume_from: Some(4),
                 password: None,
+                echo: true,
             }
+        );
+        assert_eq!(
+            parse(r#"{"type":"hello","user":"a","echo":false}"#).unwrap(),
+            ClientRequest::Hello {
+                user: "a".into(),
+                session: None,
+                resume_from: None,
+                password: None,
+                echo: false,
+            }
+        );
+        assert_eq!(
+            parse(r#"{"type":"hello","user":"a","echo":"no"}"#)
+                .unwrap_err()
+                .code,
+            ErrorCode::BadJson
         );
         assert_eq!(
             parse(r##"{"type":"history","room":"#r","limit":5000}"##).unwrap(),

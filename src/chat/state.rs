@@ -432,15 +432,18 @@ impl ChatState {
         let from = session.user.clone();
         session.sent.insert(id.to_string(), index);
         session.last_active_ms = ts;
-        events.push(Event::Message(MessageEvent::new(StoredMessage {
-            index,
-            to: target,
-            from,
-            id: id.to_string(),
-            text: text.to_string(),
-            ts_ms: ts,
-            parties,
-        })));
+        events.push(Event::Message(MessageEvent::sent_by(
+            StoredMessage {
+                index,
+                to: target,
+                from,
+                id: id.to_string(),
+                text: text.to_string(),
+                ts_ms: ts,
+                parties,
+            },
+            token.to_string(),
+        )));
         ChatResponse::Sent {
             index,
             duplicate: false,

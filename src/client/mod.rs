@@ -39,6 +39,9 @@ pub struct ClientConfig {
     /// The account's password, sent with every `hello` (a registered name needs it on each
     /// reconnect too).
     pub password: Option<String>,
+    /// False: the server does not push this client's own messages back to it (their
+    /// acknowledgements still come).
+    pub echo: bool,
 }
 
 impl ClientConfig {
@@ -53,6 +56,7 @@ impl ClientConfig {
             backoff_max: Duration::from_secs(2),
             max_attempts: None,
             password: None,
+            echo: true,
         }
     }
 }
@@ -418,6 +422,9 @@ impl Driver {
             let mut hello = json!({"type": "hello", "user": self.config.user});
             if let Some(password) = &self.config.password {
                 hello["password"] = json!(password);
+            }
+            if !self.config.echo {
+                hello["echo"] = json!(false);
             }
             if let Some(session) = &self.session {
                 hello["session"] = json!(session);
