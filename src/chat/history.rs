@@ -119,6 +119,13 @@ pub struct History {
     unsynced_bytes: std::sync::atomic::AtomicU64,
 }
 
+/// Messages written under one retention setting, as of entry time `now_ms`.
+pub struct HistoryRun<'a> {
+    pub messages: &'a [&'a StoredMessage],
+    pub retention: Retention,
+    pub now_ms: i64,
+}
+
 /// The keys a message is filed under: its room, or the sessions of a direct message (by
 /// name for direct messages stored before sessions had ids; no session replays those).
 fn target_keys(msg: &StoredMessage) -> Vec<String> {
@@ -372,21 +379,35 @@ impl History {
         retention: Retention,
         now_ms: i64,
     ) -> Result<(), HistoryError> {
-        if messages.is_empty() && retention.max_age_ms == 0 {
+        self.write_runs(&[HistoryRun {
+            messages,
+            retention,
+            now_ms,
+        }])
+    }
+
+    /// `write` for several runs in order, in one transaction.
+    pub fn write_runs(&self, runs: &[HistoryRun<'_>]) -> Result<(), HistoryError> {
+        if runs
+            .iter()
+            .all(|r| r.messages.is_empty() && r.retention.max_age_ms == 0)
+        {
             return Ok(());
         }
         let mut txn = self.db.begin_write()?;
         let mut written = 0;
         {
             let mut t = Tables::open(&txn)?;
-            let mut rooms = BTreeSet::new();
-            for msg in messages {
-                written += t.insert(msg)?;
-                if is_room_target(&msg.to) {
-                    rooms.insert(fold(&msg.to));
+            for run in runs {
+                let mut rooms = BTreeSet::new();
+                for msg in run.messages {
+                    written += t.insert(msg)?;
+                    if is_room_target(&msg.to) {
+                        rooms.insert(fold(&msg.to));
+                    }
                 }
+                t.retain(&rooms, run.retention, run.now_ms)?;
             }
-            t.retain(&rooms, retention, now_ms)?;
             t.finish()?;
         }
         use std::sync::atomic::Ordering::Relaxed;

@@ -8,6 +8,7 @@ pub mod conn;
 pub mod delivery;
 pub mod fanout;
 pub mod history;
+pub mod history_writer;
 pub mod irc;
 pub mod json;
 pub mod lines;

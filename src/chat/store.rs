@@ -2,16 +2,17 @@
 //! the fan-out of applied events to this node's connections, in index order.
 //!
 //! Applying a batch changes the state and publishes its events at once; the batch's messages
-//! reach the history afterwards (`write_history`, on a blocking thread), so the writers'
+//! reach the history afterwards (`chat::history_writer`, a thread of its own), so the writers'
 //! acknowledgements do not wait for the history's B-tree commit. Whoever reads the history
 //! first waits until it holds what it asks for (`history_ready`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use super::command::{ChatCommand, ChatResponse, Event, MessageEvent, StoredMessage};
+use super::command::{ChatCommand, ChatResponse, Event};
 use super::fanout::{Fanout, Receiver, Subscriber};
-use super::history::{Gap, History, HistoryError, RangePage, Retention};
+use super::history::{Gap, History, HistoryError, RangePage};
+use super::history_writer::{HistoryWriter, Run};
 use super::state::ChatState;
 
 /// One log entry as the chat layer sees it: blank and membership entries carry no command.
@@ -25,27 +26,20 @@ pub struct ChatStore {
     state: RwLock<ChatState>,
     /// Highest index whose effects are in `state`, in `history` and published.
     applied: AtomicU64,
-    history: History,
+    history: Arc<History>,
     /// The history range skipped by installing a snapshot, not yet copied from a peer.
     gap: std::sync::Mutex<Option<Gap>>,
     /// Wakes the history copier (`chat::backfill`) when a gap opens.
     pub gap_opened: tokio::sync::Notify,
     fanout: Arc<Fanout>,
-    /// How far the history has been written (or that a write failed).
-    written: tokio::sync::watch::Sender<Written>,
+    /// Moves applied messages into `history`.
+    writer: HistoryWriter,
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Written {
-    upto: u64,
-    failed: bool,
-}
-
-/// An applied batch's messages on their way to the history: runs that share one retention
-/// setting (a retention change takes effect at its own entry on every node).
-pub struct HistoryWork {
-    runs: Vec<(Vec<Arc<MessageEvent>>, Retention, i64)>,
-    upto: u64,
+/// What applying a batch answered its writers, and whether the history writer is far behind.
+pub struct Applied {
+    pub responses: Vec<Option<ChatResponse>>,
+    pub backlog: bool,
 }
 
 /// A consistent starting point for a connection: events above `applied` that concern it
@@ -60,6 +54,9 @@ pub struct Subscription {
 impl ChatStore {
     pub fn new(history: History, queue_events: usize) -> Result<ChatStore, HistoryError> {
         let gap = history.gap()?;
+        let history = Arc::new(history);
+        let writer = HistoryWriter::start(history.clone())
+            .map_err(|e| HistoryError::Open(format!("cannot start the history writer: {e}")))?;
         Ok(ChatStore {
             state: RwLock::new(ChatState::default()),
             applied: AtomicU64::new(0),
@@ -67,13 +64,17 @@ impl ChatStore {
             gap: std::sync::Mutex::new(gap),
             gap_opened: tokio::sync::Notify::new(),
             fanout: Fanout::new(queue_events),
-            written: tokio::sync::watch::Sender::new(Written::default()),
+            writer,
         })
     }
 
-    /// Applies a batch of committed entries to the state and publishes its events; the
-    /// returned work is for `write_history`, which must run before the next batch's.
-    pub fn apply(&self, entries: &[AppliedEntry<'_>]) -> (Vec<Option<ChatResponse>>, HistoryWork) {
+    /// Applies a batch of committed entries to the state, publishes its events and queues its
+    /// messages for the history. Fails once a history write has failed. `backlog` says the
+    /// history writer is far behind: wait for `history_ready(applied)` before applying more.
+    pub fn apply(&self, entries: &[AppliedEntry<'_>]) -> Result<Applied, HistoryError> {
+        if self.writer.failed() {
+            return Err(HistoryError::WriteFailed);
+        }
         let mut events = Vec::new();
         let mut responses = Vec::with_capacity(entries.len());
         let mut runs = Vec::new();
@@ -101,11 +102,13 @@ impl ChatStore {
             self.applied.store(upto, Ordering::Release);
         }
         self.fanout.publish(events);
-        (responses, HistoryWork { runs, upto })
+        drop(_guard);
+        let backlog = self.writer.push(runs, upto);
+        Ok(Applied { responses, backlog })
     }
 
     /// The messages among `events`, with the retention in force now.
-    fn history_run(&self, events: &[Event]) -> (Vec<Arc<MessageEvent>>, Retention, i64) {
+    fn history_run(&self, events: &[Event]) -> Run {
         let messages = events
             .iter()
             .filter_map(|e| match e {
@@ -114,43 +117,16 @@ impl ChatStore {
             })
             .collect();
         let state = self.state();
-        (messages, state.settings().retention, state.last_ts_ms())
-    }
-
-    /// Writes an applied batch's messages (blocking). After a failure every reader waiting for
-    /// the history fails too, and the state machine stops applying.
-    pub fn write_history(&self, work: HistoryWork) -> Result<(), HistoryError> {
-        for (messages, retention, now) in &work.runs {
-            let messages: Vec<&StoredMessage> = messages.iter().map(|m| &m.message).collect();
-            if let Err(e) = self.history.write(&messages, *retention, *now) {
-                self.written.send_modify(|w| w.failed = true);
-                return Err(e);
-            }
+        Run {
+            messages,
+            retention: state.settings().retention,
+            now_ms: state.last_ts_ms(),
         }
-        self.mark_written(work.upto);
-        Ok(())
-    }
-
-    fn mark_written(&self, upto: u64) {
-        self.written.send_if_modified(|w| {
-            let raised = upto > w.upto;
-            w.upto = w.upto.max(upto);
-            raised
-        });
     }
 
     /// Waits until the history holds every message up to `upto` that this node applied.
     pub async fn history_ready(&self, upto: u64) -> Result<(), HistoryError> {
-        let mut written = self.written.subscribe();
-        let now = written
-            .wait_for(|w| w.failed || w.upto >= upto)
-            .await
-            .map(|w| *w)
-            .map_err(|_| HistoryError::WriteFailed)?;
-        if now.failed {
-            return Err(HistoryError::WriteFailed);
-        }
-        Ok(())
+        self.writer.ready(upto).await
     }
 
     /// Stores a page of history copied from a peer; returns what is still missing.
@@ -226,7 +202,7 @@ impl ChatStore {
         self.applied.store(applied, Ordering::Release);
         self.fanout.resync(&guard, applied);
         // Everything up to a snapshot is in the history, or in the gap just recorded.
-        self.mark_written(applied);
+        self.writer.mark_written(applied);
         Ok(())
     }
 }

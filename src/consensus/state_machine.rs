@@ -1,8 +1,8 @@
 //! openraft's state machine over the chat store.
 //!
 //! Durability: messages are written to the history without an fsync, after the apply that
-//! answered their writers (one batch's write at a time, awaited before the next apply, a
-//! snapshot or an install); the chat state lives in memory. A snapshot first makes the
+//! answered their writers (by the history's writer thread; a snapshot or an install first
+//! waits for it); the chat state lives in memory. A snapshot first makes the
 //! history durable, then writes the chat state and its meta to `snapshot.json` (see
 //! `snapshot_store`). After a crash the node restores that
 //! snapshot and openraft re-applies the log above it (the log is never purged past a durable
@@ -39,8 +39,6 @@ struct Inner {
     snapshots: Arc<SnapshotStore>,
     applied: Mutex<Applied>,
     on_built: SyncObserver,
-    /// The last applied batch's history write, still running.
-    history_write: Mutex<Option<tokio::task::JoinHandle<io::Result<()>>>>,
 }
 
 #[derive(Clone, Default)]
@@ -84,7 +82,6 @@ impl StateMachine {
                 snapshots: Arc::new(snapshots),
                 applied: Mutex::new(applied),
                 on_built,
-                history_write: Mutex::new(None),
             }),
         })
     }
@@ -106,18 +103,10 @@ impl StateMachine {
         self.inner.applied.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for the last batch's history write; its failure is this call's.
+    /// Waits until the history holds everything applied; a failed history write fails it.
     async fn history_written(&self) -> io::Result<()> {
-        let running = self
-            .inner
-            .history_write
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        match running {
-            Some(write) => write.await.map_err(io_err)?,
-            None => Ok(()),
-        }
+        let chat = &self.inner.chat;
+        chat.history_ready(chat.applied()).await.map_err(io_err)
     }
 }
 
@@ -148,8 +137,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 membership = Some(StoredMembership::new(Some(entry.log_id()), m.clone()));
             }
         }
-        // History writes go one batch at a time, in order.
-        self.history_written().await?;
         let applied: Vec<AppliedEntry<'_>> = batch
             .iter()
             .map(|(entry, _)| match &entry.payload {
@@ -165,16 +152,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 },
             })
             .collect();
-        // In memory only: the history write that follows runs on a blocking thread.
-        let (responses, work) = self.inner.chat.apply(&applied);
+        // In memory only: the history writer's thread writes the messages afterwards.
+        let outcome = self.inner.chat.apply(&applied).map_err(io_err)?;
         drop(applied);
-        let chat = self.inner.chat.clone();
-        let write = tokio::task::spawn_blocking(move || chat.write_history(work).map_err(io_err));
-        *self
-            .inner
-            .history_write
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = Some(write);
         {
             let mut a = self.applied();
             a.last = Some(last_log_id);
@@ -182,10 +162,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 a.membership = m;
             }
         }
-        for ((_, responder), response) in batch.into_iter().zip(responses) {
+        for ((_, responder), response) in batch.into_iter().zip(outcome.responses) {
             if let Some(responder) = responder {
                 responder.send(response.unwrap_or(ChatResponse::Done));
             }
+        }
+        if outcome.backlog {
+            // The history writer is far behind (a slow disk): wait rather than queue more.
+            self.history_written().await?;
         }
         Ok(())
     }
