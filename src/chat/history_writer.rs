@@ -286,7 +286,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let history = Arc::new(History::open(&dir.path().join("h.redb"), 1 << 20).unwrap());
         let writer = HistoryWriter::start(history).unwrap();
-        writer.push(run(1..=0), 7);
+        let empty = Run {
+            messages: Vec::new(),
+            retention: Retention::default(),
+            now_ms: 0,
+        };
+        writer.push(vec![empty], 7);
         tokio::time::timeout(Duration::from_millis(100), writer.ready(7))
             .await
             .expect("no write needed")
