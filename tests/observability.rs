@@ -494,7 +494,15 @@ fn a_paused_follower_counts_no_leader_change_and_no_failover() {
             value(s, "raftchat_raft_term", &[]),
         )
     };
-    let before = wait_for(T, "a scrape", || scrape(&cluster, follower));
+    // From a scrape in which the follower has counted its first leader (it may learn of the
+    // leader after the others do).
+    let before = wait_for(T, "a scrape where the follower knows its leader", || {
+        let s = scrape(&cluster, follower)?;
+        (value(&s, "raftchat_raft_has_leader", &[]) == 1.0
+            && value(&s, "raftchat_raft_leader_id", &[]) == leader as f64
+            && value(&s, "raftchat_raft_leader_changes_total", &[]) >= 1.0)
+            .then_some(s)
+    });
     cluster.pause(follower);
     std::thread::sleep(Duration::from_millis(1500));
     cluster.resume(follower);
