@@ -19,7 +19,8 @@ use rand::Rng;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-pub use conn::{ClientError, FrameReader, FrameWriter, connect, login};
+use conn::SendFrame;
+pub use conn::{ClientError, Frame, FrameReader, FrameWriter, connect, login};
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -480,8 +481,22 @@ impl Driver {
         }
     }
 
-    fn send_frame(pending: &Pending) -> Value {
-        json!({"type": "send", "to": pending.to, "id": pending.id, "text": pending.text})
+    /// `id` is acknowledged at `index` (acks come in send order: the first unacked is it).
+    fn acked(&mut self, id: String, index: u64) {
+        if let Some(pos) = self.unacked.iter().position(|p| p.id == id) {
+            self.unacked.remove(pos);
+            self.unacked_count.fetch_sub(1, Ordering::SeqCst);
+            self.emit(Event::Acked { id, index });
+        }
+    }
+
+    fn send_frame(pending: &Pending) -> SendFrame<'_> {
+        SendFrame {
+            kind: "send",
+            to: &pending.to,
+            id: &pending.id,
+            text: &pending.text,
+        }
     }
 
     /// Runs one connection until it ends.
@@ -517,7 +532,7 @@ impl Driver {
             let retry_at = retry_unavailable
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                frame = tokio::time::timeout_at(deadline.into(), reader.next()) => {
+                frame = tokio::time::timeout_at(deadline.into(), reader.next_frame()) => {
                     let frame = match frame {
                         Err(_) => return Ended::Lost(format!("no answer for {:?}", self.config.read_timeout)),
                         Ok(Err(e)) => return lost(e),
@@ -534,9 +549,15 @@ impl Driver {
                     // Batch whatever else is queued into the same write.
                     let mut next = Some(cmd);
                     while let Some(cmd) = next {
-                        let frame = command_frame(&cmd);
+                        let fed = match &cmd {
+                            Command::Send { id, to, text } => {
+                                let frame = SendFrame { kind: "send", to, id, text };
+                                writer.feed(&frame).await
+                            }
+                            other => writer.feed(&command_frame(other)).await,
+                        };
                         self.queue(cmd);
-                        if let Err(e) = writer.feed(&frame).await {
+                        if let Err(e) = fed {
                             return lost(e);
                         }
                         next = commands.try_recv().ok();
@@ -569,9 +590,24 @@ impl Driver {
     /// Handles one frame; `Some` ends the connection.
     fn on_frame(
         &mut self,
-        frame: Value,
+        frame: Frame,
         retry_unavailable: &mut Option<tokio::time::Instant>,
     ) -> Option<Ended> {
+        let frame = match frame {
+            Frame::Message(message) => {
+                // Replays and re-sends can repeat what was delivered: index order decides.
+                if message.index > self.last_index {
+                    self.last_index = message.index;
+                    self.emit(Event::Message(message));
+                }
+                return None;
+            }
+            Frame::Ack { id, index } => {
+                self.acked(id, index);
+                return None;
+            }
+            Frame::Other(frame) => frame,
+        };
         let text = |k: &str| frame[k].as_str().unwrap_or("").to_string();
         match frame["type"].as_str() {
             Some("message") => {
@@ -582,17 +618,7 @@ impl Driver {
                     self.emit(Event::Message(parse_message(&frame)));
                 }
             }
-            Some("ack") => {
-                let id = text("id");
-                if let Some(pos) = self.unacked.iter().position(|p| p.id == id) {
-                    self.unacked.remove(pos);
-                    self.unacked_count.fetch_sub(1, Ordering::SeqCst);
-                    self.emit(Event::Acked {
-                        id,
-                        index: frame["index"].as_u64().unwrap_or(0),
-                    });
-                }
-            }
+            Some("ack") => self.acked(text("id"), frame["index"].as_u64().unwrap_or(0)),
             Some("presence") => self.emit(Event::Presence {
                 room: text("room"),
                 user: text("user"),
