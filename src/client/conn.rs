@@ -27,7 +27,7 @@ pub struct FrameReader {
     addr: String,
     reader: BufReader<OwnedReadHalf>,
     /// The line being read, reused from frame to frame.
-    line: String,
+    line: Vec<u8>,
 }
 
 /// A frame as the client reads it: the two kinds that stream at a high rate (pushed messages
@@ -67,24 +67,30 @@ pub struct FrameWriter {
 }
 
 impl FrameReader {
-    /// The next line that is not blank; `Ok(false)` when the server closed the connection.
+    /// Reads until `line` holds a line that is not blank; `Ok(false)` when the server closed
+    /// the connection. Cancel-safe: a read cut short (the caller's `select!` took another
+    /// branch) leaves its part in `line`, and the next call reads on from there. Whoever
+    /// consumes the line clears it.
     async fn next_line(&mut self) -> Result<bool, ClientError> {
         loop {
-            self.line.clear();
+            // `read_until` appends to `line` as it reads (`read_line` does not keep a part
+            // read before a cancel).
             let read = self
                 .reader
-                .read_line(&mut self.line)
+                .read_until(b'\n', &mut self.line)
                 .await
                 .map_err(|source| ClientError::Io {
                     addr: self.addr.clone(),
                     source,
                 })?;
-            if read == 0 {
-                return Ok(false);
+            if self.line.iter().all(u8::is_ascii_whitespace) {
+                self.line.clear();
+                if read == 0 {
+                    return Ok(false);
+                }
+                continue;
             }
-            if !self.line.trim().is_empty() {
-                return Ok(true);
-            }
+            return Ok(true);
         }
     }
 
@@ -100,9 +106,9 @@ impl FrameReader {
         if !self.next_line().await? {
             return Ok(None);
         }
-        serde_json::from_str(&self.line)
-            .map(Some)
-            .map_err(|e| self.invalid(e))
+        let frame = serde_json::from_slice(&self.line).map_err(|e| self.invalid(e));
+        self.line.clear();
+        frame.map(Some)
     }
 
     /// The next frame, messages and acks decoded without a JSON value; `Ok(None)` when the
@@ -111,29 +117,36 @@ impl FrameReader {
         if !self.next_line().await? {
             return Ok(None);
         }
-        if let Ok(frame) = serde_json::from_str::<Streamed<'_>>(&self.line) {
+        let frame = self.decode();
+        self.line.clear();
+        frame.map(Some)
+    }
+
+    /// The frame in `line`.
+    fn decode(&self) -> Result<Frame, ClientError> {
+        if let Ok(frame) = serde_json::from_slice::<Streamed<'_>>(&self.line) {
             match frame.kind.as_ref() {
                 "message" => {
-                    return Ok(Some(Frame::Message(super::Message {
+                    return Ok(Frame::Message(super::Message {
                         index: frame.index.unwrap_or(0),
                         to: frame.to.unwrap_or_default(),
                         from: frame.from.unwrap_or_default(),
                         id: frame.id.unwrap_or_default(),
                         text: frame.text.unwrap_or_default(),
                         ts: frame.ts.unwrap_or_default(),
-                    })));
+                    }));
                 }
                 "ack" => {
-                    return Ok(Some(Frame::Ack {
+                    return Ok(Frame::Ack {
                         id: frame.id.unwrap_or_default(),
                         index: frame.index.unwrap_or(0),
-                    }));
+                    });
                 }
                 _ => {}
             }
         }
-        serde_json::from_str(&self.line)
-            .map(|v| Some(Frame::Other(v)))
+        serde_json::from_slice(&self.line)
+            .map(Frame::Other)
             .map_err(|e| self.invalid(e))
     }
 
@@ -211,7 +224,7 @@ pub async fn connect(addr: &str) -> Result<(FrameReader, FrameWriter), ClientErr
         FrameReader {
             addr: addr.to_string(),
             reader: BufReader::new(read),
-            line: String::new(),
+            line: Vec::new(),
         },
         FrameWriter {
             addr: addr.to_string(),
@@ -282,6 +295,30 @@ mod tests {
             _ => panic!("JSON"),
         }
         assert!(reader.next_frame().await.unwrap().is_none());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_read_cancelled_mid_line_loses_nothing() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (half_sent, half_read) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            stream.write_all(br#"{"type":"ack","id":"4"#).await.unwrap();
+            stream.flush().await.unwrap();
+            let _ = half_read.await;
+            stream.write_all(b"2\",\"index\":9}\n").await.unwrap();
+        });
+        let (mut reader, _writer) = connect(&addr).await.unwrap();
+        // The caller gives up while half the line is in: as a `select!` does.
+        let cut = tokio::time::timeout(Duration::from_millis(200), reader.next_frame()).await;
+        assert!(cut.is_err(), "no whole line yet");
+        half_sent.send(()).unwrap();
+        assert!(matches!(
+            reader.next_frame().await.unwrap(),
+            Some(Frame::Ack { ref id, index: 9 }) if id == "42"
+        ));
         server.await.unwrap();
     }
 }
