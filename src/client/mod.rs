@@ -526,23 +526,32 @@ impl Driver {
         let mut ping = tokio::time::interval(self.config.ping_interval);
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heard = Instant::now();
+        // One timer for the read timeout, moved on when it fires rather than set per frame
+        // (a fan-out receiver reads hundreds of thousands of frames a second).
+        let read_deadline = tokio::time::sleep(self.config.read_timeout);
+        tokio::pin!(read_deadline);
         let mut retry_unavailable: Option<tokio::time::Instant> = None;
         loop {
-            let deadline = last_heard + self.config.read_timeout;
             let retry_at = retry_unavailable
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                frame = tokio::time::timeout_at(deadline.into(), reader.next_frame()) => {
+                frame = reader.next_frame() => {
                     let frame = match frame {
-                        Err(_) => return Ended::Lost(format!("no answer for {:?}", self.config.read_timeout)),
-                        Ok(Err(e)) => return lost(e),
-                        Ok(Ok(None)) => return Ended::Lost("the server closed the connection".into()),
-                        Ok(Ok(Some(frame))) => frame,
+                        Err(e) => return lost(e),
+                        Ok(None) => return Ended::Lost("the server closed the connection".into()),
+                        Ok(Some(frame)) => frame,
                     };
                     last_heard = Instant::now();
                     if let Some(ended) = self.on_frame(frame, &mut retry_unavailable) {
                         return ended;
                     }
+                }
+                () = &mut read_deadline => {
+                    let due = last_heard + self.config.read_timeout;
+                    if Instant::now() >= due {
+                        return Ended::Lost(format!("no answer for {:?}", self.config.read_timeout));
+                    }
+                    read_deadline.as_mut().reset(due.into());
                 }
                 cmd = commands.recv() => {
                     let Some(cmd) = cmd else { return Ended::Closed };
