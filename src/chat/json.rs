@@ -750,6 +750,8 @@ async fn send_loop(
         // Boxed: the write's state exists only while a batch is in flight.
         let results = Box::pin(svc.send_batch(&session, std::mem::take(&mut batch))).await;
         let mut duplicates = 0u64;
+        // The batch's answers go to the writer as one frame.
+        let mut answers = bytes::BytesMut::new();
         for (id, result) in ids.iter().zip(results) {
             let frame = match result {
                 Ok(sent) => {
@@ -766,9 +768,10 @@ async fn send_loop(
                     error_frame(&e)
                 }
             };
-            if out.send(Outbound::Frame(frame)).await.is_err() {
-                return;
-            }
+            answers.extend_from_slice(&frame);
+        }
+        if out.send(Outbound::Frame(answers.freeze())).await.is_err() {
+            return;
         }
         if let Some(span) = reconnect_span.take() {
             span.record("deduplicated", duplicates);
