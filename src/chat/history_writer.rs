@@ -115,7 +115,7 @@ impl HistoryWriter {
         q.runs.extend(runs);
         q.messages += added;
         q.upto = q.upto.max(upto);
-        if q.idle || q.messages >= WRITE_AT {
+        if q.idle || q.urgent || q.messages >= WRITE_AT {
             q.idle = false;
             self.shared.wake.notify_one();
         }
@@ -138,10 +138,14 @@ impl HistoryWriter {
     pub async fn ready(&self, upto: u64) -> Result<(), HistoryError> {
         let mut written = self.shared.written.subscribe();
         if written.borrow().upto < upto {
+            // Also when nothing is queued yet: what `upto` names may be applied but not
+            // queued yet, and is then written as soon as it comes.
             let mut q = self.shared.queue();
-            if !q.runs.is_empty() && !q.urgent {
+            if !q.urgent {
                 q.urgent = true;
-                self.shared.wake.notify_one();
+                if !q.runs.is_empty() {
+                    self.shared.wake.notify_one();
+                }
             }
         }
         let now = written
