@@ -370,9 +370,8 @@ impl History {
         })
     }
 
-    /// Stores messages and applies `retention` as of entry time `now_ms`. Not durable by
-    /// itself (an fsync every `DURABLE_EVERY_BYTES`): `flush` makes every earlier write
-    /// durable, and the log keeps the entries until a snapshot (which flushes first) covers them.
+    /// One run of `write_runs` (tests write this way).
+    #[cfg(test)]
     pub fn write(
         &self,
         messages: &[&StoredMessage],
@@ -386,7 +385,10 @@ impl History {
         }])
     }
 
-    /// `write` for several runs in order, in one transaction.
+    /// Stores messages, run after run in one transaction, applying each run's `retention` as
+    /// of its entry time. Not durable by itself (an fsync every `DURABLE_EVERY_BYTES`): `flush`
+    /// makes every earlier write durable, and the log keeps the entries until a snapshot (which
+    /// flushes first) covers them.
     pub fn write_runs(&self, runs: &[HistoryRun<'_>]) -> Result<(), HistoryError> {
         if runs
             .iter()

@@ -101,16 +101,6 @@ impl FrameReader {
         }
     }
 
-    /// The next frame as JSON; `Ok(None)` when the server closed the connection.
-    pub async fn next(&mut self) -> Result<Option<Value>, ClientError> {
-        if !self.next_line().await? {
-            return Ok(None);
-        }
-        let frame = serde_json::from_slice(&self.line).map_err(|e| self.invalid(e));
-        self.line.clear();
-        frame.map(Some)
-    }
-
     /// The next frame, messages and acks decoded without a JSON value; `Ok(None)` when the
     /// server closed the connection.
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, ClientError> {
@@ -154,11 +144,13 @@ impl FrameReader {
     pub async fn reply(&mut self, want: &str, timeout: Duration) -> Result<Value, ClientError> {
         let wait = async {
             loop {
-                let Some(frame) = self.next().await? else {
+                let Some(frame) = self.next_frame().await? else {
                     return Err(ClientError::Closed {
                         addr: self.addr.clone(),
                     });
                 };
+                // Messages and acks are never the reply waited for.
+                let Frame::Other(frame) = frame else { continue };
                 match frame["type"].as_str() {
                     Some(t) if t == want => return Ok(frame),
                     Some("error") => {

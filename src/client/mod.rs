@@ -481,6 +481,15 @@ impl Driver {
         }
     }
 
+    /// A pushed message, handed on unless it was delivered before.
+    fn delivered(&mut self, message: Message) {
+        // Replays and re-sends can repeat what was delivered: index order decides.
+        if message.index > self.last_index {
+            self.last_index = message.index;
+            self.emit(Event::Message(message));
+        }
+    }
+
     /// `id` is acknowledged at `index` (acks come in send order: the first unacked is it).
     fn acked(&mut self, id: String, index: u64) {
         if let Some(pos) = self.unacked.iter().position(|p| p.id == id) {
@@ -604,11 +613,7 @@ impl Driver {
     ) -> Option<Ended> {
         let frame = match frame {
             Frame::Message(message) => {
-                // Replays and re-sends can repeat what was delivered: index order decides.
-                if message.index > self.last_index {
-                    self.last_index = message.index;
-                    self.emit(Event::Message(message));
-                }
+                self.delivered(message);
                 return None;
             }
             Frame::Ack { id, index } => {
@@ -619,14 +624,7 @@ impl Driver {
         };
         let text = |k: &str| frame[k].as_str().unwrap_or("").to_string();
         match frame["type"].as_str() {
-            Some("message") => {
-                let index = frame["index"].as_u64().unwrap_or(0);
-                // Replays and re-sends can repeat what was delivered: index order decides.
-                if index > self.last_index {
-                    self.last_index = index;
-                    self.emit(Event::Message(parse_message(&frame)));
-                }
-            }
+            Some("message") => self.delivered(parse_message(&frame)),
             Some("ack") => self.acked(text("id"), frame["index"].as_u64().unwrap_or(0)),
             Some("presence") => self.emit(Event::Presence {
                 room: text("room"),
