@@ -9,6 +9,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::batching::{SEND_BATCH, SendBatches};
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
     ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Sends, Wire, counted,
@@ -21,8 +22,6 @@ use super::service::{Attached, ChatError, ChatService, Outgoing};
 
 /// Messages a connection may have queued for replication before it stops reading.
 const SEND_QUEUE: usize = 1024;
-/// Most messages of one connection replicated in one batch.
-const SEND_BATCH: usize = 256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -740,12 +739,13 @@ impl Connection {
 async fn send_loop(
     svc: Arc<ChatService>,
     session: String,
-    mut rx: mpsc::Receiver<Outgoing>,
+    rx: mpsc::Receiver<Outgoing>,
     out: Outbox,
     mut reconnect_span: Option<tracing::Span>,
 ) {
+    let mut batches = SendBatches::new(rx);
     let mut batch = Vec::with_capacity(SEND_BATCH);
-    while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
+    while batches.next(&mut batch).await {
         let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
         // Boxed: the write's state exists only while a batch is in flight.
         let results = Box::pin(svc.send_batch(&session, std::mem::take(&mut batch))).await;

@@ -3,6 +3,7 @@
 
 pub mod accounts;
 pub mod backfill;
+pub mod batching;
 pub mod command;
 pub mod conn;
 pub mod delivery;

@@ -17,6 +17,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use super::batching::{SEND_BATCH, SendBatches};
 use super::command::{MessageEvent, StoredMessage};
 use super::conn::{
     ChatIo, CloseReason, Follow, Outbound, Outbox, Render, SendPipeline, Sends, Wire, counted,
@@ -41,7 +42,6 @@ const SERVER: &str = "raftchat";
 const MAX_TAGS: usize = 8191;
 const MAX_BODY: usize = 510;
 const SEND_QUEUE: usize = 1024;
-const SEND_BATCH: usize = 256;
 /// Capabilities offered in `CAP LS`.
 const CAPS: [&str; 4] = ["server-time", "message-tags", "echo-message", "sasl"];
 
@@ -537,12 +537,13 @@ impl IrcConn {
 async fn send_loop(
     svc: Arc<ChatService>,
     session: String,
-    mut rx: mpsc::Receiver<Outgoing>,
+    rx: mpsc::Receiver<Outgoing>,
     out: Outbox,
     nick: String,
 ) {
+    let mut batches = SendBatches::new(rx);
     let mut batch = Vec::with_capacity(SEND_BATCH);
-    while rx.recv_many(&mut batch, SEND_BATCH).await > 0 {
+    while batches.next(&mut batch).await {
         let targets: Vec<String> = batch.iter().map(|m| m.to.clone()).collect();
         // Boxed: the write's state exists only while a batch is in flight.
         let results = Box::pin(svc.send_batch(&session, std::mem::take(&mut batch))).await;

@@ -1,0 +1,150 @@
+//! How a connection's messages are grouped into the batches it writes to the log.
+//!
+//! A connection writes one batch at a time (its acks stay in order). A client that keeps
+//! several messages in flight answers each batch's acks with as many new messages, and they
+//! arrive spread over a few hundred microseconds; taking whatever is there at the first one
+//! split 32 such senders into two batches of about 16, and every batch costs the cluster an
+//! fsync on each node, a replication round and several thread wake-ups (BENCHMARKS.md, "32
+//! senders"). So when fewer messages wait than the last batch held, the batch lingers
+//! briefly for the rest. A client with one message in flight never waits.
+
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// Messages in one batch at most.
+pub const SEND_BATCH: usize = 256;
+
+/// How long a batch smaller than the last one waits for the rest. Tokio's timer ticks each
+/// millisecond, so the wait is at most about two.
+const LINGER: Duration = Duration::from_millis(1);
+
+/// A connection's outgoing messages, taken in batches.
+pub struct SendBatches<T> {
+    rx: mpsc::Receiver<T>,
+    last_len: usize,
+    linger: Duration,
+}
+
+impl<T> SendBatches<T> {
+    pub fn new(rx: mpsc::Receiver<T>) -> SendBatches<T> {
+        SendBatches::with_linger(rx, LINGER)
+    }
+
+    fn with_linger(rx: mpsc::Receiver<T>, linger: Duration) -> SendBatches<T> {
+        SendBatches {
+            rx,
+            last_len: 0,
+            linger,
+        }
+    }
+
+    /// Fills `batch` (which must be empty) with the next batch; false once the senders are
+    /// gone and nothing is left.
+    pub async fn next(&mut self, batch: &mut Vec<T>) -> bool {
+        if self.rx.recv_many(batch, SEND_BATCH).await == 0 {
+            return false;
+        }
+        let want = self.last_len.min(SEND_BATCH);
+        if batch.len() < want {
+            let deadline = tokio::time::Instant::now() + self.linger;
+            while batch.len() < want {
+                let more = want - batch.len();
+                match tokio::time::timeout_at(deadline, self.rx.recv_many(batch, more)).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        self.last_len = batch.len();
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_single_message_never_waits() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batches = SendBatches::new(rx);
+        let mut batch = Vec::new();
+        for i in 0..3 {
+            tx.send(i).await.unwrap();
+            let started = tokio::time::Instant::now();
+            assert!(batches.next(&mut batch).await);
+            assert_eq!(batch, vec![i]);
+            assert_eq!(started.elapsed(), Duration::ZERO);
+            batch.clear();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_smaller_batch_waits_for_the_rest_of_the_last_ones_size() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batches = SendBatches::new(rx);
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            tx.send(i).await.unwrap();
+        }
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(batch.len(), 4);
+        batch.clear();
+        // The next group trickles in: the batch takes all four.
+        tx.send(10).await.unwrap();
+        let late = tx.clone();
+        tokio::spawn(async move {
+            for i in 11..14 {
+                tokio::task::yield_now().await;
+                late.send(i).await.unwrap();
+            }
+        });
+        let started = tokio::time::Instant::now();
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(batch, vec![10, 11, 12, 13]);
+        // It went as soon as it was whole, not at the end of the linger.
+        assert!(started.elapsed() < LINGER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_wait_is_bounded_and_the_size_adapts() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batches = SendBatches::with_linger(rx, Duration::from_millis(1));
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            tx.send(i).await.unwrap();
+        }
+        assert!(batches.next(&mut batch).await);
+        batch.clear();
+        tx.send(4).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(batch, vec![4]);
+        assert!(started.elapsed() <= Duration::from_millis(2));
+        batch.clear();
+        // The last batch held one: the next single message goes at once.
+        tx.send(5).await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_is_left_is_taken_when_the_senders_are_gone() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batches = SendBatches::new(rx);
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            tx.send(i).await.unwrap();
+        }
+        assert!(batches.next(&mut batch).await);
+        batch.clear();
+        tx.send(4).await.unwrap();
+        drop(tx);
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(batch, vec![4]);
+        batch.clear();
+        assert!(!batches.next(&mut batch).await);
+    }
+}
