@@ -5,7 +5,7 @@
 //! so a connection's routes always match the state at the event it is routed.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
@@ -16,8 +16,11 @@ use super::state::ChatState;
 
 /// One subscriber's queue of events, bounded; a subscriber that lets it fill is dropped from
 /// the routes and learns how many events it missed when it has read what was queued.
+/// Events arrive a published batch at a time (one channel send and one wake-up per subscriber
+/// per batch, not per event), and `recv` hands them out one by one.
 pub struct Receiver {
-    rx: mpsc::Receiver<Arc<Event>>,
+    rx: mpsc::Receiver<Vec<Arc<Event>>>,
+    taken: std::vec::IntoIter<Arc<Event>>,
     shared: Arc<SubShared>,
     fanout: Arc<Fanout>,
     id: u64,
@@ -35,25 +38,42 @@ pub enum Ended {
 #[derive(Default)]
 struct SubShared {
     missed: AtomicU64,
+    /// Events published to the subscriber and not yet handed out by `recv`: the queue's
+    /// bound counts events, whatever batches they came in.
+    queued: AtomicUsize,
 }
 
 impl Receiver {
     pub async fn recv(&mut self) -> Result<Arc<Event>, Ended> {
+        if let Some(event) = self.next_taken() {
+            return Ok(event);
+        }
         match self.rx.recv().await {
-            Some(event) => Ok(event),
+            Some(batch) => {
+                self.taken = batch.into_iter();
+                self.next_taken().ok_or(Ended::Closed)
+            }
             None => match self.shared.missed.load(Ordering::Acquire) {
                 0 => Err(Ended::Closed),
                 n => Err(Ended::Lagged(n)),
             },
         }
     }
-}
 
-impl Receiver {
     /// An event already queued, without waiting; `None` if there is none or the queue
     /// ended (the next `recv` says why).
     pub fn try_recv(&mut self) -> Option<Arc<Event>> {
-        self.rx.try_recv().ok()
+        if let Some(event) = self.next_taken() {
+            return Some(event);
+        }
+        self.taken = self.rx.try_recv().ok()?.into_iter();
+        self.next_taken()
+    }
+
+    fn next_taken(&mut self) -> Option<Arc<Event>> {
+        let event = self.taken.next()?;
+        self.shared.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(event)
     }
 }
 
@@ -71,7 +91,7 @@ pub struct Subscriber<'a> {
 }
 
 struct Sub {
-    tx: mpsc::Sender<Arc<Event>>,
+    tx: mpsc::Sender<Vec<Arc<Event>>>,
     shared: Arc<SubShared>,
     session: String,
     session_id: u64,
@@ -92,6 +112,26 @@ struct Routes {
 pub struct Fanout {
     routes: Mutex<Routes>,
     queue: usize,
+}
+
+impl Sub {
+    /// Queues as much of `batch` as the bound of `queue` events leaves room for; false if
+    /// any of it did not fit or the subscriber is gone.
+    fn offer(&self, mut batch: Vec<Arc<Event>>, queue: usize) -> bool {
+        let room = queue.saturating_sub(self.shared.queued.load(Ordering::Acquire));
+        let whole = batch.len() <= room;
+        batch.truncate(room);
+        if batch.is_empty() {
+            return whole;
+        }
+        let len = batch.len();
+        self.shared.queued.fetch_add(len, Ordering::AcqRel);
+        if self.tx.try_send(batch).is_err() {
+            self.shared.queued.fetch_sub(len, Ordering::AcqRel);
+            return false;
+        }
+        whole
+    }
 }
 
 fn index_add<K: std::hash::Hash + Eq>(map: &mut HashMap<K, HashSet<u64>>, key: K, id: u64) {
@@ -237,6 +277,7 @@ impl Fanout {
         );
         Receiver {
             rx,
+            taken: Vec::new().into_iter(),
             shared,
             fanout: self.clone(),
             id,
@@ -248,7 +289,7 @@ impl Fanout {
     }
 
     /// Routes applied events, in index order. A subscriber gets all of its events of the batch
-    /// one after the other, so it is woken once for them, not once per event.
+    /// in one send, so it is woken once for them, not once per event.
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
         let mut routes = self.routes();
         let mut recipients = Vec::new();
@@ -266,20 +307,20 @@ impl Fanout {
             sends.extend(recipients.iter().map(|id| (*id, event.clone())));
         }
         sends.sort_by_key(|(id, _)| *id);
-        let mut dropped = None;
-        for (id, event) in sends {
-            if dropped == Some(id) {
-                continue;
+        let mut sends = sends.into_iter().peekable();
+        while let Some((id, first)) = sends.next() {
+            let mut batch = vec![first];
+            while let Some((_, event)) = sends.next_if(|(next, _)| *next == id) {
+                batch.push(event);
             }
             let Some(sub) = routes.subs.get(&id) else {
                 continue;
             };
-            if sub.tx.try_send(event).is_err() {
+            if !sub.offer(batch, self.queue) {
                 // Full (a client that does not keep up) or gone: stop routing to it; the
                 // connection reads what is queued, then learns it fell behind.
                 sub.shared.missed.fetch_add(1, Ordering::AcqRel);
                 routes.remove(id);
-                dropped = Some(id);
             }
         }
     }
@@ -340,7 +381,7 @@ mod tests {
 
     fn drain(rx: &mut Receiver) -> Vec<u64> {
         let mut got = Vec::new();
-        while let Ok(e) = rx.rx.try_recv() {
+        while let Some(e) = rx.try_recv() {
             got.push(e.index());
         }
         got
@@ -392,6 +433,30 @@ mod tests {
         assert_eq!(slow.recv().await.map(|e| e.index()), Ok(1));
         assert_eq!(slow.recv().await.map(|e| e.index()), Ok(2));
         assert_eq!(slow.recv().await.err(), Some(Ended::Lagged(1)));
+        assert_eq!(fanout.subscribers(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_bound_counts_events_across_batches_and_reading_frees_room() {
+        let fanout = Fanout::new(3);
+        let state = ChatState::default();
+        let mut sub = fanout.subscribe(
+            Subscriber {
+                session: "s",
+                session_id: 1,
+                user: "u",
+            },
+            &state,
+        );
+        fanout.publish((1..=2).map(|i| message(i, "u", "x", vec![])));
+        assert_eq!(sub.recv().await.map(|e| e.index()), Ok(1));
+        // Two queued would not fit a third and a fourth; one read left room for both.
+        fanout.publish((3..=4).map(|i| message(i, "u", "x", vec![])));
+        assert_eq!(drain(&mut sub), vec![2, 3, 4]);
+        assert_eq!(fanout.subscribers(), 1);
+        fanout.publish((5..=8).map(|i| message(i, "u", "x", vec![])));
+        assert_eq!(drain(&mut sub), vec![5, 6, 7]);
+        assert_eq!(sub.recv().await.err(), Some(Ended::Lagged(1)));
         assert_eq!(fanout.subscribers(), 0);
     }
 }
