@@ -5,8 +5,10 @@
 //! arrive spread over a few hundred microseconds; taking whatever is there at the first one
 //! split 32 such senders into two batches of about 16, and every batch costs the cluster an
 //! fsync on each node, a replication round and several thread wake-ups (BENCHMARKS.md, "32
-//! senders"). So when fewer messages wait than the last batch held, the batch lingers
-//! briefly for the rest. A client with one message in flight never waits.
+//! senders"). So the next batch expects the messages that waited while the last one was
+//! written plus as many as it held (their senders' next ones), and lingers briefly for
+//! them: two groups that alternate merge into one. A client with one message in flight
+//! never waits.
 
 use std::time::Duration;
 
@@ -23,6 +25,8 @@ const LINGER: Duration = Duration::from_millis(1);
 pub struct SendBatches<T> {
     rx: mpsc::Receiver<T>,
     last_len: usize,
+    /// Messages that were waiting when the last batch was written.
+    waited: usize,
     linger: Duration,
 }
 
@@ -35,6 +39,7 @@ impl<T> SendBatches<T> {
         SendBatches {
             rx,
             last_len: 0,
+            waited: 0,
             linger,
         }
     }
@@ -45,7 +50,7 @@ impl<T> SendBatches<T> {
         if self.rx.recv_many(batch, SEND_BATCH).await == 0 {
             return false;
         }
-        let want = self.last_len.min(SEND_BATCH);
+        let want = (self.last_len + std::mem::take(&mut self.waited)).min(SEND_BATCH);
         if batch.len() < want {
             let deadline = tokio::time::Instant::now() + self.linger;
             while batch.len() < want {
@@ -58,6 +63,12 @@ impl<T> SendBatches<T> {
         }
         self.last_len = batch.len();
         true
+    }
+
+    /// The last batch is written: called before its acks go out, so what waits now came
+    /// while it was being written, not in answer to it.
+    pub fn written(&mut self) {
+        self.waited = self.rx.len();
     }
 }
 
@@ -105,6 +116,33 @@ mod tests {
         assert_eq!(batch, vec![10, 11, 12, 13]);
         // It went as soon as it was whole, not at the end of the linger.
         assert!(started.elapsed() < LINGER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_alternating_groups_merge() {
+        let (tx, rx) = mpsc::channel(16);
+        let mut batches = SendBatches::new(rx);
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            tx.send(i).await.unwrap();
+        }
+        assert!(batches.next(&mut batch).await);
+        batch.clear();
+        // While the first group was written, a second one of four came...
+        for i in 4..8 {
+            tx.send(i).await.unwrap();
+        }
+        batches.written();
+        // ...and the first group's senders answer their acks a moment later.
+        let late = tx.clone();
+        tokio::spawn(async move {
+            for i in 8..12 {
+                tokio::task::yield_now().await;
+                late.send(i).await.unwrap();
+            }
+        });
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(batch, (4..12).collect::<Vec<_>>());
     }
 
     #[tokio::test(start_paused = true)]

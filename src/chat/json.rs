@@ -749,6 +749,7 @@ async fn send_loop(
         let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
         // Boxed: the write's state exists only while a batch is in flight.
         let results = Box::pin(svc.send_batch(&session, std::mem::take(&mut batch))).await;
+        batches.written();
         let mut duplicates = 0u64;
         // The batch's answers go to the writer as one frame.
         let mut answers = bytes::BytesMut::new();

@@ -547,6 +547,7 @@ async fn send_loop(
         let targets: Vec<String> = batch.iter().map(|m| m.to.clone()).collect();
         // Boxed: the write's state exists only while a batch is in flight.
         let results = Box::pin(svc.send_batch(&session, std::mem::take(&mut batch))).await;
+        batches.written();
         for (target, result) in targets.iter().zip(results) {
             let line = match result {
                 Ok(_) => continue,
