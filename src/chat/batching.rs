@@ -8,7 +8,8 @@
 //! senders"). So the next batch expects the messages that waited while the last one was
 //! written plus as many as it held (their senders' next ones), and lingers briefly for
 //! them: two groups that alternate merge into one. A client with one message in flight
-//! never waits.
+//! never waits, and a connection whose linger ran out (its client answers more slowly than
+//! that) does not linger for its next few batches.
 
 use std::time::Duration;
 
@@ -21,12 +22,17 @@ pub const SEND_BATCH: usize = 256;
 /// millisecond, so the wait is at most about two.
 const LINGER: Duration = Duration::from_millis(1);
 
+/// Batches that go without lingering after a linger ran out.
+const REST_AFTER_MISS: u32 = 8;
+
 /// A connection's outgoing messages, taken in batches.
 pub struct SendBatches<T> {
     rx: mpsc::Receiver<T>,
     last_len: usize,
     /// Messages that were waiting when the last batch was written.
     waited: usize,
+    /// Batches left that go at once, after a linger ran out.
+    rest: u32,
     linger: Duration,
 }
 
@@ -40,6 +46,7 @@ impl<T> SendBatches<T> {
             rx,
             last_len: 0,
             waited: 0,
+            rest: 0,
             linger,
         }
     }
@@ -51,13 +58,19 @@ impl<T> SendBatches<T> {
             return false;
         }
         let want = (self.last_len + std::mem::take(&mut self.waited)).min(SEND_BATCH);
-        if batch.len() < want {
+        if self.rest > 0 {
+            self.rest -= 1;
+        } else if batch.len() < want {
             let deadline = tokio::time::Instant::now() + self.linger;
             while batch.len() < want {
                 let more = want - batch.len();
                 match tokio::time::timeout_at(deadline, self.rx.recv_many(batch, more)).await {
-                    Ok(0) | Err(_) => break,
+                    Ok(0) => break,
                     Ok(_) => {}
+                    Err(_) => {
+                        self.rest = REST_AFTER_MISS;
+                        break;
+                    }
                 }
             }
         }
@@ -166,6 +179,39 @@ mod tests {
         let started = tokio::time::Instant::now();
         assert!(batches.next(&mut batch).await);
         assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_linger_ran_out_the_next_batches_go_at_once() {
+        let (tx, rx) = mpsc::channel(64);
+        let mut batches = SendBatches::new(rx);
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            tx.send(i).await.unwrap();
+        }
+        assert!(batches.next(&mut batch).await);
+        batch.clear();
+        // Two of the four come back: the linger runs out.
+        tx.send(4).await.unwrap();
+        tx.send(5).await.unwrap();
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(batch, vec![4, 5]);
+        batch.clear();
+        for round in 0..REST_AFTER_MISS {
+            // Half of what the last batch held waited while it was written.
+            tx.send(round).await.unwrap();
+            batches.written();
+            let started = tokio::time::Instant::now();
+            assert!(batches.next(&mut batch).await);
+            assert_eq!(started.elapsed(), Duration::ZERO, "round {round}");
+            batch.clear();
+        }
+        // Then it lingers again.
+        tx.send(100).await.unwrap();
+        batches.written();
+        let started = tokio::time::Instant::now();
+        assert!(batches.next(&mut batch).await);
+        assert!(started.elapsed() >= LINGER);
     }
 
     #[tokio::test(start_paused = true)]
