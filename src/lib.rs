@@ -5,7 +5,7 @@
 //! ```text
 //!  chat port ─┐
 //!  chat_tls ──┴► chat::server ─ (tls) ─ sniff ─► chat::json | chat::irc ──► chat::service
-//!                                                                        │ commands
+//!                                  (a connection's sends in batches: chat::batching) │ commands
 //!                                                                        ▼
 //!  raft port ◄──► consensus (openraft: log store, state machine, snapshots, transport,
 //!  (mTLS: tls)               forwarding, history pages for peers, leader watch)
@@ -14,7 +14,8 @@
 //!                                                                        ▼
 //!                  chat::store (ChatState + History on disk) ──► chat::fanout ──► connections
 //!                  (the history written after the acks;  (each event only to its room's members,
-//!                   its readers wait until it has it all)  a DM's parties)
+//!                   its readers wait until it has it all)  a DM's parties; one queue entry
+//!                                                          per connection per applied batch)
 //!                        ▲ skipped history, in pages ── chat::backfill ◄── peers' raft ports
 //!  metrics port ◄── http (/healthz /readyz /status /metrics) ◄── node state, health prober
 //!                                                       (peers: the raft membership)
