@@ -19,12 +19,17 @@ use super::state::ChatState;
 /// Events arrive a published batch at a time (one channel send and one wake-up per subscriber
 /// per batch, not per event), and `recv` hands them out one by one.
 pub struct Receiver {
-    rx: mpsc::Receiver<Vec<Arc<Event>>>,
+    rx: mpsc::Receiver<Box<Events>>,
     taken: std::vec::IntoIter<Arc<Event>>,
     shared: Arc<SubShared>,
     fanout: Arc<Fanout>,
     id: u64,
 }
+
+/// One published batch's events for one subscriber. Boxed in the queue: a queue allocates
+/// its slots in blocks of 32 as soon as it exists, and a pointer-sized slot keeps an idle
+/// connection's queue as small as it was with one event per slot.
+struct Events(Vec<Arc<Event>>);
 
 /// Why `recv` returned no event.
 #[derive(Debug, PartialEq, Eq)]
@@ -50,7 +55,7 @@ impl Receiver {
         }
         match self.rx.recv().await {
             Some(batch) => {
-                self.taken = batch.into_iter();
+                self.taken = batch.0.into_iter();
                 self.next_taken().ok_or(Ended::Closed)
             }
             None => match self.shared.missed.load(Ordering::Acquire) {
@@ -66,7 +71,7 @@ impl Receiver {
         if let Some(event) = self.next_taken() {
             return Some(event);
         }
-        self.taken = self.rx.try_recv().ok()?.into_iter();
+        self.taken = self.rx.try_recv().ok()?.0.into_iter();
         self.next_taken()
     }
 
@@ -91,7 +96,7 @@ pub struct Subscriber<'a> {
 }
 
 struct Sub {
-    tx: mpsc::Sender<Vec<Arc<Event>>>,
+    tx: mpsc::Sender<Box<Events>>,
     shared: Arc<SubShared>,
     session: String,
     session_id: u64,
@@ -126,7 +131,7 @@ impl Sub {
         }
         let len = batch.len();
         self.shared.queued.fetch_add(len, Ordering::AcqRel);
-        if self.tx.try_send(batch).is_err() {
+        if self.tx.try_send(Box::new(Events(batch))).is_err() {
             self.shared.queued.fetch_sub(len, Ordering::AcqRel);
             return false;
         }
