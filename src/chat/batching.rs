@@ -33,21 +33,15 @@ pub struct SendBatches<T> {
     waited: usize,
     /// Batches left that go at once, after a linger ran out.
     rest: u32,
-    linger: Duration,
 }
 
 impl<T> SendBatches<T> {
     pub fn new(rx: mpsc::Receiver<T>) -> SendBatches<T> {
-        SendBatches::with_linger(rx, LINGER)
-    }
-
-    fn with_linger(rx: mpsc::Receiver<T>, linger: Duration) -> SendBatches<T> {
         SendBatches {
             rx,
             last_len: 0,
             waited: 0,
             rest: 0,
-            linger,
         }
     }
 
@@ -61,7 +55,7 @@ impl<T> SendBatches<T> {
         if self.rest > 0 {
             self.rest -= 1;
         } else if batch.len() < want {
-            let deadline = tokio::time::Instant::now() + self.linger;
+            let deadline = tokio::time::Instant::now() + LINGER;
             while batch.len() < want {
                 let more = want - batch.len();
                 match tokio::time::timeout_at(deadline, self.rx.recv_many(batch, more)).await {
@@ -89,6 +83,20 @@ impl<T> SendBatches<T> {
 mod tests {
     use super::*;
 
+    /// Batches over a queue that has just taken a batch of four (0..4).
+    async fn after_a_batch_of_four() -> (mpsc::Sender<u32>, SendBatches<u32>, Vec<u32>) {
+        let (tx, rx) = mpsc::channel(64);
+        let mut batches = SendBatches::new(rx);
+        let mut batch = Vec::new();
+        for i in 0..4 {
+            tx.send(i).await.unwrap();
+        }
+        assert!(batches.next(&mut batch).await);
+        assert_eq!(batch.len(), 4);
+        batch.clear();
+        (tx, batches, batch)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_single_message_never_waits() {
         let (tx, rx) = mpsc::channel(16);
@@ -106,15 +114,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_smaller_batch_waits_for_the_rest_of_the_last_ones_size() {
-        let (tx, rx) = mpsc::channel(16);
-        let mut batches = SendBatches::new(rx);
-        let mut batch = Vec::new();
-        for i in 0..4 {
-            tx.send(i).await.unwrap();
-        }
-        assert!(batches.next(&mut batch).await);
-        assert_eq!(batch.len(), 4);
-        batch.clear();
+        let (tx, mut batches, mut batch) = after_a_batch_of_four().await;
         // The next group trickles in: the batch takes all four.
         tx.send(10).await.unwrap();
         let late = tx.clone();
@@ -133,14 +133,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn two_alternating_groups_merge() {
-        let (tx, rx) = mpsc::channel(16);
-        let mut batches = SendBatches::new(rx);
-        let mut batch = Vec::new();
-        for i in 0..4 {
-            tx.send(i).await.unwrap();
-        }
-        assert!(batches.next(&mut batch).await);
-        batch.clear();
+        let (tx, mut batches, mut batch) = after_a_batch_of_four().await;
         // While the first group was written, a second one of four came...
         for i in 4..8 {
             tx.send(i).await.unwrap();
@@ -160,14 +153,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_wait_is_bounded_and_the_size_adapts() {
-        let (tx, rx) = mpsc::channel(16);
-        let mut batches = SendBatches::with_linger(rx, Duration::from_millis(1));
-        let mut batch = Vec::new();
-        for i in 0..4 {
-            tx.send(i).await.unwrap();
-        }
-        assert!(batches.next(&mut batch).await);
-        batch.clear();
+        let (tx, mut batches, mut batch) = after_a_batch_of_four().await;
         tx.send(4).await.unwrap();
         let started = tokio::time::Instant::now();
         assert!(batches.next(&mut batch).await);
@@ -183,14 +169,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn after_a_linger_ran_out_the_next_batches_go_at_once() {
-        let (tx, rx) = mpsc::channel(64);
-        let mut batches = SendBatches::new(rx);
-        let mut batch = Vec::new();
-        for i in 0..4 {
-            tx.send(i).await.unwrap();
-        }
-        assert!(batches.next(&mut batch).await);
-        batch.clear();
+        let (tx, mut batches, mut batch) = after_a_batch_of_four().await;
         // Two of the four come back: the linger runs out.
         tx.send(4).await.unwrap();
         tx.send(5).await.unwrap();
@@ -216,14 +195,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn what_is_left_is_taken_when_the_senders_are_gone() {
-        let (tx, rx) = mpsc::channel(16);
-        let mut batches = SendBatches::new(rx);
-        let mut batch = Vec::new();
-        for i in 0..4 {
-            tx.send(i).await.unwrap();
-        }
-        assert!(batches.next(&mut batch).await);
-        batch.clear();
+        let (tx, mut batches, mut batch) = after_a_batch_of_four().await;
         tx.send(4).await.unwrap();
         drop(tx);
         assert!(batches.next(&mut batch).await);
