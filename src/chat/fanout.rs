@@ -298,9 +298,8 @@ impl Fanout {
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
         let mut routes = self.routes();
         let mut recipients = Vec::new();
-        // (subscriber, event) in index order; grouped by subscriber below (a stable sort
-        // keeps each subscriber's events in index order).
-        let mut sends: Vec<(u64, Arc<Event>)> = Vec::new();
+        // Each subscriber's events of the batch, in index order.
+        let mut batches: HashMap<u64, Vec<Arc<Event>>> = HashMap::new();
         for event in events {
             recipients.clear();
             routes.recipients(&event, &mut recipients);
@@ -309,15 +308,11 @@ impl Fanout {
                 continue;
             }
             let event = Arc::new(event);
-            sends.extend(recipients.iter().map(|id| (*id, event.clone())));
-        }
-        sends.sort_by_key(|(id, _)| *id);
-        let mut sends = sends.into_iter().peekable();
-        while let Some((id, first)) = sends.next() {
-            let mut batch = vec![first];
-            while let Some((_, event)) = sends.next_if(|(next, _)| *next == id) {
-                batch.push(event);
+            for id in &recipients {
+                batches.entry(*id).or_default().push(event.clone());
             }
+        }
+        for (id, batch) in batches {
             let Some(sub) = routes.subs.get(&id) else {
                 continue;
             };
@@ -384,6 +379,16 @@ mod tests {
         }
     }
 
+    /// Subscribes session `s` of user `u`.
+    fn user_u(fanout: &Arc<Fanout>, state: &ChatState) -> Receiver {
+        let who = Subscriber {
+            session: "s",
+            session_id: 1,
+            user: "u",
+        };
+        fanout.subscribe(who, state)
+    }
+
     fn drain(rx: &mut Receiver) -> Vec<u64> {
         let mut got = Vec::new();
         while let Some(e) = rx.try_recv() {
@@ -426,14 +431,7 @@ mod tests {
     async fn a_subscriber_that_overflows_is_dropped_and_told_how_far_behind() {
         let fanout = Fanout::new(2);
         let state = ChatState::default();
-        let mut slow = fanout.subscribe(
-            Subscriber {
-                session: "s",
-                session_id: 1,
-                user: "u",
-            },
-            &state,
-        );
+        let mut slow = user_u(&fanout, &state);
         fanout.publish((1..=5).map(|i| message(i, "u", "x", vec![])));
         assert_eq!(slow.recv().await.map(|e| e.index()), Ok(1));
         assert_eq!(slow.recv().await.map(|e| e.index()), Ok(2));
@@ -445,14 +443,7 @@ mod tests {
     async fn the_bound_counts_events_across_batches_and_reading_frees_room() {
         let fanout = Fanout::new(3);
         let state = ChatState::default();
-        let mut sub = fanout.subscribe(
-            Subscriber {
-                session: "s",
-                session_id: 1,
-                user: "u",
-            },
-            &state,
-        );
+        let mut sub = user_u(&fanout, &state);
         fanout.publish((1..=2).map(|i| message(i, "u", "x", vec![])));
         assert_eq!(sub.recv().await.map(|e| e.index()), Ok(1));
         // Two queued would not fit a third and a fourth; one read left room for both.
