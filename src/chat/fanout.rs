@@ -298,8 +298,9 @@ impl Fanout {
     pub fn publish(&self, events: impl IntoIterator<Item = Event>) {
         let mut routes = self.routes();
         let mut recipients = Vec::new();
-        // Each subscriber's events of the batch, in index order.
-        let mut batches: HashMap<u64, Vec<Arc<Event>>> = HashMap::new();
+        // (subscriber, event) in index order, then grouped by subscriber (a stable sort keeps
+        // each one's events in index order; measured faster than a hash map per batch).
+        let mut sends: Vec<(u64, Arc<Event>)> = Vec::new();
         for event in events {
             recipients.clear();
             routes.recipients(&event, &mut recipients);
@@ -308,11 +309,15 @@ impl Fanout {
                 continue;
             }
             let event = Arc::new(event);
-            for id in &recipients {
-                batches.entry(*id).or_default().push(event.clone());
-            }
+            sends.extend(recipients.iter().map(|id| (*id, event.clone())));
         }
-        for (id, batch) in batches {
+        sends.sort_by_key(|(id, _)| *id);
+        let mut sends = sends.into_iter().peekable();
+        while let Some((id, first)) = sends.next() {
+            let mut batch = vec![first];
+            while let Some((_, event)) = sends.next_if(|(next, _)| *next == id) {
+                batch.push(event);
+            }
             let Some(sub) = routes.subs.get(&id) else {
                 continue;
             };
