@@ -93,7 +93,9 @@ where
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10))
         .max_buf_size(MAX_HEAD_BYTES)
-        .serve_connection(io, service);
+        .serve_connection(io, service)
+        // The raft port's replication connections (`consensus::append_stream`).
+        .with_upgrades();
     tokio::pin!(conn);
     tokio::select! {
         res = conn.as_mut() => {

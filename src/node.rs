@@ -143,7 +143,9 @@ fn observers(metrics: &Arc<Metrics>) -> Observers {
     let failures = metrics.raft_rpc_failures.clone();
     let snapshots = metrics.snapshot_duration.clone();
     let hedged = metrics.raft_rpc_hedged.clone();
+    let connections = metrics.raft_replication_connections.clone();
     Observers {
+        replication_connections: Arc::new(move |delta: i64| connections.add(delta)),
         snapshot_built: Arc::new(move |d: Duration| snapshots.observe(d.as_secs_f64())),
         storage_sync: Arc::new(move |d: Duration| sync.observe(d.as_secs_f64())),
         rpc: RpcObservers {

@@ -2,6 +2,7 @@
 //! the raft port. This is the only module that names openraft types; the rest of the crate
 //! talks to [`Consensus`] in chat commands and plain status values.
 
+mod append_stream;
 mod hedge;
 mod leader_watch;
 mod legacy_log;
@@ -289,6 +290,7 @@ pub struct Consensus {
     secret: String,
     write_timeout: Duration,
     lease: Duration,
+    replication_connections: ConnectionObserver,
 }
 
 /// How long an acknowledgement of a forwarded write waits for this node to apply it.
@@ -308,7 +310,11 @@ pub struct Observers {
     pub rpc: RpcObservers,
     /// How long each snapshot build took, until it was durable.
     pub snapshot_built: SyncObserver,
+    /// A replication connection opened (+1) or closed (-1) on this node's raft port.
+    pub replication_connections: ConnectionObserver,
 }
+
+pub type ConnectionObserver = Arc<dyn Fn(i64) + Send + Sync>;
 
 impl Default for Observers {
     fn default() -> Self {
@@ -316,6 +322,7 @@ impl Default for Observers {
             storage_sync: Arc::new(|_| {}),
             rpc: RpcObservers::default(),
             snapshot_built: Arc::new(|_| {}),
+            replication_connections: Arc::new(|_| {}),
         }
     }
 }
@@ -424,6 +431,7 @@ impl Consensus {
             secret: config.secret.clone(),
             write_timeout: Duration::from_millis(config.chat.write_timeout_ms),
             lease: Duration::from_millis(r.election_timeout_max_ms),
+            replication_connections: observers.replication_connections.clone(),
         }))
     }
 

@@ -4,25 +4,32 @@
 use std::future::Future;
 use std::time::Duration;
 
+use futures_util::{Stream, StreamExt};
 use openraft::RaftNetworkFactory;
+use openraft::base::{BoxFuture, BoxStream};
 use openraft::error::{
     NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
 };
-use openraft::network::{Backoff, RPCOption, RaftNetworkV2};
+use openraft::network::{Backoff, RPCOption, RaftNetworkV2, stream_append_sequential};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, TransferLeaderRequest,
-    TransferLeaderResponse, VoteRequest, VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, StreamAppendResult,
+    TransferLeaderRequest, TransferLeaderResponse, VoteRequest, VoteResponse,
 };
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use super::append_stream::Replication;
 use super::rpc_client::{Hedge, RpcClient, RpcError, VOTE_HEADER};
 use super::snapshot_store::SnapshotBlob;
 use super::state_machine::Snapshot;
 use super::types::{NodeAddr, TypeConfig, Vote};
 
+/// How long a replication session goes over HTTP before it tries a connection again.
+const HTTP_SESSION: Duration = Duration::from_secs(1);
 /// How long an AppendEntries that carries entries may take (see `append_entries`).
 const REPLICATION_RPC_TIMEOUT: Duration = Duration::from_secs(1);
+
+type Answers<'s> = BoxStream<'s, Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>>;
 
 /// Creates one client per peer for openraft's replication and election tasks.
 pub struct Network {
@@ -37,6 +44,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.raft.clone(),
             rpc: self.rpc.clone(),
+            replication: Replication::default(),
         }
     }
 }
@@ -45,6 +53,8 @@ pub struct PeerClient {
     target: u64,
     addr: String,
     rpc: RpcClient,
+    /// Its pipelined AppendEntries connection (`append_stream`).
+    replication: Replication,
 }
 
 impl PeerClient {
@@ -96,6 +106,39 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         };
         self.call("append", "/raft/append", &req, timeout, hedge)
             .await
+    }
+
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<Answers<'s>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        Box::pin(async move {
+            if !self
+                .replication
+                .ready(&self.rpc, self.target, &self.addr)
+                .await
+            {
+                // One HTTP request at a time (`append_entries`), for a while: the session then
+                // ends, and the next one tries a connection again.
+                let until = tokio::time::Instant::now() + HTTP_SESSION;
+                let input = Box::pin(futures_util::stream::unfold(
+                    input,
+                    move |mut input| async move {
+                        tokio::select! {
+                            request = input.next() => request.map(|request| (request, input)),
+                            _ = tokio::time::sleep_until(until) => None,
+                        }
+                    },
+                ));
+                return stream_append_sequential(self, input, option).await;
+            }
+            let (rpc, target) = (self.rpc.clone(), self.target);
+            Ok(self.replication.session(input, rpc, target))
+        })
     }
 
     async fn vote(

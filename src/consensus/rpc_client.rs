@@ -468,6 +468,74 @@ impl RpcClient {
         result
     }
 
+    /// Opens a connection to `addr` and upgrades it to `protocol` (see `append_stream`).
+    pub async fn upgrade(
+        &self,
+        target: u64,
+        addr: &str,
+        path: &str,
+        protocol: &'static str,
+        timeout: Duration,
+    ) -> Result<hyper::upgrade::Upgraded, RpcError> {
+        let network = |reason: String| RpcError::Network {
+            addr: addr.to_string(),
+            reason,
+        };
+        let (http, scheme) = self.http();
+        let request = Request::post(format!("{scheme}://{addr}{path}"))
+            .header(SECRET_HEADER, self.secret.as_ref())
+            .header(TARGET_HEADER, target.to_string())
+            .header(hyper::header::CONNECTION, "upgrade")
+            .header(hyper::header::UPGRADE, protocol)
+            .body(
+                Full::new(Bytes::new())
+                    .map_err(|never| match never {})
+                    .boxed(),
+            )
+            .map_err(|e| network(e.to_string()))?;
+        let open = async {
+            let mut response = http
+                .request(request)
+                .await
+                .map_err(|e| request_error(addr, e))?;
+            let status = response.status();
+            if status != StatusCode::SWITCHING_PROTOCOLS {
+                let body = response
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| b.to_bytes())
+                    .unwrap_or_default();
+                return Err(RpcError::Status {
+                    addr: addr.to_string(),
+                    status,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                });
+            }
+            hyper::upgrade::on(&mut response)
+                .await
+                .map_err(|e| network(e.to_string()))
+        };
+        match tokio::time::timeout(timeout, open).await {
+            Ok(opened) => opened,
+            Err(_) => Err(network(format!(
+                "no upgrade within {} ms",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Records one answer (or failure) that came on a replication connection.
+    pub fn observe_answer(
+        &self,
+        rpc: &'static str,
+        target: u64,
+        took: Duration,
+        result: &Result<(), RpcError>,
+    ) {
+        self.observe(rpc, target, took, result);
+    }
+
     fn observe<Resp>(
         &self,
         rpc: &'static str,
@@ -508,16 +576,10 @@ impl RpcClient {
             builder = builder.header(*name, value);
         }
         let request = builder.body(body).map_err(|e| network(e.to_string()))?;
-        let response = http.request(request).await.map_err(|e| {
-            if e.is_connect() {
-                RpcError::Unreachable {
-                    addr: addr.clone(),
-                    reason: e.to_string(),
-                }
-            } else {
-                network(e.to_string())
-            }
-        })?;
+        let response = http
+            .request(request)
+            .await
+            .map_err(|e| request_error(addr, e))?;
         let status = response.status();
         let body = response
             .into_body()
@@ -533,6 +595,21 @@ impl RpcClient {
             });
         }
         serde_json::from_slice(&body).map_err(|e| network(format!("bad answer: {e}")))
+    }
+}
+
+/// A request that got no answer: unreachable when the connection could not be made.
+fn request_error(addr: &str, e: hyper_util::client::legacy::Error) -> RpcError {
+    if e.is_connect() {
+        RpcError::Unreachable {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        }
+    } else {
+        RpcError::Network {
+            addr: addr.to_string(),
+            reason: e.to_string(),
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::append_stream;
 use super::rpc_client::{SECRET_HEADER, TARGET_HEADER, VOTE_HEADER};
 use super::snapshot_store::{SnapshotBlob, read_meta};
 use super::state_machine::Snapshot;
@@ -35,9 +36,11 @@ pub async fn serve_raft_port(
     shutdown: CancellationToken,
     tls: Option<Arc<crate::tls::Tls>>,
 ) {
+    let streams = Arc::new(tokio::sync::Semaphore::new(MAX_REPLICATION_CONNECTIONS));
     let handler = move |req: Request<Incoming>| {
         let consensus = consensus.clone();
-        async move { handle(&consensus, req).await }
+        let streams = streams.clone();
+        async move { handle(&consensus, &streams, req).await }
     };
     let mtls = tls.filter(|t| t.raft_acceptor().is_some());
     http::serve(listener, handler, MAX_RAFT_CONNECTIONS, shutdown, mtls).await;
@@ -45,6 +48,8 @@ pub async fn serve_raft_port(
 
 /// Peers' pooled connections, their long polls and operators' admin calls.
 const MAX_RAFT_CONNECTIONS: usize = 1024;
+/// Upgraded replication connections (two per leader: its replication and its heartbeats).
+const MAX_REPLICATION_CONNECTIONS: usize = 64;
 
 fn authorized(consensus: &Consensus, req: &Request<Incoming>) -> bool {
     req.headers().get(SECRET_HEADER).is_some_and(|v| {
@@ -52,7 +57,11 @@ fn authorized(consensus: &Consensus, req: &Request<Incoming>) -> bool {
     })
 }
 
-async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
+async fn handle(
+    consensus: &Arc<Consensus>,
+    streams: &Arc<tokio::sync::Semaphore>,
+    req: Request<Incoming>,
+) -> HttpResponse {
     if !authorized(consensus, &req) {
         return http::text(
             StatusCode::UNAUTHORIZED,
@@ -78,6 +87,9 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
     let path = req.uri().path().to_string();
     if path == "/raft/snapshot" {
         return receive_snapshot(consensus, req).await;
+    }
+    if path == append_stream::PATH {
+        return accept_replication(consensus, streams, req);
     }
     let body = match Limited::new(req.into_body(), MAX_RPC_BODY).collect().await {
         Ok(b) => b.to_bytes(),
@@ -190,6 +202,55 @@ async fn handle(consensus: &Consensus, req: Request<Incoming>) -> HttpResponse {
         },
         _ => http::text(StatusCode::NOT_FOUND, format!("no such path: {path}\n")),
     }
+}
+
+/// Upgrades a leader's request to a replication connection (`append_stream`).
+fn accept_replication(
+    consensus: &Arc<Consensus>,
+    streams: &Arc<tokio::sync::Semaphore>,
+    mut req: Request<Incoming>,
+) -> HttpResponse {
+    let asks = req
+        .headers()
+        .get(hyper::header::UPGRADE)
+        .is_some_and(|v| v.as_bytes() == append_stream::PROTOCOL.as_bytes());
+    if !asks {
+        return http::text(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "{} needs `upgrade: {}`\n",
+                append_stream::PATH,
+                append_stream::PROTOCOL
+            ),
+        );
+    }
+    let Ok(slot) = streams.clone().try_acquire_owned() else {
+        return http::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many replication connections\n",
+        );
+    };
+    let upgrade = hyper::upgrade::on(&mut req);
+    let consensus = consensus.clone();
+    tokio::spawn(async move {
+        let _slot = slot;
+        match upgrade.await {
+            Ok(io) => append_stream::serve(consensus, io).await,
+            Err(e) => tracing::debug!(error = %e, "a replication connection failed to upgrade"),
+        }
+    });
+    let mut response = http::text(StatusCode::SWITCHING_PROTOCOLS, "");
+    let headers = response.headers_mut();
+    headers.remove(hyper::header::CONTENT_TYPE);
+    headers.insert(
+        hyper::header::CONNECTION,
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    headers.insert(
+        hyper::header::UPGRADE,
+        hyper::header::HeaderValue::from_static(append_stream::PROTOCOL),
+    );
+    response
 }
 
 fn decode<T: DeserializeOwned>(body: &Bytes) -> Result<T, String> {

@@ -90,6 +90,7 @@ pub struct Metrics {
     pub raft_leader_lost: IntCounter,
     pub raft_leader_recovered: IntCounter,
     pub raft_last_log_index: IntGauge,
+    pub raft_replication_connections: IntGauge,
     pub raft_applied_index: IntGauge,
     pub raft_replication_lag: IntGaugeVec,
     pub raft_leader_transfers: IntCounterVec,
@@ -261,6 +262,11 @@ impl Metrics {
                 &r,
                 "raftchat_raft_last_log_index",
                 "Index of the last entry in this node's log.",
+            )?,
+            raft_replication_connections: gauge(
+                &r,
+                "raftchat_raft_replication_connections",
+                "Pipelined replication connections this node serves to its leader.",
             )?,
             raft_applied_index: gauge(
                 &r,

@@ -1,0 +1,495 @@
+//! Replication on one connection per peer: openraft's pipelined AppendEntries
+//! (`stream_append`) over an HTTP/1.1 connection upgraded to length-prefixed frames.
+//!
+//! A leader sends a follower its next entries as soon as they are appended, without waiting
+//! for the answer to the ones before; the follower hands them to openraft's own pipeline,
+//! whose log writes share fsyncs, and answers in order. One HTTP request per AppendEntries
+//! (the fallback) waits a round trip and the follower's fsync before the next may go.
+//!
+//! A connection outlives one openraft stream (a "session": a replication payload, or one
+//! heartbeat). Every frame carries its session's number, and answers that arrive for a
+//! session its leader gave up on are skipped. While no connection can be had (the peer is
+//! down or paused, or has just failed one), sessions go one HTTP request at a time, hedged
+//! (see `rpc_client`), and a new connection is tried a little later.
+//!
+//! Frames (4-byte big-endian length first): leader to follower, the session (8 bytes) and an
+//! `AppendEntriesRequest` in JSON; follower to leader, the session, a kind byte (`ANSWER`:
+//! openraft's `StreamAppendResult` in JSON; `STOPPED`: the follower's raft stopped, as text).
+
+use std::collections::VecDeque;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::{SinkExt, Stream, StreamExt};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use openraft::base::BoxStream;
+use openraft::error::{NetworkError, RPCError};
+use openraft::raft::{AppendEntriesRequest, StreamAppendResult};
+use tokio::io::{ReadHalf, WriteHalf};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
+
+use super::Consensus;
+use super::rpc_client::{RpcClient, RpcError};
+use super::types::TypeConfig;
+
+/// The path a leader asks to upgrade, and the protocol it names.
+pub const PATH: &str = "/raft/stream";
+pub const PROTOCOL: &str = "raftchat-append/1";
+
+/// Largest frame either side accepts (as the raft port's largest request body).
+const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// AppendEntries sent and not yet answered, per session (openraft's follower side holds 64).
+const MAX_IN_FLIGHT: usize = 64;
+/// Frames queued for a connection's writer.
+const WRITE_QUEUE: usize = 64;
+/// A session fails when its oldest unanswered request waited this long (as one request with
+/// entries may over HTTP): the connection is dropped and the next session starts afresh.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long opening a connection may take before the session goes over HTTP instead.
+const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
+/// After a connection could not be opened or failed, sessions use HTTP for this long.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+/// A follower closes a connection that sent nothing for this long (a leader that vanished
+/// behind a partition); a leader reconnects when it next has something to send.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+const ANSWER: u8 = 0;
+const STOPPED: u8 = 1;
+
+type Io = TokioIo<Upgraded>;
+type Result<T, E = RPCError<TypeConfig>> = std::result::Result<T, E>;
+type Answers<'s> = BoxStream<'s, Result<StreamAppendResult<TypeConfig>>>;
+
+fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+fn network_error(reason: impl Into<String>) -> RPCError<TypeConfig> {
+    RPCError::Network(NetworkError::from_string(reason.into()))
+}
+
+/// Aborts a task when dropped.
+struct TaskGuard(tokio::task::AbortHandle);
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn spawn_guarded<F>(task: F) -> TaskGuard
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    TaskGuard(tokio::spawn(task).abort_handle())
+}
+
+/// Writes queued frames, flushing when the queue runs dry (several frames, one write).
+async fn write_frames(
+    mut sink: FramedWrite<WriteHalf<Io>, LengthDelimitedCodec>,
+    mut queue: mpsc::Receiver<Bytes>,
+) {
+    while let Some(frame) = queue.recv().await {
+        if sink.feed(frame).await.is_err() {
+            return;
+        }
+        while let Ok(frame) = queue.try_recv() {
+            if sink.feed(frame).await.is_err() {
+                return;
+            }
+        }
+        if SinkExt::<Bytes>::flush(&mut sink).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One end of an upgraded connection: frames in, a queue of frames out.
+struct Connection {
+    /// Only ever used through `&mut` (`frames_in()`); the mutex makes the client `Sync`, as
+    /// openraft needs, where the upgraded connection is not.
+    frames_in: Mutex<FramedRead<ReadHalf<Io>, LengthDelimitedCodec>>,
+    frames_out: mpsc::Sender<Bytes>,
+    _writer: TaskGuard,
+}
+
+impl Connection {
+    fn new(io: Upgraded) -> Connection {
+        let (read, write) = tokio::io::split(TokioIo::new(io));
+        let (frames_out, queue) = mpsc::channel(WRITE_QUEUE);
+        Connection {
+            frames_in: Mutex::new(FramedRead::new(read, codec())),
+            frames_out,
+            _writer: spawn_guarded(write_frames(FramedWrite::new(write, codec()), queue)),
+        }
+    }
+
+    fn frames_in(&mut self) -> &mut FramedRead<ReadHalf<Io>, LengthDelimitedCodec> {
+        self.frames_in.get_mut().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A leader's replication connection to one peer (one per openraft network client).
+#[derive(Default)]
+pub struct Replication {
+    connection: Option<Connection>,
+    next_session: u64,
+    /// No new connection is tried before this (after one failed).
+    retry_after: Option<Instant>,
+}
+
+impl Replication {
+    /// Makes sure a connection is open; false when sessions should use HTTP for now.
+    pub async fn ready(&mut self, rpc: &RpcClient, target: u64, addr: &str) -> bool {
+        if self.connection.is_some() {
+            return true;
+        }
+        if self.retry_after.is_some_and(|t| Instant::now() < t) {
+            return false;
+        }
+        match rpc
+            .upgrade(target, addr, PATH, PROTOCOL, CONNECT_TIMEOUT)
+            .await
+        {
+            Ok(io) => {
+                tracing::debug!(peer = target, "replication connection open");
+                self.connection = Some(Connection::new(io));
+                self.retry_after = None;
+                true
+            }
+            Err(e) => {
+                tracing::debug!(target, error = %e, "no replication connection; HTTP for now");
+                self.retry_after = Some(Instant::now() + RETRY_AFTER);
+                false
+            }
+        }
+    }
+
+    /// Runs one openraft stream on the open connection: requests go out as `input` yields
+    /// them (at most `MAX_IN_FLIGHT` unanswered), answers come back in order.
+    pub fn session<'s, S>(&'s mut self, input: S, rpc: RpcClient, target: u64) -> Answers<'s>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        self.next_session += 1;
+        let session = self.next_session;
+        let Some(connection) = self.connection.as_ref() else {
+            return Box::pin(futures_util::stream::once(async {
+                Err(network_error("no replication connection"))
+            }));
+        };
+        let unanswered: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
+        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
+        let input_ended: Arc<InputEnded> = Arc::default();
+        let pump = spawn_guarded(send_requests(
+            session,
+            input,
+            connection.frames_out.clone(),
+            unanswered.clone(),
+            permits.clone(),
+            input_ended.clone(),
+        ));
+        let state = SessionState {
+            replication: self,
+            session,
+            unanswered,
+            permits,
+            input_ended,
+            rpc,
+            target,
+            _pump: pump,
+            ended: false,
+        };
+        Box::pin(futures_util::stream::unfold(
+            state,
+            |mut state| async move {
+                if state.ended {
+                    return None;
+                }
+                let item = state.next_answer().await?;
+                state.ended = !matches!(item, Ok(Ok(_)));
+                Some((item, state))
+            },
+        ))
+    }
+}
+
+/// Set once a session's requests are all sent: its answers then end with the last one's.
+#[derive(Default)]
+struct InputEnded {
+    ended: std::sync::atomic::AtomicBool,
+    notify: tokio::sync::Notify,
+}
+
+impl InputEnded {
+    fn set(&self) {
+        self.ended.store(true, std::sync::atomic::Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    fn is_set(&self) -> bool {
+        self.ended.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+/// Encodes and queues a session's requests while fewer than `MAX_IN_FLIGHT` are unanswered.
+async fn send_requests<S>(
+    session: u64,
+    mut input: S,
+    frames_out: mpsc::Sender<Bytes>,
+    unanswered: Arc<Mutex<VecDeque<Instant>>>,
+    permits: Arc<Semaphore>,
+    input_ended: Arc<InputEnded>,
+) where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
+    loop {
+        let Ok(permit) = permits.acquire().await else {
+            return;
+        };
+        permit.forget();
+        let Some(request) = input.next().await else {
+            input_ended.set();
+            return;
+        };
+        let mut frame = BytesMut::with_capacity(256).writer();
+        frame.get_mut().put_u64(session);
+        if let Err(e) = serde_json::to_writer(&mut frame, &request) {
+            tracing::error!(error = %e, "an AppendEntries could not be encoded");
+            return;
+        }
+        lock(&unanswered).push_back(Instant::now());
+        if frames_out.send(frame.into_inner().freeze()).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct SessionState<'s> {
+    replication: &'s mut Replication,
+    session: u64,
+    unanswered: Arc<Mutex<VecDeque<Instant>>>,
+    permits: Arc<Semaphore>,
+    input_ended: Arc<InputEnded>,
+    rpc: RpcClient,
+    target: u64,
+    _pump: TaskGuard,
+    ended: bool,
+}
+
+impl SessionState<'_> {
+    /// The session's next answer; `None` once every request was sent and answered, or when
+    /// the connection closed with nothing unanswered (openraft starts the next session, on a
+    /// new connection).
+    async fn next_answer(&mut self) -> Option<Result<StreamAppendResult<TypeConfig>>> {
+        loop {
+            let ended = self.input_ended.is_set();
+            let oldest = lock(&self.unanswered).front().copied();
+            if ended && oldest.is_none() {
+                return None;
+            }
+            let wait = match oldest {
+                Some(sent) => ANSWER_TIMEOUT.saturating_sub(sent.elapsed()),
+                // Re-check once in a while: a request may have gone out meanwhile.
+                None => ANSWER_TIMEOUT / 4,
+            };
+            let connection = self.replication.connection.as_mut()?;
+            let next = tokio::time::timeout(wait, connection.frames_in().next());
+            let frame = tokio::select! {
+                frame = next => frame,
+                _ = self.input_ended.notify.notified(), if !ended => continue,
+            };
+            let frame = match frame {
+                Err(_) if oldest.is_some() => {
+                    return Some(Err(self.fail(format!(
+                        "no answer within {} ms",
+                        ANSWER_TIMEOUT.as_millis()
+                    ))));
+                }
+                Err(_) => continue,
+                Ok(Some(Ok(frame))) => frame,
+                Ok(other) => {
+                    let reason = match other {
+                        Some(Err(e)) => e.to_string(),
+                        _ => "the connection closed".to_string(),
+                    };
+                    if oldest.is_none() && lock(&self.unanswered).is_empty() {
+                        self.replication.connection = None;
+                        return None;
+                    }
+                    return Some(Err(self.fail(reason)));
+                }
+            };
+            let mut frame = frame.freeze();
+            if frame.len() < 9 {
+                return Some(Err(self.fail("a frame too short".into())));
+            }
+            if frame.get_u64() != self.session {
+                // An answer to a session given up on.
+                continue;
+            }
+            let kind = frame.get_u8();
+            let sent = lock(&self.unanswered).pop_front();
+            self.permits.add_permits(1);
+            let took = sent.map(|t| t.elapsed()).unwrap_or_default();
+            let item = match kind {
+                ANSWER => serde_json::from_slice::<StreamAppendResult<TypeConfig>>(&frame)
+                    .map_err(|e| self.fail(format!("bad answer: {e}"))),
+                _ => Err(network_error(format!(
+                    "remote: {}",
+                    String::from_utf8_lossy(&frame)
+                ))),
+            };
+            let outcome: Result<(), RpcError> = match &item {
+                Ok(_) => Ok(()),
+                Err(e) => Err(RpcError::Network {
+                    addr: format!("node {}", self.target),
+                    reason: e.to_string(),
+                }),
+            };
+            self.rpc
+                .observe_answer("append", self.target, took, &outcome);
+            return Some(item);
+        }
+    }
+
+    /// Drops the connection after a failure; sessions go over HTTP for a while.
+    fn fail(&mut self, reason: String) -> RPCError<TypeConfig> {
+        self.replication.connection = None;
+        self.replication.retry_after = Some(Instant::now() + RETRY_AFTER);
+        let error = RpcError::Network {
+            addr: format!("node {}", self.target),
+            reason: format!("replication connection: {reason}"),
+        };
+        self.rpc
+            .observe_answer("append", self.target, Duration::ZERO, &Err::<(), _>(error));
+        network_error(format!("replication connection: {reason}"))
+    }
+}
+
+/// A follower's end of one replication connection: each session's requests go to openraft's
+/// pipeline (`Raft::stream_append`), its answers back in order.
+pub async fn serve(consensus: Arc<Consensus>, io: Upgraded) {
+    let mut connection = Connection::new(io);
+    let _counted = Counted::new(consensus.replication_connections.clone());
+    // The session being served: its number, its requests' queue, the task sending answers.
+    let mut current: Option<(
+        u64,
+        mpsc::Sender<AppendEntriesRequest<TypeConfig>>,
+        TaskGuard,
+    )> = None;
+    loop {
+        let frame = match tokio::time::timeout(IDLE_TIMEOUT, connection.frames_in().next()).await {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "replication connection ended");
+                return;
+            }
+            Ok(None) | Err(_) => return,
+        };
+        let mut frame = frame.freeze();
+        if frame.len() < 8 {
+            tracing::warn!("a replication frame too short; closing the connection");
+            return;
+        }
+        let session = frame.get_u64();
+        let request: AppendEntriesRequest<TypeConfig> = match serde_json::from_slice(&frame) {
+            Ok(request) => request,
+            Err(e) => {
+                tracing::warn!(error = %e, "a bad AppendEntries; closing the connection");
+                return;
+            }
+        };
+        let requests = match &current {
+            Some((s, requests, _)) if *s == session => requests.clone(),
+            _ => {
+                // A new session: the one before (if any) is given up on by its leader.
+                let (requests, queue) = mpsc::channel(MAX_IN_FLIGHT);
+                let input = futures_util::stream::unfold(queue, |mut queue| async move {
+                    queue.recv().await.map(|r| (r, queue))
+                });
+                let answers = consensus.raft.stream_append(input);
+                let leader = request.vote.leader_id.node_id;
+                let sender = spawn_guarded(send_answers(
+                    consensus.clone(),
+                    session,
+                    leader,
+                    answers,
+                    connection.frames_out.clone(),
+                ));
+                current = Some((session, requests.clone(), sender));
+                requests
+            }
+        };
+        // Fails once the session's pipeline ended (after a conflict): its leader starts anew.
+        let _ = requests.send(request).await;
+    }
+}
+
+/// Counts a served connection while it lives.
+struct Counted(super::ConnectionObserver);
+
+impl Counted {
+    fn new(observer: super::ConnectionObserver) -> Counted {
+        observer(1);
+        Counted(observer)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        (self.0)(-1);
+    }
+}
+
+async fn send_answers<A>(
+    consensus: Arc<Consensus>,
+    session: u64,
+    leader: u64,
+    answers: A,
+    frames_out: mpsc::Sender<Bytes>,
+) where
+    A: Stream<
+        Item = std::result::Result<
+            StreamAppendResult<TypeConfig>,
+            openraft::error::Fatal<TypeConfig>,
+        >,
+    >,
+{
+    let mut answers = pin!(answers);
+    while let Some(answer) = answers.next().await {
+        let mut frame = BytesMut::with_capacity(64).writer();
+        frame.get_mut().put_u64(session);
+        let last = match &answer {
+            Ok(result) => {
+                if result.is_ok() {
+                    consensus.note_contact(leader);
+                }
+                frame.get_mut().put_u8(ANSWER);
+                if let Err(e) = serde_json::to_writer(&mut frame, result) {
+                    tracing::error!(error = %e, "an AppendEntries answer could not be encoded");
+                    return;
+                }
+                result.is_err()
+            }
+            Err(fatal) => {
+                frame.get_mut().put_u8(STOPPED);
+                frame.get_mut().put_slice(fatal.to_string().as_bytes());
+                true
+            }
+        };
+        if frames_out.send(frame.into_inner().freeze()).await.is_err() || last {
+            return;
+        }
+    }
+}
