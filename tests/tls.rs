@@ -246,6 +246,10 @@ fn nodes_replicate_over_mutual_tls_and_refuse_peers_without_a_valid_certificate(
     reader.wait_messages(T, "the message through the other node", |m| {
         m.iter().any(|m| m["text"] == "hello over mTLS")
     });
+    // The leader's pipelined replication connections are upgraded over TLS too.
+    wait_for(T, "the follower serving replication connections", || {
+        (cluster.metric(follower, "raftchat_raft_replication_connections ")? == 2.0).then_some(())
+    });
 
     let raft = cluster.node(leader).raft.clone();
     // With a certificate from the cluster's CA: answered.

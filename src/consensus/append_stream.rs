@@ -153,6 +153,9 @@ impl Replication {
         if self.retry_after.is_some_and(|t| Instant::now() < t) {
             return false;
         }
+        // Set first: openraft may drop this future (a heartbeat's time ran out), and a peer
+        // that does not answer (paused) must not get a new connection every heartbeat.
+        self.retry_after = Some(Instant::now() + RETRY_AFTER);
         match rpc
             .upgrade(target, addr, PATH, PROTOCOL, CONNECT_TIMEOUT)
             .await
@@ -164,8 +167,7 @@ impl Replication {
                 true
             }
             Err(e) => {
-                tracing::debug!(target, error = %e, "no replication connection; HTTP for now");
-                self.retry_after = Some(Instant::now() + RETRY_AFTER);
+                tracing::debug!(peer = target, error = %e, "no replication connection; HTTP for now");
                 false
             }
         }
