@@ -9,6 +9,8 @@
 //!                                                                        ▼
 //!  raft port ◄──► consensus (openraft: log store, state machine, snapshots, transport,
 //!  (mTLS: tls)               forwarding, history pages for peers, leader watch)
+//!  /raft/stream ◄─► consensus::append_stream (a leader's pipelined AppendEntries: one
+//!                   upgraded connection per peer; HTTP one request at a time without it)
 //!                  [on a runtime of its own, so connections' bursts never queue ahead of it]
 //!                                                                        │ applied entries, in order
 //!                                                                        ▼
