@@ -495,3 +495,7 @@ async fn send_answers<A>(
         }
     }
 }
+
+#[cfg(test)]
+#[path = "append_stream_tests.rs"]
+mod tests;
