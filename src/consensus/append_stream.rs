@@ -263,7 +263,9 @@ async fn send_requests<S>(
         let mut frame = BytesMut::with_capacity(256).writer();
         frame.get_mut().put_u64(session);
         if let Err(e) = serde_json::to_writer(&mut frame, &request) {
+            // The session ends once the answers before it are in; openraft starts another.
             tracing::error!(error = %e, "an AppendEntries could not be encoded");
+            input_ended.set();
             return;
         }
         lock(&unanswered).push_back(Instant::now());
