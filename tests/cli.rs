@@ -252,8 +252,10 @@ fn cluster_command_serves_and_stops_cleanly() {
         let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut text);
         text
     });
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let printed: Vec<String> = stdout.lines().take(7).map(|l| l.unwrap()).collect();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+    let printed: Vec<String> = stdout.by_ref().take(7).map(|l| l.unwrap()).collect();
+    // Whatever it prints next is read too: a closed pipe would fail its next line.
+    let _rest = std::thread::spawn(move || stdout.count());
     let text = printed.join("\n");
     for port in [base + 1, base + 101, base + 201, base + 3] {
         assert!(text.contains(&format!("127.0.0.1:{port}")), "{text}");

@@ -256,6 +256,11 @@ impl LocalCluster {
 }
 
 async fn supervise(args: &ClusterArgs, config: Config) -> anyhow::Result<()> {
+    // Listening before anything starts: a Ctrl-C that comes early (a loaded machine may not
+    // run this process for a while) still stops the nodes instead of killing only this one.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let mut cluster = LocalCluster::start(config.clone(), &args.data_dir, false)?;
 
     println!(
@@ -285,9 +290,6 @@ async fn supervise(args: &ClusterArgs, config: Config) -> anyhow::Result<()> {
     println!("servers:  {}", servers.join(","));
     println!("Ctrl-C stops every node.");
 
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
     let mut check = tokio::time::interval(Duration::from_millis(200));
     loop {
         tokio::select! {
