@@ -66,12 +66,49 @@ pub struct Applied {
     pub healed: Instant,
 }
 
+/// A client's recent connection events, kept where the test can read them if the client
+/// never finishes (a send neither acknowledged nor refused).
+#[derive(Default)]
+struct Trail {
+    events: std::collections::VecDeque<(Instant, String)>,
+    acks: u64,
+    last_ack: Option<Instant>,
+    unacked: usize,
+}
+
+impl Trail {
+    const KEEP: usize = 40;
+
+    fn note(trail: &Mutex<Trail>, what: String) {
+        let mut t = trail.lock().unwrap();
+        if t.events.len() == Self::KEEP {
+            t.events.pop_front();
+        }
+        t.events.push_back((Instant::now(), what));
+    }
+
+    fn describe(&self, user: &str, origin: Instant) -> String {
+        let at = |t: Instant| format!("+{:.3}s", t.duration_since(origin).as_secs_f64());
+        let mut out = format!(
+            "{user}: {} acks, last at {}, {} unacknowledged; its last events:\n",
+            self.acks,
+            self.last_ack.map_or("never".into(), at),
+            self.unacked
+        );
+        for (t, what) in &self.events {
+            out.push_str(&format!("  {} {what}\n", at(*t)));
+        }
+        out
+    }
+}
+
 /// One client: keeps `IN_FLIGHT` messages unacknowledged, records everything, until `stop`.
 async fn run_client(
     servers: Vec<String>,
     user: String,
     stop: Arc<std::sync::atomic::AtomicBool>,
     acks: Arc<Mutex<Vec<Instant>>>,
+    trail: Arc<Mutex<Trail>>,
 ) -> Seen {
     use std::sync::atomic::Ordering;
     let mut config = ClientConfig::new(servers, &user);
@@ -115,6 +152,20 @@ async fn run_client(
             e = client.next_event() => e,
             _ = tick.tick() => continue,
         };
+        match &event {
+            Some(Event::Acked { .. }) => {
+                let mut t = trail.lock().unwrap();
+                t.acks += 1;
+                t.last_ack = Some(Instant::now());
+                t.unacked = client.unacked();
+            }
+            Some(Event::Message(_) | Event::Presence { .. } | Event::Members { .. }) => {}
+            Some(other) => {
+                Trail::note(&trail, format!("{other:?}"));
+                trail.lock().unwrap().unacked = client.unacked();
+            }
+            None => Trail::note(&trail, "the client ended".into()),
+        }
         match event {
             None => return seen,
             Some(Event::Joined { .. }) => joined = true,
@@ -379,6 +430,16 @@ fn chaos_schedule_loses_nothing() {
     let chat_addrs: Vec<String> = (1..=NODES)
         .map(|id| cluster.node(id).chat.clone())
         .collect();
+    let origin = Instant::now();
+    eprintln!(
+        "chaos: clients start at {:?} (+0s in their trails)",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    );
+    let trails: Vec<Arc<Mutex<Trail>>> = (0..NODES as usize * CLIENTS_PER_NODE)
+        .map(|_| Arc::default())
+        .collect();
     let clients: Vec<_> = (0..NODES as usize * CLIENTS_PER_NODE)
         .map(|i| {
             // Each client starts on its own node and knows the others.
@@ -389,6 +450,7 @@ fn chaos_schedule_loses_nothing() {
                 format!("c{i}"),
                 stop.clone(),
                 acks.clone(),
+                trails[i].clone(),
             ))
         })
         .collect();
@@ -434,15 +496,26 @@ fn chaos_schedule_loses_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     let sending_until = Instant::now();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let seen: Vec<Seen> = clients
-        .into_iter()
-        .map(|c| {
-            runtime
-                .block_on(async { tokio::time::timeout(T, c).await })
-                .expect("every sent message is finally acknowledged")
-                .expect("client task")
-        })
-        .collect();
+    let drain_until = runtime.block_on(async { tokio::time::Instant::now() + T });
+    let mut seen: Vec<Seen> = Vec::new();
+    let mut stuck = String::new();
+    for (i, c) in clients.into_iter().enumerate() {
+        match runtime.block_on(async { tokio::time::timeout_at(drain_until, c).await }) {
+            Ok(s) => seen.push(s.expect("client task")),
+            Err(_) => stuck.push_str(&trails[i].lock().unwrap().describe(&format!("c{i}"), origin)),
+        }
+    }
+    if !stuck.is_empty() {
+        save_logs(&chaos.cluster);
+        let notes = faults_timeline(&applied, origin);
+        panic!(
+            "some clients' sends were neither acknowledged nor refused within {T:?} of the \
+             heal (+{:.3}s; sending stopped at +{:.3}s; replay with CHAOS_SEED={seed}):\n{stuck}\
+             faults:\n{notes}",
+            healed.duration_since(origin).as_secs_f64(),
+            sending_until.duration_since(origin).as_secs_f64()
+        );
+    }
     let drained = healed.elapsed();
     let acks = acks.lock().unwrap().clone();
     let summary = checker::check(&chaos.cluster, &seen, &applied, &acks, sending_until, ROOM);
@@ -452,16 +525,7 @@ fn chaos_schedule_loses_nothing() {
         summary.per_kind(),
         summary.line()
     );
-    // CHAOS_LOGS=dir keeps the node logs (timestamps match the notes' offsets).
-    if let Ok(dir) = std::env::var("CHAOS_LOGS") {
-        let _ = std::fs::create_dir_all(&dir);
-        for id in 1..=NODES {
-            let _ = std::fs::write(
-                std::path::Path::new(&dir).join(format!("node-{id}.log")),
-                chaos.cluster.log(id),
-            );
-        }
-    }
+    save_logs(&chaos.cluster);
     eprint!("{report}");
     // The test runner hides a passing test's output: scripts/test prints this file.
     let _ = std::fs::write(
@@ -469,6 +533,36 @@ fn chaos_schedule_loses_nothing() {
         &report,
     );
     summary.assert_clean(seed);
+}
+
+/// `CHAOS_LOGS=dir` keeps the node logs (timestamps match the notes' offsets).
+fn save_logs(cluster: &Cluster) {
+    if let Ok(dir) = std::env::var("CHAOS_LOGS") {
+        let _ = std::fs::create_dir_all(&dir);
+        for id in 1..=NODES {
+            let _ = std::fs::write(
+                std::path::Path::new(&dir).join(format!("node-{id}.log")),
+                cluster.log(id),
+            );
+        }
+    }
+}
+
+/// The faults as they happened, in the offsets the clients' trails use.
+fn faults_timeline(applied: &[Applied], origin: Instant) -> String {
+    let at = |t: Instant| t.duration_since(origin).as_secs_f64();
+    applied
+        .iter()
+        .map(|a| {
+            format!(
+                "  +{:.3}s..+{:.3}s {:?} on {:?}\n",
+                at(a.started),
+                at(a.healed),
+                a.kind,
+                a.target
+            )
+        })
+        .collect()
 }
 
 /// Fills the file system of `filler` to about `bytes` short of full. `fallocate` does it

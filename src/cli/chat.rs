@@ -212,6 +212,9 @@ async fn chat(args: ChatArgs) -> ExitCode {
                         }
                         eprintln!("raftchat: {code}: {message}");
                     }
+                    Event::Deferred { code, message, .. } => {
+                        eprintln!("raftchat: {code}: {message}; sending it again shortly")
+                    }
                     Event::Acked { .. } => {}
                     Event::SessionLost { unacked, .. } => eprintln!(
                         "raftchat: session lost (expired or taken over); continuing in a new session; {} unacknowledged message(s) not re-sent: they may or may not have been delivered",

@@ -128,6 +128,13 @@ pub enum Event {
         room: String,
         messages: Vec<Message>,
     },
+    /// The cluster could not take a send just now (no leader in time, or a rate limit): the
+    /// client keeps it and sends it again shortly, on this connection or the next.
+    Deferred {
+        id: String,
+        code: String,
+        message: String,
+    },
     /// The server refused a request (with the message id when it was a send).
     Refused {
         code: String,
@@ -652,9 +659,14 @@ impl Driver {
                 let id = frame["id"].as_str().map(String::from);
                 match (code.as_str(), &id) {
                     // No leader in time: keep it and try again shortly.
-                    ("unavailable" | "rate_limited", Some(_)) => {
+                    ("unavailable" | "rate_limited", Some(id)) => {
                         retry_unavailable.get_or_insert_with(|| {
                             tokio::time::Instant::now() + Duration::from_millis(200)
+                        });
+                        self.emit(Event::Deferred {
+                            id: id.clone(),
+                            code,
+                            message: text("message"),
                         });
                         return None;
                     }
