@@ -29,7 +29,7 @@ use openraft::base::BoxStream;
 use openraft::error::{NetworkError, RPCError};
 use openraft::raft::{AppendEntriesRequest, StreamAppendResult};
 use tokio::io::{ReadHalf, WriteHalf};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use super::Consensus;
@@ -174,38 +174,22 @@ impl Replication {
     }
 
     /// Runs one openraft stream on the open connection: requests go out as `input` yields
-    /// them (at most `MAX_IN_FLIGHT` unanswered), answers come back in order.
+    /// them (at most `MAX_IN_FLIGHT` unanswered), answers come back in order. The input is
+    /// polled only while openraft polls the answers, in the same task: openraft's request
+    /// stream holds its replication state while it waits for logs, and must let go of it as
+    /// soon as openraft drops this session.
     pub fn session<'s, S>(&'s mut self, input: S, rpc: RpcClient, target: u64) -> Answers<'s>
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
         self.next_session += 1;
-        let session = self.next_session;
-        let Some(connection) = self.connection.as_ref() else {
-            return Box::pin(futures_util::stream::once(async {
-                Err(network_error("no replication connection"))
-            }));
-        };
-        let unanswered: Arc<Mutex<VecDeque<Instant>>> = Arc::default();
-        let permits = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
-        let input_ended: Arc<InputEnded> = Arc::default();
-        let pump = spawn_guarded(send_requests(
-            session,
-            input,
-            connection.frames_out.clone(),
-            unanswered.clone(),
-            permits.clone(),
-            input_ended.clone(),
-        ));
         let state = SessionState {
+            session: self.next_session,
             replication: self,
-            session,
-            unanswered,
-            permits,
-            input_ended,
+            input: Some(input),
+            unanswered: VecDeque::with_capacity(MAX_IN_FLIGHT),
             rpc,
             target,
-            _pump: pump,
             ended: false,
         };
         Box::pin(futures_util::stream::unfold(
@@ -222,162 +206,171 @@ impl Replication {
     }
 }
 
-/// Set once a session's requests are all sent: its answers then end with the last one's.
-#[derive(Default)]
-struct InputEnded {
-    ended: std::sync::atomic::AtomicBool,
-    notify: tokio::sync::Notify,
-}
-
-impl InputEnded {
-    fn set(&self) {
-        self.ended.store(true, std::sync::atomic::Ordering::Release);
-        self.notify.notify_one();
-    }
-
-    fn is_set(&self) -> bool {
-        self.ended.load(std::sync::atomic::Ordering::Acquire)
-    }
-}
-
-/// Encodes and queues a session's requests while fewer than `MAX_IN_FLIGHT` are unanswered.
-async fn send_requests<S>(
-    session: u64,
-    mut input: S,
-    frames_out: mpsc::Sender<Bytes>,
-    unanswered: Arc<Mutex<VecDeque<Instant>>>,
-    permits: Arc<Semaphore>,
-    input_ended: Arc<InputEnded>,
-) where
-    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
-{
-    loop {
-        let Ok(permit) = permits.acquire().await else {
-            return;
-        };
-        permit.forget();
-        let Some(request) = input.next().await else {
-            input_ended.set();
-            return;
-        };
-        let mut frame = BytesMut::with_capacity(256).writer();
-        frame.get_mut().put_u64(session);
-        if let Err(e) = serde_json::to_writer(&mut frame, &request) {
-            // The session ends once the answers before it are in; openraft starts another.
-            tracing::error!(error = %e, "an AppendEntries could not be encoded");
-            input_ended.set();
-            return;
-        }
-        lock(&unanswered).push_back(Instant::now());
-        if frames_out.send(frame.into_inner().freeze()).await.is_err() {
-            return;
-        }
-    }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-struct SessionState<'s> {
+struct SessionState<'s, S> {
     replication: &'s mut Replication,
     session: u64,
-    unanswered: Arc<Mutex<VecDeque<Instant>>>,
-    permits: Arc<Semaphore>,
-    input_ended: Arc<InputEnded>,
+    /// `None` once openraft has no more requests for this session.
+    input: Option<S>,
+    /// When each unanswered request was sent, oldest first.
+    unanswered: VecDeque<Instant>,
     rpc: RpcClient,
     target: u64,
-    _pump: TaskGuard,
     ended: bool,
 }
 
-impl SessionState<'_> {
+/// What a session waited for.
+enum Step {
+    Frame(Option<std::result::Result<BytesMut, std::io::Error>>),
+    Request(Option<AppendEntriesRequest<TypeConfig>>),
+    NoAnswerInTime,
+}
+
+impl<S> SessionState<'_, S>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+{
     /// The session's next answer; `None` once every request was sent and answered, or when
     /// the connection closed with nothing unanswered (openraft starts the next session, on a
     /// new connection).
     async fn next_answer(&mut self) -> Option<Result<StreamAppendResult<TypeConfig>>> {
         loop {
-            let ended = self.input_ended.is_set();
-            let oldest = lock(&self.unanswered).front().copied();
-            if ended && oldest.is_none() {
+            if self.input.is_none() && self.unanswered.is_empty() {
                 return None;
             }
-            let wait = match oldest {
-                Some(sent) => ANSWER_TIMEOUT.saturating_sub(sent.elapsed()),
-                // Re-check once in a while: a request may have gone out meanwhile.
-                None => ANSWER_TIMEOUT / 4,
-            };
+            let oldest = self.unanswered.front().copied();
+            let may_send = self.input.is_some() && self.unanswered.len() < MAX_IN_FLIGHT;
             let connection = self.replication.connection.as_mut()?;
-            let next = tokio::time::timeout(wait, connection.frames_in().next());
-            let frame = tokio::select! {
-                frame = next => frame,
-                _ = self.input_ended.notify.notified(), if !ended => continue,
+            // Both futures are cancel-safe: a frame half read stays in the reader's buffer,
+            // a request half built stays in openraft's stream.
+            let step = tokio::select! {
+                biased;
+                frame = connection.frames_in().next() => Step::Frame(frame),
+                request = next_request(&mut self.input), if may_send => Step::Request(request),
+                _ = answer_due(oldest), if oldest.is_some() => Step::NoAnswerInTime,
             };
-            let frame = match frame {
-                Err(_) if oldest.is_some() => {
-                    return Some(Err(self.fail(format!(
-                        "no answer within {} ms",
-                        ANSWER_TIMEOUT.as_millis()
-                    ))));
+            match step {
+                Step::Request(None) => self.input = None,
+                Step::Request(Some(request)) => {
+                    if let Err(reason) = self.send(&request).await {
+                        return Some(Err(self.fail(reason)));
+                    }
                 }
-                Err(_) => continue,
-                Ok(Some(Ok(frame))) => frame,
-                Ok(other) => {
+                Step::NoAnswerInTime => {
+                    let reason = format!("no answer within {} ms", ANSWER_TIMEOUT.as_millis());
+                    return Some(Err(self.fail(reason)));
+                }
+                Step::Frame(Some(Ok(frame))) => {
+                    if let Some(item) = self.answer(frame) {
+                        return Some(item);
+                    }
+                }
+                Step::Frame(other) => {
+                    if self.unanswered.is_empty() {
+                        self.replication.connection = None;
+                        return None;
+                    }
                     let reason = match other {
                         Some(Err(e)) => e.to_string(),
                         _ => "the connection closed".to_string(),
                     };
-                    if oldest.is_none() && lock(&self.unanswered).is_empty() {
-                        self.replication.connection = None;
-                        return None;
-                    }
                     return Some(Err(self.fail(reason)));
                 }
-            };
-            let mut frame = frame.freeze();
-            if frame.len() < 9 {
-                return Some(Err(self.fail("a frame too short".into())));
             }
-            if frame.get_u64() != self.session {
-                // An answer to a session given up on.
-                continue;
-            }
-            let kind = frame.get_u8();
-            let sent = lock(&self.unanswered).pop_front();
-            self.permits.add_permits(1);
-            let took = sent.map(|t| t.elapsed()).unwrap_or_default();
-            let item = match kind {
-                ANSWER => serde_json::from_slice::<StreamAppendResult<TypeConfig>>(&frame)
-                    .map_err(|e| self.fail(format!("bad answer: {e}"))),
-                _ => Err(network_error(format!(
-                    "remote: {}",
-                    String::from_utf8_lossy(&frame)
-                ))),
-            };
-            let outcome: Result<(), RpcError> = match &item {
-                Ok(_) => Ok(()),
-                Err(e) => Err(RpcError::Network {
-                    addr: format!("node {}", self.target),
-                    reason: e.to_string(),
-                }),
-            };
-            self.rpc
-                .observe_answer("append", self.target, took, &outcome);
-            return Some(item);
         }
+    }
+
+    /// Queues one request for the connection's writer.
+    async fn send(&mut self, request: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
+        let mut frame = BytesMut::with_capacity(256).writer();
+        frame.get_mut().put_u64(self.session);
+        serde_json::to_writer(&mut frame, request)
+            .map_err(|e| format!("an AppendEntries could not be encoded: {e}"))?;
+        let Some(connection) = self.replication.connection.as_ref() else {
+            return Err("the connection closed".into());
+        };
+        self.unanswered.push_back(Instant::now());
+        // The queue is full only while the follower reads nothing: wait as long as an answer
+        // may take.
+        let queued = tokio::time::timeout(
+            ANSWER_TIMEOUT,
+            connection.frames_out.send(frame.into_inner().freeze()),
+        );
+        match queued.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the connection's writer stopped".into()),
+            Err(_) => Err(format!(
+                "could not send for {} ms",
+                ANSWER_TIMEOUT.as_millis()
+            )),
+        }
+    }
+
+    /// The item an answer frame stands for; `None` for an answer to a session given up on.
+    fn answer(&mut self, frame: BytesMut) -> Option<Result<StreamAppendResult<TypeConfig>>> {
+        let mut frame = frame.freeze();
+        if frame.len() < 9 {
+            return Some(Err(self.fail("a frame too short".into())));
+        }
+        if frame.get_u64() != self.session {
+            return None;
+        }
+        let kind = frame.get_u8();
+        let took = self
+            .unanswered
+            .pop_front()
+            .map(|t| t.elapsed())
+            .unwrap_or_default();
+        let item = match kind {
+            ANSWER => serde_json::from_slice::<StreamAppendResult<TypeConfig>>(&frame)
+                .map_err(|e| self.fail(format!("bad answer: {e}"))),
+            _ => Err(network_error(format!(
+                "remote: {}",
+                String::from_utf8_lossy(&frame)
+            ))),
+        };
+        let outcome: Result<(), RpcError> = match &item {
+            Ok(_) => Ok(()),
+            Err(e) => Err(RpcError::Network {
+                addr: format!("node {}", self.target),
+                reason: e.to_string(),
+            }),
+        };
+        self.rpc
+            .observe_answer("append", self.target, took, &outcome);
+        Some(item)
     }
 
     /// Drops the connection after a failure; sessions go over HTTP for a while.
     fn fail(&mut self, reason: String) -> RPCError<TypeConfig> {
         self.replication.connection = None;
         self.replication.retry_after = Some(Instant::now() + RETRY_AFTER);
+        let reason = format!("replication connection: {reason}");
         let error = RpcError::Network {
             addr: format!("node {}", self.target),
-            reason: format!("replication connection: {reason}"),
+            reason: reason.clone(),
         };
         self.rpc
             .observe_answer("append", self.target, Duration::ZERO, &Err::<(), _>(error));
-        network_error(format!("replication connection: {reason}"))
+        network_error(reason)
+    }
+}
+
+/// The session's next request; never ready once its input ended.
+async fn next_request<S>(input: &mut Option<S>) -> Option<AppendEntriesRequest<TypeConfig>>
+where
+    S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Unpin,
+{
+    match input {
+        Some(input) => input.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Ready when the oldest unanswered request, sent at `oldest`, has waited too long.
+async fn answer_due(oldest: Option<Instant>) {
+    match oldest {
+        Some(sent) => tokio::time::sleep(ANSWER_TIMEOUT.saturating_sub(sent.elapsed())).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -155,3 +155,34 @@ async fn a_peer_that_refuses_the_upgrade_gets_http_for_a_while() {
     assert!(!replication.ready(&rpc(), 2, &addr).await);
     assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[tokio::test]
+async fn a_dropped_session_lets_go_of_its_input_at_once() {
+    // openraft's request stream holds the replication state while it waits for new logs,
+    // and the next session needs it: dropping a session must drop its input right away, not
+    // whenever a task it spawned is next scheduled.
+    let addr = follower(|_, _| Some(Duration::ZERO)).await;
+    let mut replication = Replication::default();
+    assert!(replication.ready(&rpc(), 2, &addr).await);
+    let held = Arc::new(());
+    let holder = held.clone();
+    let input = futures_util::stream::iter([heartbeat()])
+        .chain(futures_util::stream::pending())
+        .map(move |request| {
+            let _ = &holder;
+            request
+        });
+    let mut answers = replication.session(Box::pin(input), rpc(), 2);
+    let answer = tokio::time::timeout(Duration::from_secs(5), answers.next()).await;
+    assert!(matches!(answer, Ok(Some(Ok(Ok(_))))), "{answer:?}");
+    // Waiting for more input, as a replication session does between writes.
+    let waited = tokio::time::timeout(Duration::from_millis(50), answers.next()).await;
+    assert!(waited.is_err(), "{waited:?}");
+    drop(answers);
+    assert_eq!(
+        Arc::strong_count(&held),
+        1,
+        "the input outlived its session"
+    );
+    assert!(replication.connection.is_some());
+}
