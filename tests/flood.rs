@@ -230,3 +230,64 @@ fn a_flood_from_one_address_is_cut_off_and_a_client_elsewhere_keeps_its_latency(
         normal.1
     );
 }
+
+/// A client over its rate limit for a moment is told which sends were refused, and the
+/// client library sends them again: every message is acknowledged on the same connection.
+/// (Before, a refused send was named by no id, and its client waited for an ack forever.)
+#[test]
+fn sends_refused_for_the_rate_limit_are_named_and_sent_again() {
+    use raftchat::client::{Client as ChatClient, ClientConfig, Event};
+    let cluster = Cluster::start(
+        1,
+        "[chat]\nrate_limit_per_sec = 40\nrate_limit_burst = 10\nrate_limit_grace_ms = 5000\n",
+    );
+    cluster.wait_leader(&[1], T);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (deferred, acked, reconnects) = runtime.block_on(async {
+        let mut config = ClientConfig::new(vec![cluster.node(1).chat.clone()], "eager");
+        config.rooms = vec!["#eager".into()];
+        let mut client = ChatClient::start(config);
+        let (mut deferred, mut acked, mut reconnects) = (0, 0, 0);
+        let mut sent = false;
+        let until = tokio::time::Instant::now() + T;
+        while acked < 30 {
+            let event = tokio::time::timeout_at(until, client.next_event()).await;
+            match event.expect("every message acknowledged in time") {
+                Some(Event::Joined { .. }) if !sent => {
+                    // Three times the burst at once.
+                    for i in 0..30 {
+                        client.send_with_id(&format!("m{i}"), "#eager", "hello");
+                    }
+                    sent = true;
+                }
+                Some(Event::Deferred { code, .. }) => {
+                    assert_eq!(code, "rate_limited");
+                    deferred += 1;
+                }
+                Some(Event::Acked { .. }) => acked += 1,
+                Some(Event::Disconnected { .. }) => reconnects += 1,
+                Some(Event::Refused { code, message, .. }) => panic!("refused: {code}: {message}"),
+                None => panic!("the client ended"),
+                Some(_) => {}
+            }
+        }
+        (deferred, acked, reconnects)
+    });
+    assert!(deferred > 0, "nothing was rate limited");
+    assert_eq!(acked, 30);
+    assert_eq!(reconnects, 0, "a reconnect re-sent them, not the deferral");
+    // Stored once each.
+    let mut reader = cluster.login(1, "reader");
+    reader.join("#eager");
+    let ids: Vec<String> = reader
+        .full_history("#eager")
+        .iter()
+        .filter(|m| m["from"] == "eager")
+        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let mut expected: Vec<String> = (0..30).map(|i| format!("m{i}")).collect();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    expected.sort();
+    assert_eq!(sorted, expected, "stored: {ids:?}");
+}

@@ -447,15 +447,19 @@ async fn serve_until_closed(
             .await;
             break;
         };
+        let request = parse(text);
         // Every line is charged, blank and junk ones too.
         match limiter.check() {
             Verdict::Allow => {}
             Verdict::Reject => {
-                conn.reply_error(ProtocolError::new(
-                    ErrorCode::RateLimited,
-                    "too many requests; slow down",
-                ))
-                .await;
+                let mut e =
+                    ProtocolError::new(ErrorCode::RateLimited, "too many requests; slow down");
+                // A refused send names its id, so that its client sends it again later
+                // instead of waiting for an ack that will never come.
+                if let Ok(ClientRequest::Send { id, .. }) = request {
+                    e.id = Some(id);
+                }
+                conn.reply_error(e).await;
                 continue;
             }
             Verdict::Close => {
@@ -468,7 +472,7 @@ async fn serve_until_closed(
                 break;
             }
         }
-        match parse(text) {
+        match request {
             // Boxed: a command's state exists only while it runs, not in every idle connection.
             Ok(request) => Box::pin(conn.handle(request)).await,
             Err(e) => conn.reply_error(e).await,

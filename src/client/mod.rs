@@ -10,7 +10,7 @@
 
 pub mod conn;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -198,6 +198,7 @@ impl Client {
             rooms: BTreeSet::new(),
             node: None,
             gave_up_on_resume: None,
+            deferred: HashSet::new(),
         };
         tokio::spawn(driver.run(command_rx));
         Client {
@@ -279,6 +280,9 @@ struct Driver {
     /// may still be committed later, after a newer one, and take the session over from the
     /// connection that replaced it: that is not someone else's claim.
     gave_up_on_resume: Option<Instant>,
+    /// Sends the server could not take yet (no leader in time, rate limited): sent again
+    /// shortly. Every unacknowledged one is sent again on a new connection anyway.
+    deferred: HashSet<String>,
 }
 
 /// How long a resuming `hello` this client gave up on may still take its session over: the
@@ -526,6 +530,7 @@ impl Driver {
         // A new session has no rooms, and a join asked for while disconnected was never sent:
         // join them all (joining a room again is harmless).
         self.rooms.extend(self.config.rooms.iter().cloned());
+        self.deferred.clear();
         for room in &self.rooms {
             if let Err(e) = writer.feed(&json!({"type": "join", "room": room})).await {
                 return lost(e);
@@ -597,9 +602,10 @@ impl Driver {
                     }
                 }
                 _ = tokio::time::sleep_until(retry_at), if retry_unavailable.is_some() => {
-                    // The cluster had no leader in time: try the unacknowledged again.
+                    // Try what the cluster could not take again (the rest is on its way).
                     retry_unavailable = None;
-                    for pending in &self.unacked {
+                    let deferred = std::mem::take(&mut self.deferred);
+                    for pending in self.unacked.iter().filter(|p| deferred.contains(&p.id)) {
                         if let Err(e) = writer.feed(&Self::send_frame(pending)).await {
                             return lost(e);
                         }
@@ -658,8 +664,11 @@ impl Driver {
                 let code = text("code");
                 let id = frame["id"].as_str().map(String::from);
                 match (code.as_str(), &id) {
-                    // No leader in time: keep it and try again shortly.
+                    // No leader in time, or rate limited: keep it and try it again shortly.
                     ("unavailable" | "rate_limited", Some(id)) => {
+                        if self.unacked.iter().any(|p| &p.id == id) {
+                            self.deferred.insert(id.clone());
+                        }
                         retry_unavailable.get_or_insert_with(|| {
                             tokio::time::Instant::now() + Duration::from_millis(200)
                         });
