@@ -52,6 +52,8 @@ pub struct Seen {
     pub ack_log: Vec<(Instant, u64)>,
     /// Why the client stopped for good, if it did.
     pub gave_up: Option<String>,
+    /// Sends the cluster could not take at once and the client sent again, by code.
+    pub deferred: BTreeMap<String, u64>,
 }
 
 /// A fault as it happened: what, which node it hit, and when it began and was healed.
@@ -183,6 +185,7 @@ async fn run_client(
             }
             Some(Event::SessionLost { .. }) => seen.sessions_lost += 1,
             Some(Event::Refused { code, id, .. }) => seen.refused.push((code, id)),
+            Some(Event::Deferred { code, .. }) => *seen.deferred.entry(code).or_default() += 1,
             Some(Event::Failed(why)) => {
                 // Reported by the checker, with everything else this run saw.
                 seen.gave_up = Some(why);
@@ -519,8 +522,13 @@ fn chaos_schedule_loses_nothing() {
     let drained = healed.elapsed();
     let acks = acks.lock().unwrap().clone();
     let summary = checker::check(&chaos.cluster, &seen, &applied, &acks, sending_until, ROOM);
+    let mut deferred: BTreeMap<String, u64> = BTreeMap::new();
+    for (code, n) in seen.iter().flat_map(|s| &s.deferred) {
+        *deferred.entry(code.clone()).or_default() += n;
+    }
     let report = format!(
-        "chaos: seed {seed}, {seconds} s of faults; healed cluster drained in {drained:?}\n{}{}\n{}\n",
+        "chaos: seed {seed}, {seconds} s of faults; healed cluster drained in {drained:?}\n\
+         chaos: sends deferred by the cluster and sent again: {deferred:?}\n{}{}\n{}\n",
         summary.notes(),
         summary.per_kind(),
         summary.line()
