@@ -40,8 +40,8 @@ use super::types::TypeConfig;
 pub const PATH: &str = "/raft/stream";
 pub const PROTOCOL: &str = "raftchat-append/1";
 
-/// Largest frame either side accepts (as the raft port's largest request body).
-const MAX_FRAME: usize = 64 * 1024 * 1024;
+/// Largest frame either side accepts: the raft port's largest request body.
+const MAX_FRAME: usize = super::rpc_client::MAX_RPC_BODY;
 /// AppendEntries sent and not yet answered, per session (openraft's follower side holds 64).
 const MAX_IN_FLIGHT: usize = 64;
 /// Frames queued for a connection's writer.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full, StreamBody};
+use http_body_util::{BodyExt, Full, Limited, StreamBody};
 use hyper::body::Frame;
 use hyper::{Request, StatusCode};
 use hyper_rustls::HttpsConnector;
@@ -35,6 +35,8 @@ pub const VOTE_HEADER: &str = "x-raftchat-vote";
 /// Header naming the node a request is meant for; a node refuses requests for another id, so a
 /// misconfigured address cannot make a leader replicate to itself.
 pub const TARGET_HEADER: &str = "x-raftchat-target";
+/// The largest raft-port request body (a snapshot streams apart), and the largest answer.
+pub const MAX_RPC_BODY: usize = 64 * 1024 * 1024;
 
 /// How long a request may go on after its caller stopped waiting (at least).
 const LINGER: Duration = Duration::from_secs(2);
@@ -500,17 +502,10 @@ impl RpcClient {
                 .map_err(|e| request_error(addr, e))?;
             let status = response.status();
             if status != StatusCode::SWITCHING_PROTOCOLS {
-                let body = response
-                    .into_body()
-                    .collect()
+                let body = read_body(addr, response.into_body())
                     .await
-                    .map(|b| b.to_bytes())
                     .unwrap_or_default();
-                return Err(RpcError::Status {
-                    addr: addr.to_string(),
-                    status,
-                    body: String::from_utf8_lossy(&body).into_owned(),
-                });
+                return Err(status_error(addr, status, &body));
             }
             hyper::upgrade::on(&mut response)
                 .await
@@ -581,20 +576,41 @@ impl RpcClient {
             .await
             .map_err(|e| request_error(addr, e))?;
         let status = response.status();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| network(e.to_string()))?
-            .to_bytes();
+        let body = read_body(addr, response.into_body()).await?;
         if status != StatusCode::OK {
-            return Err(RpcError::Status {
-                addr: addr.clone(),
-                status,
-                body: String::from_utf8_lossy(&body).into_owned(),
-            });
+            return Err(status_error(addr, status, &body));
         }
         serde_json::from_slice(&body).map_err(|e| network(format!("bad answer: {e}")))
+    }
+}
+
+/// An answer's body, at most as large as the raft port's largest request.
+async fn read_body(addr: &str, body: hyper::body::Incoming) -> Result<Bytes, RpcError> {
+    use hyper::body::Body as _;
+    let announced = body.size_hint().lower();
+    if announced > MAX_RPC_BODY as u64 {
+        return Err(RpcError::Network {
+            addr: addr.to_string(),
+            reason: format!(
+                "reading the answer: {announced} bytes announced, {MAX_RPC_BODY} at most"
+            ),
+        });
+    }
+    Limited::new(body, MAX_RPC_BODY)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| RpcError::Network {
+            addr: addr.to_string(),
+            reason: format!("reading the answer: {e}"),
+        })
+}
+
+fn status_error(addr: &str, status: StatusCode, body: &[u8]) -> RpcError {
+    RpcError::Status {
+        addr: addr.to_string(),
+        status,
+        body: String::from_utf8_lossy(body).into_owned(),
     }
 }
 
@@ -796,5 +812,31 @@ mod tests {
             .await;
         assert!(answer.is_ok(), "{answer:?}");
         assert_eq!(peer.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_answer_larger_than_any_request_is_refused() {
+        // A peer that claims a 1 GiB answer and sends a first MiB of it.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let _ = socket.read(&mut buf).await;
+            let head = "HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\n\r\n";
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(&vec![b' '; 1 << 20]).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        let (client, _) = client();
+        let started = Instant::now();
+        let answer: Result<Empty, _> = client
+            .post("history", 2, &addr, "/x", &(), Duration::from_secs(60), &[])
+            .await;
+        let Err(e) = answer else {
+            panic!("a 1 GiB answer was taken");
+        };
+        assert!(e.to_string().contains("reading the answer"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(10));
     }
 }

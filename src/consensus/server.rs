@@ -16,14 +16,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use super::append_stream;
-use super::rpc_client::{SECRET_HEADER, TARGET_HEADER, VOTE_HEADER};
+use super::rpc_client::{MAX_RPC_BODY, SECRET_HEADER, TARGET_HEADER, VOTE_HEADER};
 use super::snapshot_store::{SnapshotBlob, read_meta};
 use super::state_machine::Snapshot;
 use super::types::TypeConfig;
 use super::{Consensus, ForwardAnswer, ForwardRequest, ItemResult, LocalWrite};
 use crate::http::{self, HttpResponse};
 
-const MAX_RPC_BODY: usize = 64 * 1024 * 1024;
 /// A snapshot holds the live chat state only; anything larger is not one of ours.
 const MAX_SNAPSHOT_BODY: u64 = 4 * 1024 * 1024 * 1024;
 /// One page of history sent to a peer that fills its gap.
