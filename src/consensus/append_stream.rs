@@ -241,11 +241,13 @@ where
             let may_send = self.input.is_some() && self.unanswered.len() < MAX_IN_FLIGHT;
             let connection = self.replication.connection.as_mut()?;
             // Both futures are cancel-safe: a frame half read stays in the reader's buffer,
-            // a request half built stays in openraft's stream.
+            // a request half built stays in openraft's stream. Requests first: every commit
+            // waits for a follower's fsync of them, as the spawned sender did not wait for
+            // answers to be handed over.
             let step = tokio::select! {
                 biased;
-                frame = connection.frames_in().next() => Step::Frame(frame),
                 request = next_request(&mut self.input), if may_send => Step::Request(request),
+                frame = connection.frames_in().next() => Step::Frame(frame),
                 _ = answer_due(oldest), if oldest.is_some() => Step::NoAnswerInTime,
             };
             match step {
