@@ -242,8 +242,7 @@ where
             let connection = self.replication.connection.as_mut()?;
             // Both futures are cancel-safe: a frame half read stays in the reader's buffer,
             // a request half built stays in openraft's stream. Requests first: every commit
-            // waits for a follower's fsync of them, as the spawned sender did not wait for
-            // answers to be handed over.
+            // waits for a follower to write them.
             let step = tokio::select! {
                 biased;
                 request = next_request(&mut self.input), if may_send => Step::Request(request),
