@@ -385,7 +385,9 @@ impl Driver {
             if let Some(previous) = previous.filter(|_| !resumed) {
                 // Re-sending under a new session would store again what the old one stored.
                 let unacked: Vec<String> = self.unacked.drain(..).map(|p| p.id).collect();
-                self.unacked_count.store(0, Ordering::Relaxed);
+                // Not zero: sends the application made meanwhile still wait in the queue.
+                self.unacked_count
+                    .fetch_sub(unacked.len(), Ordering::SeqCst);
                 self.emit(Event::SessionLost {
                     previous,
                     session: self.session.clone().unwrap_or_default(),
@@ -808,6 +810,51 @@ mod tests {
         {
             assert!(!matches!(event, Event::Failed(_)), "{event:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_lost_session_does_not_lose_count_of_sends_made_meanwhile() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut client = Client::start(ClientConfig::new(vec![addr], "alice"));
+        let (mut first, _) = next_hello(&listener).await;
+        say(&mut first, welcome(false)).await;
+        client.send_with_id("m1", "#r", "one");
+        // The send reached the server; then the connection breaks, unacknowledged.
+        let mut line = String::new();
+        while !line.contains("m1") {
+            line.clear();
+            first.read_line(&mut line).await.unwrap();
+        }
+        drop(first);
+        let (mut second, hello) = next_hello(&listener).await;
+        assert_eq!(hello["session"], "s1");
+        // A send made while the client waits for its welcome...
+        client.send_with_id("m2", "#r", "two");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // ...and the session could not be resumed: m1's fate is unknown, m2 is still to go.
+        say(
+            &mut second,
+            json!({"type": "welcome", "session": "s2", "node": 1, "resumed": false, "nodes": []}),
+        )
+        .await;
+        let mut line = String::new();
+        while !line.contains("m2") {
+            line.clear();
+            second.read_line(&mut line).await.unwrap();
+        }
+        assert_eq!(client.unacked(), 1);
+        say(&mut second, json!({"type": "ack", "id": "m2", "index": 7})).await;
+        let acked = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(Event::Acked { id, .. }) = client.next_event().await {
+                    return id;
+                }
+            }
+        })
+        .await;
+        assert_eq!(acked.as_deref(), Ok("m2"));
+        assert_eq!(client.unacked(), 0);
     }
 
     #[test]
