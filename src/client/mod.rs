@@ -198,7 +198,6 @@ impl Client {
             rooms: BTreeSet::new(),
             node: None,
             gave_up_on_resume: None,
-            deferred: HashSet::new(),
         };
         tokio::spawn(driver.run(command_rx));
         Client {
@@ -280,9 +279,14 @@ struct Driver {
     /// may still be committed later, after a newer one, and take the session over from the
     /// connection that replaced it: that is not someone else's claim.
     gave_up_on_resume: Option<Instant>,
-    /// Sends the server could not take yet (no leader in time, rate limited): sent again
-    /// shortly. Every unacknowledged one is sent again on a new connection anyway.
-    deferred: HashSet<String>,
+}
+
+/// Sends one connection could not get taken yet (no leader in time, rate limited), and when
+/// to send them again. A new connection sends every unacknowledged one anyway.
+#[derive(Default)]
+struct Deferred {
+    ids: HashSet<String>,
+    retry_at: Option<tokio::time::Instant>,
 }
 
 /// How long a resuming `hello` this client gave up on may still take its session over: the
@@ -532,7 +536,6 @@ impl Driver {
         // A new session has no rooms, and a join asked for while disconnected was never sent:
         // join them all (joining a room again is harmless).
         self.rooms.extend(self.config.rooms.iter().cloned());
-        self.deferred.clear();
         for room in &self.rooms {
             if let Err(e) = writer.feed(&json!({"type": "join", "room": room})).await {
                 return lost(e);
@@ -553,9 +556,10 @@ impl Driver {
         // (a fan-out receiver reads hundreds of thousands of frames a second).
         let read_deadline = tokio::time::sleep(self.config.read_timeout);
         tokio::pin!(read_deadline);
-        let mut retry_unavailable: Option<tokio::time::Instant> = None;
+        let mut deferred = Deferred::default();
         loop {
-            let retry_at = retry_unavailable
+            let retry_at = deferred
+                .retry_at
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 frame = reader.next_frame() => {
@@ -565,7 +569,7 @@ impl Driver {
                         Ok(Some(frame)) => frame,
                     };
                     last_heard = Instant::now();
-                    if let Some(ended) = self.on_frame(frame, &mut retry_unavailable) {
+                    if let Some(ended) = self.on_frame(frame, &mut deferred) {
                         return ended;
                     }
                 }
@@ -603,11 +607,10 @@ impl Driver {
                         return lost(e);
                     }
                 }
-                _ = tokio::time::sleep_until(retry_at), if retry_unavailable.is_some() => {
+                _ = tokio::time::sleep_until(retry_at), if deferred.retry_at.is_some() => {
                     // Try what the cluster could not take again (the rest is on its way).
-                    retry_unavailable = None;
-                    let deferred = std::mem::take(&mut self.deferred);
-                    for pending in self.unacked.iter().filter(|p| deferred.contains(&p.id)) {
+                    let ids = std::mem::take(&mut deferred).ids;
+                    for pending in self.unacked.iter().filter(|p| ids.contains(&p.id)) {
                         if let Err(e) = writer.feed(&Self::send_frame(pending)).await {
                             return lost(e);
                         }
@@ -621,11 +624,7 @@ impl Driver {
     }
 
     /// Handles one frame; `Some` ends the connection.
-    fn on_frame(
-        &mut self,
-        frame: Frame,
-        retry_unavailable: &mut Option<tokio::time::Instant>,
-    ) -> Option<Ended> {
+    fn on_frame(&mut self, frame: Frame, deferred: &mut Deferred) -> Option<Ended> {
         let frame = match frame {
             Frame::Message(message) => {
                 self.delivered(message);
@@ -668,10 +667,11 @@ impl Driver {
                 match (code.as_str(), &id) {
                     // No leader in time, or rate limited: keep it and try it again shortly.
                     ("unavailable" | "rate_limited", Some(id)) => {
+                        // Only what it holds: a server cannot grow the set.
                         if self.unacked.iter().any(|p| &p.id == id) {
-                            self.deferred.insert(id.clone());
+                            deferred.ids.insert(id.clone());
                         }
-                        retry_unavailable.get_or_insert_with(|| {
+                        deferred.retry_at.get_or_insert_with(|| {
                             tokio::time::Instant::now() + Duration::from_millis(200)
                         });
                         self.emit(Event::Deferred {
