@@ -13,8 +13,13 @@
 //! (see `rpc_client`), and a new connection is tried a little later.
 //!
 //! Frames (4-byte big-endian length first): leader to follower, the session (8 bytes) and an
-//! `AppendEntriesRequest` in JSON; follower to leader, the session, a kind byte (`ANSWER`:
-//! openraft's `StreamAppendResult` in JSON; `STOPPED`: the follower's raft stopped, as text).
+//! `AppendEntriesRequest`; follower to leader, the session, a kind byte (`ANSWER`: openraft's
+//! `StreamAppendResult`; `STOPPED`: the follower's raft stopped, as text). Both are MessagePack
+//! with field names (`rmp_serde`'s named form): like the JSON of the HTTP requests, a field
+//! added later is skipped by a node that does not know it, but a chat message's text is
+//! copied rather than escaped, and numbers are not printed. A node of a version that still
+//! spoke the JSON frames (`raftchat-append/1`) refuses this protocol, and its peers replicate
+//! to it over HTTP until it is upgraded.
 
 use std::collections::VecDeque;
 use std::pin::pin;
@@ -38,7 +43,7 @@ use super::types::TypeConfig;
 
 /// The path a leader asks to upgrade, and the protocol it names.
 pub const PATH: &str = "/raft/stream";
-pub const PROTOCOL: &str = "raftchat-append/1";
+pub const PROTOCOL: &str = "raftchat-append/2";
 
 /// Largest frame either side accepts: the raft port's largest request body.
 const MAX_FRAME: usize = super::rpc_client::MAX_RPC_BODY;
@@ -68,6 +73,15 @@ fn codec() -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .max_frame_length(MAX_FRAME)
         .new_codec()
+}
+
+/// Appends `value` to a frame being built.
+fn encode_into<T: serde::Serialize>(frame: &mut BytesMut, value: &T) -> Result<(), String> {
+    rmp_serde::encode::write_named(&mut frame.writer(), value).map_err(|e| e.to_string())
+}
+
+fn decode<T: serde::de::DeserializeOwned>(frame: &[u8]) -> Result<T, String> {
+    rmp_serde::from_slice(frame).map_err(|e| e.to_string())
 }
 
 fn network_error(reason: impl Into<String>) -> RPCError<TypeConfig> {
@@ -282,9 +296,9 @@ where
 
     /// Queues one request for the connection's writer.
     async fn send(&mut self, request: &AppendEntriesRequest<TypeConfig>) -> Result<(), String> {
-        let mut frame = BytesMut::with_capacity(256).writer();
-        frame.get_mut().put_u64(self.session);
-        serde_json::to_writer(&mut frame, request)
+        let mut frame = BytesMut::with_capacity(256);
+        frame.put_u64(self.session);
+        encode_into(&mut frame, request)
             .map_err(|e| format!("an AppendEntries could not be encoded: {e}"))?;
         let Some(connection) = self.replication.connection.as_ref() else {
             return Err("the connection closed".into());
@@ -292,10 +306,8 @@ where
         self.unanswered.push_back(Instant::now());
         // The queue is full only while the follower reads nothing: wait as long as an answer
         // may take.
-        let queued = tokio::time::timeout(
-            ANSWER_TIMEOUT,
-            connection.frames_out.send(frame.into_inner().freeze()),
-        );
+        let queued =
+            tokio::time::timeout(ANSWER_TIMEOUT, connection.frames_out.send(frame.freeze()));
         match queued.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err("the connection's writer stopped".into()),
@@ -322,7 +334,7 @@ where
             .map(|t| t.elapsed())
             .unwrap_or_default();
         let item = match kind {
-            ANSWER => serde_json::from_slice::<StreamAppendResult<TypeConfig>>(&frame)
+            ANSWER => decode::<StreamAppendResult<TypeConfig>>(&frame)
                 .map_err(|e| self.fail(format!("bad answer: {e}"))),
             _ => Err(network_error(format!(
                 "remote: {}",
@@ -401,7 +413,7 @@ pub async fn serve(consensus: Arc<Consensus>, io: Upgraded) {
             return;
         }
         let session = frame.get_u64();
-        let request: AppendEntriesRequest<TypeConfig> = match serde_json::from_slice(&frame) {
+        let request: AppendEntriesRequest<TypeConfig> = match decode(&frame) {
             Ok(request) => request,
             Err(e) => {
                 tracing::warn!(error = %e, "a bad AppendEntries; closing the connection");
@@ -466,27 +478,27 @@ async fn send_answers<A>(
 {
     let mut answers = pin!(answers);
     while let Some(answer) = answers.next().await {
-        let mut frame = BytesMut::with_capacity(64).writer();
-        frame.get_mut().put_u64(session);
+        let mut frame = BytesMut::with_capacity(64);
+        frame.put_u64(session);
         let last = match &answer {
             Ok(result) => {
                 if result.is_ok() {
                     consensus.note_contact(leader);
                 }
-                frame.get_mut().put_u8(ANSWER);
-                if let Err(e) = serde_json::to_writer(&mut frame, result) {
+                frame.put_u8(ANSWER);
+                if let Err(e) = encode_into(&mut frame, result) {
                     tracing::error!(error = %e, "an AppendEntries answer could not be encoded");
                     return;
                 }
                 result.is_err()
             }
             Err(fatal) => {
-                frame.get_mut().put_u8(STOPPED);
-                frame.get_mut().put_slice(fatal.to_string().as_bytes());
+                frame.put_u8(STOPPED);
+                frame.put_slice(fatal.to_string().as_bytes());
                 true
             }
         };
-        if frames_out.send(frame.into_inner().freeze()).await.is_err() || last {
+        if frames_out.send(frame.freeze()).await.is_err() || last {
             return;
         }
     }

@@ -56,7 +56,7 @@ async fn follower(script: Script) -> String {
                     let result: StreamAppendResult<TypeConfig> = Ok(Some(matched));
                     let mut answer = session.to_be_bytes().to_vec();
                     answer.push(ANSWER);
-                    answer.extend_from_slice(&serde_json::to_vec(&result).unwrap());
+                    answer.extend_from_slice(&rmp_serde::to_vec_named(&result).unwrap());
                     if frames.send(Bytes::from(answer)).await.is_err() {
                         return;
                     }
@@ -185,4 +185,85 @@ async fn a_dropped_session_lets_go_of_its_input_at_once() {
         "the input outlived its session"
     );
     assert!(replication.connection.is_some());
+}
+
+#[test]
+fn every_kind_of_entry_and_answer_survives_the_frame_encoding() {
+    use crate::chat::command::ChatCommand;
+    use crate::consensus::types::{Entry, NodeAddr, Request};
+    use openraft::entry::RaftEntry;
+    let log_id = |index| openraft::testing::log_id::<TypeConfig>(3, 1, index);
+    let addr = |n: u64| NodeAddr {
+        chat: format!("127.0.0.1:{n}"),
+        raft: format!("127.0.0.1:1{n}"),
+        metrics: format!("127.0.0.1:2{n}"),
+        advertise_chat: (n == 2).then(|| "chat.example:6667".to_string()),
+    };
+    // Voters 1 to 3 and a learner, 4; node 2 advertises another chat address.
+    let nodes =
+        std::collections::BTreeMap::from([(1, addr(1)), (2, addr(2)), (3, addr(3)), (4, addr(4))]);
+    let membership =
+        openraft::Membership::<u64, NodeAddr>::new(vec![[1, 2, 3].into()], nodes).unwrap();
+    let request = AppendEntriesRequest::<TypeConfig> {
+        vote: Vote::new_committed(3, 1),
+        prev_log_id: Some(log_id(9)),
+        leader_commit: Some(log_id(8)),
+        entries: vec![
+            Entry::new_blank(log_id(10)),
+            Entry::new_membership(log_id(11), membership),
+            Entry::new_normal(
+                log_id(12),
+                Request {
+                    ts_ms: 1_765_000_000_123,
+                    command: ChatCommand::Send {
+                        session: "s1".into(),
+                        id: "m-1".into(),
+                        to: "#ünïcode".into(),
+                        text: "quotes \" and \\ and \u{1F600} and \n".into(),
+                    },
+                },
+            ),
+            Entry::new_normal(
+                log_id(13),
+                Request {
+                    ts_ms: -1,
+                    command: ChatCommand::Attach {
+                        session: "s2".into(),
+                        user: "ann".into(),
+                        node: 2,
+                        replaces: None,
+                        resume: Some("s0".into()),
+                        adopt: true,
+                        authenticated: false,
+                    },
+                },
+            ),
+        ],
+    };
+    let mut frame = BytesMut::new();
+    encode_into(&mut frame, &request).unwrap();
+    let back: AppendEntriesRequest<TypeConfig> = decode(&frame).unwrap();
+    assert_eq!(back.vote, request.vote);
+    assert_eq!(back.prev_log_id, request.prev_log_id);
+    assert_eq!(back.leader_commit, request.leader_commit);
+    assert_eq!(back.entries, request.entries);
+
+    let answers: [StreamAppendResult<TypeConfig>; 4] = [
+        Ok(Some(log_id(13))),
+        Ok(None),
+        Err(openraft::raft::StreamAppendError::Conflict(log_id(9))),
+        Err(openraft::raft::StreamAppendError::HigherVote(Vote::new(
+            4, 2,
+        ))),
+    ];
+    for answer in answers {
+        let mut frame = BytesMut::new();
+        encode_into(&mut frame, &answer).unwrap();
+        assert_eq!(
+            decode::<StreamAppendResult<TypeConfig>>(&frame).unwrap(),
+            answer
+        );
+    }
+    // Garbage is an error, not a panic.
+    assert!(decode::<AppendEntriesRequest<TypeConfig>>(b"\xc1\xff{").is_err());
 }
