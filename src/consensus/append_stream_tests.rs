@@ -220,7 +220,8 @@ fn every_kind_of_entry_and_answer_survives_the_frame_encoding() {
                         id: "m-1".into(),
                         to: "#ünïcode".into(),
                         text: "quotes \" and \\ and \u{1F600} and \n".into(),
-                    },
+                    }
+                    .into(),
                 },
             ),
             Entry::new_normal(
@@ -235,7 +236,8 @@ fn every_kind_of_entry_and_answer_survives_the_frame_encoding() {
                         resume: Some("s0".into()),
                         adopt: true,
                         authenticated: false,
-                    },
+                    }
+                    .into(),
                 },
             ),
         ],

@@ -115,7 +115,8 @@ mod tests {
                                 id: i.to_string(),
                                 to: "#r".into(),
                                 text: "hi".into(),
-                            },
+                            }
+                            .into(),
                         },
                     );
                     let bytes = serde_json::to_vec(&entry).unwrap();

@@ -65,7 +65,7 @@ struct LogMem {
 fn approx_size(entry: &Entry) -> usize {
     use crate::chat::command::ChatCommand;
     let payload = match &entry.payload {
-        openraft::EntryPayload::Normal(req) => match &req.command {
+        openraft::EntryPayload::Normal(req) => match &*req.command {
             ChatCommand::Send {
                 session,
                 id,
@@ -556,7 +556,8 @@ pub(crate) mod tests {
                     id: format!("{term}-{index}"),
                     to: "#r".into(),
                     text: "x".repeat(text_bytes),
-                },
+                }
+                .into(),
             },
         )
     }

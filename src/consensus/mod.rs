@@ -849,7 +849,10 @@ impl Consensus {
         let ts_ms = now_ms();
         let requests: Vec<Request> = commands
             .into_iter()
-            .map(|command| Request { ts_ms, command })
+            .map(|command| Request {
+                ts_ms,
+                command: command.into(),
+            })
             .collect();
         let id = self.id;
         let lost_leadership = self.wait_server(None, |m| m.current_leader != Some(id));

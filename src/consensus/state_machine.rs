@@ -143,7 +143,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 EntryPayload::Normal(req) => AppliedEntry {
                     index: entry.index(),
                     ts_ms: req.ts_ms,
-                    command: Some(&req.command),
+                    command: Some(&*req.command),
                 },
                 _ => AppliedEntry {
                     index: entry.index(),
@@ -316,7 +316,10 @@ mod tests {
         };
         Entry::new_normal(
             openraft::testing::log_id::<TypeConfig>(1, 1, index),
-            Request { ts_ms: 0, command },
+            Request {
+                ts_ms: 0,
+                command: command.into(),
+            },
         )
     }
 
@@ -462,7 +465,10 @@ mod tests {
             Ok((
                 Entry::new_normal(
                     openraft::testing::log_id::<TypeConfig>(1, 1, index),
-                    Request { ts_ms: 0, command },
+                    Request {
+                        ts_ms: 0,
+                        command: command.into(),
+                    },
                 ),
                 None,
             ))
@@ -523,7 +529,7 @@ mod tests {
                 openraft::testing::log_id::<TypeConfig>(1, 1, 2),
                 Request {
                     ts_ms: 0,
-                    command: join,
+                    command: join.into(),
                 },
             ),
             None,
@@ -540,7 +546,7 @@ mod tests {
                     openraft::testing::log_id::<TypeConfig>(1, 1, i),
                     Request {
                         ts_ms: 0,
-                        command: send,
+                        command: send.into(),
                     },
                 ),
                 None,

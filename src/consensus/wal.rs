@@ -848,7 +848,7 @@ mod tests {
         // The last entry spans several sectors.
         let mut big = entry(1, 5);
         if let openraft::EntryPayload::Normal(req) = &mut big.payload
-            && let ChatCommand::Send { text, .. } = &mut req.command
+            && let ChatCommand::Send { text, .. } = std::sync::Arc::make_mut(&mut req.command)
         {
             *text = "y".repeat(3000);
         }
