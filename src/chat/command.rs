@@ -70,6 +70,83 @@ pub enum ChatCommand {
     },
 }
 
+/// `ChatCommand` externally tagged, for encodings that are not human-readable (the replication
+/// frames' MessagePack): its JSON's internal tag (`"op"`) makes serde buffer every command
+/// before it knows the variant, which costs an allocation per field. Each variant must match
+/// `ChatCommand`'s (the derive fails to compile otherwise); fields keep their defaults, so a
+/// field added later still reads from an older peer.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "ChatCommand", rename_all = "snake_case")]
+enum ExternallyTagged {
+    Attach {
+        session: String,
+        user: String,
+        node: u64,
+        #[serde(default)]
+        replaces: Option<String>,
+        #[serde(default)]
+        resume: Option<String>,
+        #[serde(default)]
+        adopt: bool,
+        #[serde(default)]
+        authenticated: bool,
+    },
+    SetAccount {
+        user: String,
+        hash: Option<String>,
+    },
+    Configure {
+        settings: super::state::Settings,
+    },
+    Detach {
+        session: String,
+        attachment: u64,
+    },
+    DetachNode {
+        node: u64,
+    },
+    Join {
+        session: String,
+        room: String,
+    },
+    Leave {
+        session: String,
+        room: String,
+    },
+    Send {
+        session: String,
+        id: String,
+        to: String,
+        text: String,
+    },
+}
+
+/// `#[serde(with = "...")]` for a shared `ChatCommand`: JSON as `ChatCommand` itself (its
+/// `"op"` tag, on disk and in HTTP requests), binary encodings externally tagged.
+pub mod shared_command_encoding {
+    use std::sync::Arc;
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::{ChatCommand, ExternallyTagged};
+
+    pub fn serialize<S: Serializer>(command: &Arc<ChatCommand>, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            command.serialize(s)
+        } else {
+            ExternallyTagged::serialize(command, s)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<ChatCommand>, D::Error> {
+        if d.is_human_readable() {
+            ChatCommand::deserialize(d).map(Arc::new)
+        } else {
+            ExternallyTagged::deserialize(d).map(Arc::new)
+        }
+    }
+}
+
 impl fmt::Display for ChatCommand {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

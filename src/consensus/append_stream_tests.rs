@@ -240,8 +240,27 @@ fn every_kind_of_entry_and_answer_survives_the_frame_encoding() {
                     .into(),
                 },
             ),
+            Entry::new_normal(
+                log_id(14),
+                Request {
+                    ts_ms: 7,
+                    command: ChatCommand::Configure {
+                        settings: crate::chat::state::Settings {
+                            session_ttl_ms: 5,
+                            retention: crate::chat::history::Retention {
+                                max_per_room: 3,
+                                max_age_ms: 4,
+                            },
+                        },
+                    }
+                    .into(),
+                },
+            ),
         ],
     };
+    // JSON (the HTTP fallback, the log on disk) keeps the command's `op` tag.
+    let json = serde_json::to_value(&request.entries[2]).unwrap();
+    assert_eq!(json["payload"]["Normal"]["command"]["op"], "send", "{json}");
     let mut frame = BytesMut::new();
     encode_into(&mut frame, &request).unwrap();
     let back: AppendEntriesRequest<TypeConfig> = decode(&frame).unwrap();

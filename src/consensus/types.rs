@@ -13,7 +13,9 @@ use crate::chat::command::{ChatCommand, ChatResponse};
 pub struct Request {
     pub ts_ms: i64,
     /// Shared, not copied, each time openraft clones the entry: into the log's cache, for each
-    /// follower's AppendEntries and for the apply. Encoded as the command itself.
+    /// follower's AppendEntries and for the apply. Encoded as the command itself (externally
+    /// tagged in the replication frames).
+    #[serde(with = "crate::chat::command::shared_command_encoding")]
     pub command: Arc<ChatCommand>,
 }
 
