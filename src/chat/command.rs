@@ -1,7 +1,8 @@
 //! What the chat layer replicates through the log, and what applying it answers.
 //!
-//! These types are written to disk and sent between nodes as JSON with field names, so a node
-//! of a newer version can still read them when a field is added.
+//! These types are written to disk and sent between nodes with field names (JSON; the
+//! replication frames in MessagePack), so a node of a newer version can still read them when
+//! a field is added.
 
 use std::fmt;
 use std::sync::{Arc, OnceLock};
