@@ -183,8 +183,37 @@ fn opt_u64(v: &Value, name: &str) -> Result<Option<u64>, ProtocolError> {
     }
 }
 
+/// A well-formed `send`, the line a connection reads most: decoded into its fields directly
+/// (borrowing what has no escapes), not into a `Value` map first. Anything else, errors
+/// included, goes the general way (`parse`), which decides every answer.
+#[derive(serde::Deserialize)]
+struct SendLine<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    id: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    to: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    text: std::borrow::Cow<'a, str>,
+}
+
+fn parse_send(line: &str) -> Option<ClientRequest> {
+    let send: SendLine<'_> = serde_json::from_str(line).ok()?;
+    (send.kind == "send" && !send.id.is_empty() && send.id.len() <= 128).then(|| {
+        ClientRequest::Send {
+            to: send.to.into_owned(),
+            id: send.id.into_owned(),
+            text: send.text.into_owned(),
+        }
+    })
+}
+
 /// Parses one line of the JSON dialect.
 pub fn parse(line: &str) -> Result<ClientRequest, ProtocolError> {
+    if let Some(send) = parse_send(line) {
+        return Ok(send);
+    }
     let v: Value = serde_json::from_str(line)
         .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("invalid JSON: {e}")))?;
     if !v.is_object() {
@@ -850,6 +879,63 @@ mod tests {
             (e.code, e.id.as_deref()),
             (ErrorCode::MissingField, Some("7"))
         );
+    }
+
+    #[test]
+    fn a_send_reads_the_same_on_the_direct_way_and_the_general_one() {
+        let general = |line: &str| {
+            let v: Value = serde_json::from_str(line).unwrap();
+            (
+                field_str(&v, "to").unwrap(),
+                field_str(&v, "id").unwrap(),
+                field_str(&v, "text").unwrap(),
+            )
+        };
+        for line in [
+            r##"{"type":"send","id":"7","to":"#r","text":"hi"}"##,
+            r##"{"text":"esc \" \\ \n \u00e9 é","to":"#r","id":"a b","type":"send","extra":[1,{"x":2}]}"##,
+            r##"{"type":"send","id":"7","to":"bob","text":""}"##,
+        ] {
+            let Some(ClientRequest::Send { to, id, text }) = parse_send(line) else {
+                panic!("not taken directly: {line}");
+            };
+            assert_eq!((to, id, text), general(line), "{line}");
+        }
+        // Lines the direct way leaves to the general one, which answers as it always did.
+        let long_id = format!(
+            r##"{{"type":"send","id":"{}","to":"#r","text":"x"}}"##,
+            "i".repeat(129)
+        );
+        for (line, code) in [
+            (
+                r##"{"type":"send","id":"","to":"#r","text":"x"}"##,
+                ErrorCode::BadJson,
+            ),
+            (long_id.as_str(), ErrorCode::BadJson),
+            (
+                r##"{"type":"send","id":"7","to":"#r","text":null}"##,
+                ErrorCode::BadJson,
+            ),
+            (
+                r##"{"type":"send","id":"7","to":"#r","text":5}"##,
+                ErrorCode::BadJson,
+            ),
+            (
+                r##"{"type":"send","id":"7","to":"#r"}"##,
+                ErrorCode::MissingField,
+            ),
+            (
+                r##"{"type":"sned","id":"7","to":"#r","text":"x"}"##,
+                ErrorCode::UnknownType,
+            ),
+        ] {
+            assert!(parse_send(line).is_none(), "{line}");
+            assert_eq!(parse(line).unwrap_err().code, code, "{line}");
+        }
+        // A repeated field: the general way keeps the last value, as before.
+        let twice = r##"{"type":"send","id":"7","to":"#a","to":"#b","text":"x"}"##;
+        assert!(parse_send(twice).is_none());
+        assert!(matches!(parse(twice), Ok(ClientRequest::Send { to, .. }) if to == "#b"));
     }
 
     #[test]
