@@ -112,7 +112,7 @@ fn the_replication_upgrade_needs_the_secret_and_a_bad_frame_closes_it() {
     let leader = cluster.wait_leader(&[1, 2, 3], T);
     let follower = (1..=3).find(|&id| id != leader).unwrap();
     let raft = &cluster.node(follower).raft;
-    let upgrade_headers = "Connection: upgrade\r\nUpgrade: raftchat-append/1\r\n";
+    let upgrade_headers = "Connection: upgrade\r\nUpgrade: raftchat-append/2\r\n";
 
     let (code, _) = upgrade(raft, follower, upgrade_headers);
     assert_eq!(code, 401, "without the secret");
@@ -127,6 +127,13 @@ fn the_replication_upgrade_needs_the_secret_and_a_bad_frame_closes_it() {
     let secret = format!("x-raftchat-secret: test-secret\r\n{upgrade_headers}");
     let (code, _) = upgrade(raft, leader, &secret);
     assert_eq!(code, 421, "meant for another node");
+    // The JSON frames of older versions: refused, so such a leader replicates over HTTP.
+    let (code, _) = upgrade(
+        raft,
+        follower,
+        "x-raftchat-secret: test-secret\r\nConnection: upgrade\r\nUpgrade: raftchat-append/1\r\n",
+    );
+    assert_eq!(code, 400, "the older protocol");
 
     // An AppendEntries from a leader of term 0 is answered (the follower's vote is higher),
     // on the session it came with.
@@ -138,15 +145,15 @@ fn the_replication_upgrade_needs_the_secret_and_a_bad_frame_closes_it() {
         "leader_commit": null,
         "entries": []
     });
-    socket
-        .write_all(&frame(7, stale.to_string().as_bytes()))
-        .unwrap();
+    // Frames are MessagePack with field names.
+    let stale = rmp_serde::to_vec_named(&stale).unwrap();
+    socket.write_all(&frame(7, &stale)).unwrap();
     let (session, kind, body) = read_frame(&mut socket);
     assert_eq!((session, kind), (7, 0));
-    let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let answer: serde_json::Value = rmp_serde::from_slice(&body).unwrap();
     assert!(answer["Err"]["HigherVote"].is_object(), "{answer}");
 
-    // Not JSON: the connection is closed.
+    // Not an AppendEntries: the connection is closed.
     socket.write_all(&frame(8, b"{not json")).unwrap();
     assert!(
         closed(&mut socket),
