@@ -19,9 +19,6 @@ use super::fanout::Subscriber;
 use super::lines::{Line, Verdict, read_line};
 use super::service::{Attached, ChatService, Outgoing};
 
-/// Messages a connection may have queued for replication before it stops reading.
-const SEND_QUEUE: usize = 1024;
-
 mod wire;
 
 pub use wire::rfc3339;
@@ -29,6 +26,8 @@ use wire::{
     ClientRequest, ErrorCode, MessageView, NodeInfo, ProtocolError, ServerFrame, error_frame, parse,
 };
 
+/// Messages a connection may have queued for replication before it stops reading.
+const SEND_QUEUE: usize = 1024;
 const DIALECT: &str = "json";
 
 /// Serves one JSON-dialect connection until it closes.
