@@ -23,6 +23,10 @@ pub enum ClientError {
     Timeout { addr: String, timeout: Duration },
 }
 
+/// A busy room's frames arrive a server batch at a time (tens of kilobytes): read them in
+/// few calls rather than 8 KiB at a time.
+const READ_BUFFER: usize = 32 * 1024;
+
 pub struct FrameReader {
     addr: String,
     reader: BufReader<OwnedReadHalf>,
@@ -44,11 +48,21 @@ struct Streamed<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
     index: Option<u64>,
-    id: Option<String>,
-    to: Option<String>,
-    from: Option<String>,
-    text: Option<String>,
-    ts: Option<String>,
+    // Borrowed from the line unless escaped: each is copied once, into its owned field.
+    #[serde(borrow)]
+    id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    to: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    from: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    text: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    ts: Option<Cow<'a, str>>,
+}
+
+fn owned(field: Option<Cow<'_, str>>) -> String {
+    field.map(Cow::into_owned).unwrap_or_default()
 }
 
 /// A `send` frame, written without building a JSON value first.
@@ -101,6 +115,23 @@ impl FrameReader {
         }
     }
 
+    /// Whether a whole frame was already read from the socket: `next_frame` then returns
+    /// it without waiting.
+    pub fn frame_buffered(&self) -> bool {
+        // As `next_line` reads: the part already in `line`, then whole lines, blank ones
+        // skipped.
+        let mut blank_so_far = self.line.iter().all(u8::is_ascii_whitespace);
+        let mut rest = self.reader.buffer();
+        while let Some(end) = memchr::memchr(b'\n', rest) {
+            if !blank_so_far || !rest[..end].iter().all(u8::is_ascii_whitespace) {
+                return true;
+            }
+            rest = &rest[end + 1..];
+            blank_so_far = true;
+        }
+        false
+    }
+
     /// The next frame, messages and acks decoded without a JSON value; `Ok(None)` when the
     /// server closed the connection.
     pub async fn next_frame(&mut self) -> Result<Option<Frame>, ClientError> {
@@ -119,16 +150,16 @@ impl FrameReader {
                 "message" => {
                     return Ok(Frame::Message(super::Message {
                         index: frame.index.unwrap_or(0),
-                        to: frame.to.unwrap_or_default(),
-                        from: frame.from.unwrap_or_default(),
-                        id: frame.id.unwrap_or_default(),
-                        text: frame.text.unwrap_or_default(),
-                        ts: frame.ts.unwrap_or_default(),
+                        to: owned(frame.to),
+                        from: owned(frame.from),
+                        id: owned(frame.id),
+                        text: owned(frame.text),
+                        ts: owned(frame.ts),
                     }));
                 }
                 "ack" => {
                     return Ok(Frame::Ack {
-                        id: frame.id.unwrap_or_default(),
+                        id: owned(frame.id),
                         index: frame.index.unwrap_or(0),
                     });
                 }
@@ -215,7 +246,7 @@ pub async fn connect(addr: &str) -> Result<(FrameReader, FrameWriter), ClientErr
     Ok((
         FrameReader {
             addr: addr.to_string(),
-            reader: BufReader::new(read),
+            reader: BufReader::with_capacity(READ_BUFFER, read),
             line: Vec::new(),
         },
         FrameWriter {
@@ -287,6 +318,45 @@ mod tests {
             _ => panic!("JSON"),
         }
         assert!(reader.next_frame().await.unwrap().is_none());
+        server.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_frame_counts_as_buffered_only_when_a_whole_line_of_it_is_in() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let (written, all_in) = tokio::sync::oneshot::channel::<()>();
+        let (go_on, rest_wanted) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let first = concat!(
+                r#"{"type":"ack","id":"1","index":1}"#,
+                "\n",
+                r#"{"type":"ack","id":"2","index":2}"#,
+                "\n  \n",
+                r#"{"type":"ack","id":"3""#,
+            );
+            stream.write_all(first.as_bytes()).await.unwrap();
+            stream.flush().await.unwrap();
+            written.send(()).unwrap();
+            let _ = rest_wanted.await;
+            stream.write_all(b",\"index\":3}\n").await.unwrap();
+        });
+        let (mut reader, _writer) = connect(&addr).await.unwrap();
+        all_in.await.unwrap();
+        let ack = |f: Option<Frame>| match f {
+            Some(Frame::Ack { index, .. }) => index,
+            _ => panic!("an ack"),
+        };
+        assert!(!reader.frame_buffered(), "nothing read yet");
+        assert_eq!(ack(reader.next_frame().await.unwrap()), 1);
+        assert!(reader.frame_buffered(), "the second ack is in");
+        assert_eq!(ack(reader.next_frame().await.unwrap()), 2);
+        // A blank line and half a frame: reading on would wait for the socket.
+        assert!(!reader.frame_buffered());
+        go_on.send(()).unwrap();
+        assert_eq!(ack(reader.next_frame().await.unwrap()), 3);
+        assert!(!reader.frame_buffered());
         server.await.unwrap();
     }
 

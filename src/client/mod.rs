@@ -9,6 +9,7 @@
 //! id, and hands each message to the application once, in index order.
 
 pub mod conn;
+mod events;
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
@@ -171,7 +172,7 @@ enum Command {
 /// The application's handle: commands in, events out.
 pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: events::EventReceiver,
     unacked: Arc<AtomicUsize>,
     id_prefix: String,
     next_id: u64,
@@ -181,7 +182,7 @@ impl Client {
     /// Starts the client; it connects in the background (watch for `Event::Connected`).
     pub fn start(config: ClientConfig) -> Client {
         let (commands, command_rx) = mpsc::unbounded_channel();
-        let (event_tx, events) = mpsc::unbounded_channel();
+        let (event_tx, events) = events::channel();
         let unacked = Arc::new(AtomicUsize::new(0));
         let driver = Driver {
             known: config
@@ -264,7 +265,7 @@ struct Pending {
 
 struct Driver {
     config: ClientConfig,
-    events: mpsc::UnboundedSender<Event>,
+    events: events::EventSender,
     unacked_count: Arc<AtomicUsize>,
     /// (node id once known, chat address, healthy as last reported).
     known: Vec<(Option<u64>, String, bool)>,
@@ -303,8 +304,8 @@ enum Ended {
 }
 
 impl Driver {
-    fn emit(&self, event: Event) {
-        let _ = self.events.send(event);
+    fn emit(&mut self, event: Event) {
+        self.events.emit(event);
     }
 
     /// Servers to try, healthy ones first, starting after the one that just failed.
@@ -415,7 +416,9 @@ impl Driver {
                     resent,
                 }));
             }
-            match self.serve(&mut reader, &mut writer, &mut commands).await {
+            let ended = self.serve(&mut reader, &mut writer, &mut commands).await;
+            self.events.flush();
+            match ended {
                 Ended::Lost(reason) => {
                     lost_at = Some(Instant::now());
                     self.emit(Event::Disconnected {
@@ -503,7 +506,7 @@ impl Driver {
         // Replays and re-sends can repeat what was delivered: index order decides.
         if message.index > self.last_index {
             self.last_index = message.index;
-            self.emit(Event::Message(message));
+            self.events.hold(Event::Message(message));
         }
     }
 
@@ -512,7 +515,7 @@ impl Driver {
         if let Some(pos) = self.unacked.iter().position(|p| p.id == id) {
             self.unacked.remove(pos);
             self.unacked_count.fetch_sub(1, Ordering::SeqCst);
-            self.emit(Event::Acked { id, index });
+            self.events.hold(Event::Acked { id, index });
         }
     }
 
@@ -558,9 +561,13 @@ impl Driver {
         tokio::pin!(read_deadline);
         let mut deferred = Deferred::default();
         loop {
-            let retry_at = deferred
-                .retry_at
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            // A frame already read from the socket is handled before anything is waited for,
+            // and the messages and acks held meanwhile are handed over together.
+            let buffered = reader.frame_buffered();
+            if !buffered {
+                self.events.flush();
+            }
+            let retry_at = deferred.retry_at;
             tokio::select! {
                 frame = reader.next_frame() => {
                     let frame = match frame {
@@ -568,7 +575,11 @@ impl Driver {
                         Ok(None) => return Ended::Lost("the server closed the connection".into()),
                         Ok(Some(frame)) => frame,
                     };
-                    last_heard = Instant::now();
+                    // Frames that came in one read were heard together (a clock read per
+                    // frame costs a busy receiver more than decoding some of them).
+                    if !buffered {
+                        last_heard = Instant::now();
+                    }
                     if let Some(ended) = self.on_frame(frame, &mut deferred) {
                         return ended;
                     }
@@ -607,7 +618,7 @@ impl Driver {
                         return lost(e);
                     }
                 }
-                _ = tokio::time::sleep_until(retry_at), if deferred.retry_at.is_some() => {
+                () = sleep_until(retry_at), if retry_at.is_some() => {
                     // Try what the cluster could not take again (the rest is on its way).
                     let ids = std::mem::take(&mut deferred).ids;
                     for pending in self.unacked.iter().filter(|p| ids.contains(&p.id)) {
@@ -744,6 +755,14 @@ fn parse_message(v: &Value) -> Message {
         id: s("id"),
         text: s("text"),
         ts: s("ts"),
+    }
+}
+
+/// Sleeps until `at`, or for ever; no timer exists unless there is a time.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 
