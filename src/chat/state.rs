@@ -989,4 +989,25 @@ mod tests {
         };
         assert_eq!(run(), run());
     }
+
+    #[test]
+    fn a_dedup_window_keeps_its_serialized_form_and_its_newest_ids() {
+        // Snapshots carry the window as a map and a list of strings.
+        let json = r#"{"ids":{"a":1,"b":2},"order":["a","b"]}"#;
+        let mut window: DedupWindow = serde_json::from_str(json).unwrap();
+        assert_eq!((window.get("a"), window.get("b")), (Some(1), Some(2)));
+        let back: serde_json::Value = serde_json::to_value(&window).unwrap();
+        assert_eq!(
+            back,
+            serde_json::from_str::<serde_json::Value>(json).unwrap()
+        );
+        for i in 0..DEDUP_WINDOW as u64 {
+            window.insert(format!("n{i}"), 10 + i);
+        }
+        assert_eq!(window.order.len(), DEDUP_WINDOW);
+        assert_eq!(window.ids.len(), DEDUP_WINDOW);
+        assert_eq!((window.get("a"), window.get("b")), (None, None));
+        assert_eq!(window.order.front().map(String::as_str), Some("n0"));
+        assert_eq!(window.get("n0"), Some(10));
+    }
 }
