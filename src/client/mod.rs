@@ -592,6 +592,9 @@ impl Driver {
                     read_deadline.as_mut().reset(due.into());
                 }
                 cmd = commands.recv() => {
+                    // A write can wait for the socket: what was read goes to the application
+                    // first (so in the two branches below).
+                    self.events.flush();
                     let Some(cmd) = cmd else { return Ended::Closed };
                     // Batch whatever else is queued into the same write.
                     let mut next = Some(cmd);
@@ -614,11 +617,13 @@ impl Driver {
                     }
                 }
                 _ = ping.tick() => {
+                    self.events.flush();
                     if let Err(e) = writer.send(&json!({"type": "ping"})).await {
                         return lost(e);
                     }
                 }
                 () = sleep_until(retry_at), if retry_at.is_some() => {
+                    self.events.flush();
                     // Try what the cluster could not take again (the rest is on its way).
                     let ids = std::mem::take(&mut deferred).ids;
                     for pending in self.unacked.iter().filter(|p| ids.contains(&p.id)) {
