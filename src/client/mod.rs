@@ -304,10 +304,6 @@ enum Ended {
 }
 
 impl Driver {
-    fn emit(&mut self, event: Event) {
-        self.events.emit(event);
-    }
-
     /// Servers to try, healthy ones first, starting after the one that just failed.
     fn candidates(&self) -> Vec<String> {
         let start = self
@@ -347,7 +343,7 @@ impl Driver {
             let Some((server, (mut reader, mut writer, welcome))) = connected else {
                 attempt += 1;
                 if self.config.max_attempts.is_some_and(|max| attempt >= max) {
-                    self.emit(Event::Failed(format!(
+                    self.events.emit(Event::Failed(format!(
                         "gave up after {attempt} attempts: {last_error}"
                     )));
                     return;
@@ -357,7 +353,7 @@ impl Driver {
                     self.config.backoff_initial,
                     self.config.backoff_max,
                 );
-                self.emit(Event::Retrying {
+                self.events.emit(Event::Retrying {
                     attempt,
                     error: last_error,
                     retry_in: delay,
@@ -393,7 +389,7 @@ impl Driver {
                 // Not zero: sends the application made meanwhile still wait in the queue.
                 self.unacked_count
                     .fetch_sub(unacked.len(), Ordering::SeqCst);
-                self.emit(Event::SessionLost {
+                self.events.emit(Event::SessionLost {
                     previous,
                     session: self.session.clone().unwrap_or_default(),
                     unacked,
@@ -401,14 +397,14 @@ impl Driver {
             }
             let resent = self.unacked.len();
             if first {
-                self.emit(Event::Connected {
+                self.events.emit(Event::Connected {
                     node,
                     server: server.clone(),
                     session: self.session.clone().unwrap_or_default(),
                 });
                 first = false;
             } else {
-                self.emit(Event::Reconnected(Reconnect {
+                self.events.emit(Event::Reconnected(Reconnect {
                     from_node,
                     to_node: node,
                     downtime: lost_at.map_or(Duration::ZERO, |t| t.elapsed()),
@@ -421,14 +417,14 @@ impl Driver {
             match ended {
                 Ended::Lost(reason) => {
                     lost_at = Some(Instant::now());
-                    self.emit(Event::Disconnected {
+                    self.events.emit(Event::Disconnected {
                         node: self.node,
                         reason,
                     });
                 }
                 Ended::Closed => return,
                 Ended::Fatal(reason) => {
-                    self.emit(Event::Failed(reason));
+                    self.events.emit(Event::Failed(reason));
                     return;
                 }
             }
@@ -656,21 +652,21 @@ impl Driver {
         match frame["type"].as_str() {
             Some("message") => self.delivered(parse_message(&frame)),
             Some("ack") => self.acked(text("id"), frame["index"].as_u64().unwrap_or(0)),
-            Some("presence") => self.emit(Event::Presence {
+            Some("presence") => self.events.emit(Event::Presence {
                 room: text("room"),
                 user: text("user"),
                 joined: frame["state"] == "joined",
             }),
-            Some("joined") => self.emit(Event::Joined {
+            Some("joined") => self.events.emit(Event::Joined {
                 room: text("room"),
                 members: strings(&frame["members"]),
             }),
-            Some("left") => self.emit(Event::Left { room: text("room") }),
-            Some("members") => self.emit(Event::Members {
+            Some("left") => self.events.emit(Event::Left { room: text("room") }),
+            Some("members") => self.events.emit(Event::Members {
                 room: text("room"),
                 users: strings(&frame["users"]),
             }),
-            Some("history") => self.emit(Event::History {
+            Some("history") => self.events.emit(Event::History {
                 room: text("room"),
                 messages: frame["messages"]
                     .as_array()
@@ -690,7 +686,7 @@ impl Driver {
                         deferred.retry_at.get_or_insert_with(|| {
                             tokio::time::Instant::now() + Duration::from_millis(200)
                         });
-                        self.emit(Event::Deferred {
+                        self.events.emit(Event::Deferred {
                             id: id.clone(),
                             code,
                             message: text("message"),
@@ -717,7 +713,7 @@ impl Driver {
                     }
                     _ => {}
                 }
-                self.emit(Event::Refused {
+                self.events.emit(Event::Refused {
                     code,
                     message: text("message"),
                     id,

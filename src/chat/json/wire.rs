@@ -10,6 +10,14 @@ use serde_json::Value;
 use crate::chat::command::StoredMessage;
 use crate::chat::service::ChatError;
 
+/// Longest message id a client may choose, in bytes.
+const MAX_ID_BYTES: usize = 128;
+
+/// Whether a message id is one a client may choose (both ways of reading a `send` ask it).
+fn id_allowed(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_BYTES
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
@@ -192,12 +200,10 @@ fn parse_send(line: &str) -> Option<ClientRequest> {
         return None;
     }
     let send: SendLine<'_> = serde_json::from_str(line).ok()?;
-    (send.kind == "send" && !send.id.is_empty() && send.id.len() <= 128).then(|| {
-        ClientRequest::Send {
-            to: send.to.into_owned(),
-            id: send.id.into_owned(),
-            text: send.text.into_owned(),
-        }
+    (send.kind == "send" && id_allowed(&send.id)).then(|| ClientRequest::Send {
+        to: send.to.into_owned(),
+        id: send.id.into_owned(),
+        text: send.text.into_owned(),
     })
 }
 
@@ -240,10 +246,10 @@ pub fn parse(line: &str) -> Result<ClientRequest, ProtocolError> {
             };
             let to = field_str(&v, "to").map_err(with_id)?;
             let text = field_str(&v, "text").map_err(with_id)?;
-            if id.is_empty() || id.len() > 128 {
+            if !id_allowed(&id) {
                 return Err(with_id(ProtocolError::new(
                     ErrorCode::BadJson,
-                    "field `id` must be 1 to 128 bytes",
+                    format!("field `id` must be 1 to {MAX_ID_BYTES} bytes"),
                 )));
             }
             ClientRequest::Send { to, id, text }
