@@ -666,11 +666,17 @@ fn real_prometheus_runs_every_dashboard_query_and_fires_the_alerts() {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs_f64();
-        let scraped_at = format!("timestamp(up{{job=\"raftchat\",instance=\"{target}\"}} == 1)");
+        // `timestamp()` of a raw selector is the scrape's time; of `up == 1` it would be the
+        // query's own (Prometheus 2.42), which let this wait pass at once and the rounds
+        // outrun the scrapes.
+        let up = format!("up{{job=\"raftchat\",instance=\"{target}\"}}");
+        let scraped_at = format!("timestamp({up})");
         wait_for(T, "the restarted node scraped", || {
             let v = prom.query(&scraped_at);
             let at: f64 = v["data"]["result"][0]["value"][1].as_str()?.parse().ok()?;
-            (at > restarted).then_some(())
+            let v = prom.query(&up);
+            let healthy = v["data"]["result"][0]["value"][1].as_str()? == "1";
+            (at > restarted && healthy).then_some(())
         });
     }
 
