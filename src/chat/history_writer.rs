@@ -24,6 +24,7 @@ const LINGER: Duration = Duration::from_millis(5);
 /// 4.2–4.9 ms to 5.6–7.6 (`bench/compare`'s cases; readers never wait, `ready` ends the
 /// linger).
 const MAX_LINGER: Duration = Duration::from_millis(25);
+/// Queued messages worth a write once `LINGER` has passed.
 const COMPANY: usize = 64;
 /// Queued messages that are written at once, linger or not.
 const WRITE_AT: usize = 4096;
