@@ -124,6 +124,94 @@ fn a_client_that_stops_reading_is_disconnected_and_others_carry_on() {
     assert!(slow.closed_within(T));
 }
 
+/// The client library reads from the server no faster than its application takes events:
+/// an application that does not read while its room gets eight times what the library
+/// queues finds at most `MAX_QUEUED_BYTES` waiting; the server, no longer read, cuts the
+/// connection off as slow; and the library resumes, so the application still gets every
+/// message once, in order. Before, the library's queue to the application had no bound.
+#[test]
+fn the_client_library_holds_a_bounded_number_of_events_for_an_application_that_does_not_read() {
+    use raftchat::client::{Client as ChatClient, ClientConfig, Event, MAX_QUEUED_BYTES};
+    let cluster = Cluster::start(
+        1,
+        "[chat]\nclient_queue_events = 1024\nrate_limit_per_sec = 100000\nrate_limit_burst = 100000\n",
+    );
+    cluster.wait_leader(&[1], T);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let mut config = ClientConfig::new(vec![cluster.node(1).chat.clone()], "idler");
+    config.rooms = vec!["#pile".into()];
+    let mut idler = runtime.block_on(async {
+        let mut idler = ChatClient::start(config);
+        loop {
+            let event = tokio::time::timeout(T, idler.next_event()).await;
+            if let Some(Event::Joined { .. }) = event.expect("joined in time") {
+                return idler;
+            }
+        }
+    });
+    // Its driver keeps running on the runtime's threads while nobody reads its events.
+    // Several times what the library, the server's queue and both sockets' buffers hold.
+    let text = "z".repeat(4000);
+    let total = 8 * MAX_QUEUED_BYTES / text.len();
+    let mut writer = cluster.login(1, "piler");
+    writer.join("#pile");
+    // Its acks are read (and dropped) until the node stops at the end of the test.
+    let _acks = writer.drain_in_background();
+    let applied = || {
+        cluster
+            .status(1)
+            .and_then(|s| s["applied_index"].as_u64())
+            .unwrap_or(0)
+    };
+    let before = applied();
+    for i in 0..total {
+        writer
+            .send(json!({"type": "send", "to": "#pile", "id": format!("p{i}"), "text": text}))
+            .unwrap();
+    }
+    let within_bound = |idler: &ChatClient| {
+        let queued = idler.queued_bytes();
+        assert!(queued <= MAX_QUEUED_BYTES, "{queued} bytes queued");
+        queued
+    };
+    wait_for(4 * T, "the idle client's queue to fill", || {
+        // Filled but for less than one hand-over (at most 256 messages).
+        (within_bound(&idler) >= MAX_QUEUED_BYTES / 2).then_some(())
+    });
+    wait_for(4 * T, "every message to be applied", || {
+        within_bound(&idler);
+        (applied() >= before + total as u64).then_some(())
+    });
+    // Now it reads: each message once, in order, none missing.
+    let (ids, cut_off) = runtime.block_on(async {
+        let mut ids = Vec::new();
+        let mut cut_off = false;
+        while ids.len() < total {
+            let event = tokio::time::timeout(4 * T, idler.next_event()).await;
+            match event.expect("every message in time") {
+                Some(Event::Message(m)) if m.to == "#pile" => ids.push(m.id),
+                Some(Event::Refused { code, .. }) if code == "slow" => cut_off = true,
+                // The server's close can reach it as a reset, before the reason.
+                Some(Event::Disconnected { .. }) => cut_off = true,
+                Some(Event::SessionLost { .. }) => panic!("the session was lost"),
+                Some(Event::Failed(why)) => panic!("the client failed: {why}"),
+                Some(_) => {}
+                None => panic!("the client ended"),
+            }
+        }
+        (ids, cut_off)
+    });
+    let want: Vec<String> = (0..total).map(|i| format!("p{i}")).collect();
+    assert!(
+        ids == want,
+        "{} messages, out of order or repeated",
+        ids.len()
+    );
+    // The client stopped reading, so the server saw a slow reader (a client that read on
+    // into an unbounded queue would never be one).
+    assert!(cut_off, "the server never found the idle client slow");
+}
+
 #[test]
 fn a_client_that_asks_for_much_and_never_reads_is_cut_off_at_its_output_budget() {
     // A 1 MiB budget (the default is 8) gets there with less work beside the other tests.

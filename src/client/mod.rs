@@ -6,7 +6,8 @@
 //! within the read deadline although it pings) it reconnects, healthy nodes first, with
 //! exponential backoff and jitter (the first retry at once). It resumes its session from the
 //! last message index it delivered, re-sends every unacknowledged message with its original
-//! id, and hands each message to the application once, in index order.
+//! id, and hands each message to the application once, in index order. What the application
+//! has not taken yet is bounded (`events`): a full queue stops the reading, not the memory.
 
 pub mod conn;
 mod events;
@@ -22,6 +23,7 @@ use tokio::sync::mpsc;
 
 use conn::SendFrame;
 pub use conn::{ClientError, Frame, FrameReader, FrameWriter, connect, login};
+pub use events::MAX_QUEUED_BYTES;
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -255,6 +257,13 @@ impl Client {
     pub async fn next_event(&mut self) -> Option<Event> {
         self.events.recv().await
     }
+
+    /// Approximate bytes of events received and not yet taken with `next_event` (at most
+    /// `MAX_QUEUED_BYTES`: beyond that the client reads no more from the server until the
+    /// application takes some).
+    pub fn queued_bytes(&self) -> usize {
+        self.events.queued_bytes()
+    }
 }
 
 struct Pending {
@@ -325,6 +334,13 @@ impl Driver {
     }
 
     async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        self.drive(&mut commands).await;
+        // The last events (a failure, say) wait for the application's room like the others.
+        self.events.finish().await;
+    }
+
+    /// Connects, serves and reconnects until the application or the retry limit ends it.
+    async fn drive(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>) {
         let mut attempt: u32 = 0;
         let mut lost_at: Option<Instant> = None;
         let mut first = true;
@@ -412,7 +428,7 @@ impl Driver {
                     resent,
                 }));
             }
-            let ended = self.serve(&mut reader, &mut writer, &mut commands).await;
+            let ended = self.serve(&mut reader, &mut writer, commands).await;
             self.events.flush();
             match ended {
                 Ended::Lost(reason) => {
@@ -563,9 +579,21 @@ impl Driver {
             if !buffered {
                 self.events.flush();
             }
+            // The application's queue is full: read nothing until it takes something.
+            let backlogged = self.events.backlogged();
+            let room_waiter = self.events.room_waiter();
             let retry_at = deferred.retry_at;
             tokio::select! {
-                frame = reader.next_frame() => {
+                room = events::room(room_waiter), if backlogged => {
+                    match room {
+                        Some(room) => self.events.flush_into(room),
+                        // The application dropped its handle: this lets go of what was held.
+                        None => self.events.flush(),
+                    }
+                    // The server was not read meanwhile: its silence is not counted.
+                    last_heard = Instant::now();
+                }
+                frame = reader.next_frame(), if !backlogged => {
                     let frame = match frame {
                         Err(e) => return lost(e),
                         Ok(None) => return Ended::Lost("the server closed the connection".into()),
@@ -580,7 +608,7 @@ impl Driver {
                         return ended;
                     }
                 }
-                () = &mut read_deadline => {
+                () = &mut read_deadline, if !backlogged => {
                     let due = last_heard + self.config.read_timeout;
                     if Instant::now() >= due {
                         return Ended::Lost(format!("no answer for {:?}", self.config.read_timeout));
