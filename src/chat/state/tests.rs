@@ -38,6 +38,19 @@ impl Harness {
     fn attach(&mut self, token: &str, user: &str, node: u64) -> ChatResponse {
         self.run(attach_cmd(token, user, node, None))
     }
+    /// Attaches a session that must be accepted; returns its attachment.
+    fn attached(&mut self, token: &str, user: &str, node: u64) -> u64 {
+        match self.attach(token, user, node) {
+            ChatResponse::Attached { attachment, .. } => attachment,
+            other => panic!("not attached: {other:?}"),
+        }
+    }
+    fn detach(&mut self, token: &str, attachment: u64) -> ChatResponse {
+        self.run(ChatCommand::Detach {
+            session: token.into(),
+            attachment,
+        })
+    }
 }
 
 fn attach_cmd(token: &str, user: &str, node: u64, resume: Option<&str>) -> ChatCommand {
@@ -251,13 +264,8 @@ fn names_are_unique_while_attached() {
 #[test]
 fn detached_name_can_be_claimed() {
     let mut h = Harness::new();
-    let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
-        panic!()
-    };
-    h.run(ChatCommand::Detach {
-        session: "s1".into(),
-        attachment,
-    });
+    let attachment = h.attached("s1", "alice", 1);
+    h.detach("s1", attachment);
     assert!(matches!(
         h.attach("s2", "alice", 2),
         ChatResponse::Attached { .. }
@@ -267,17 +275,12 @@ fn detached_name_can_be_claimed() {
 #[test]
 fn stale_detach_does_not_detach_a_newer_connection() {
     let mut h = Harness::new();
-    let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
-        panic!()
-    };
+    let attachment = h.attached("s1", "alice", 1);
     assert!(matches!(
         h.attach("s1", "alice", 2),
         ChatResponse::Attached { resumed: true, .. }
     ));
-    h.run(ChatCommand::Detach {
-        session: "s1".into(),
-        attachment,
-    });
+    h.detach("s1", attachment);
     assert!(h.state.session("s1").unwrap().attached.is_some());
 }
 
@@ -303,14 +306,9 @@ fn send_requires_membership_and_known_users() {
 #[test]
 fn detached_sessions_expire_with_their_dedup_state() {
     let mut h = Harness::new();
-    let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
-        panic!()
-    };
+    let attachment = h.attached("s1", "alice", 1);
     h.run(join("s1", "#r"));
-    h.run(ChatCommand::Detach {
-        session: "s1".into(),
-        attachment,
-    });
+    h.detach("s1", attachment);
     h.run_at(
         1000 + TTL + SWEEP_EVERY_MS,
         ChatCommand::DetachNode { node: 9 },
@@ -323,14 +321,9 @@ fn detached_sessions_expire_with_their_dedup_state() {
 #[test]
 fn resume_is_decided_on_the_state_at_the_entry() {
     let mut h = Harness::new();
-    let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
-        panic!()
-    };
+    let attachment = h.attached("s1", "alice", 1);
     h.run(join("s1", "#r"));
-    h.run(ChatCommand::Detach {
-        session: "s1".into(),
-        attachment,
-    });
+    h.detach("s1", attachment);
     // A lagging node proposes a fresh token but names the session to resume.
     let r = h.run(attach_cmd("fresh", "alice", 3, Some("s1")));
     assert!(
@@ -350,9 +343,7 @@ fn resume_is_decided_on_the_state_at_the_entry() {
 #[test]
 fn adopt_resumes_the_session_a_name_left_behind() {
     let mut h = Harness::new();
-    let ChatResponse::Attached { attachment, .. } = h.attach("s1", "alice", 1) else {
-        panic!()
-    };
+    let attachment = h.attached("s1", "alice", 1);
     let mut adopt = attach_cmd("s9", "alice", 2, None);
     if let ChatCommand::Attach { adopt, .. } = &mut adopt {
         *adopt = true;
@@ -362,10 +353,7 @@ fn adopt_resumes_the_session_a_name_left_behind() {
         ChatResponse::NameTaken,
         "holder still attached"
     );
-    h.run(ChatCommand::Detach {
-        session: "s1".into(),
-        attachment,
-    });
+    h.detach("s1", attachment);
     assert!(
         matches!(h.run(adopt), ChatResponse::Attached { resumed: true, session, .. } if session == "s1")
     );
