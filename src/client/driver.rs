@@ -355,12 +355,9 @@ impl Driver {
             let room_waiter = self.events.room_waiter();
             let retry_at = deferred.retry_at;
             tokio::select! {
-                room = events::room(room_waiter), if backlogged => {
-                    match room {
-                        Some(room) => self.events.flush_into(room),
-                        // The application dropped its handle: this lets go of what was held.
-                        None => self.events.flush(),
-                    }
+                _ = events::room(room_waiter), if backlogged => {
+                    // Hands over what now fits (or lets go, if the application is gone).
+                    self.events.flush();
                     // The server was not read meanwhile: its silence is not counted.
                     last_heard = Instant::now();
                 }

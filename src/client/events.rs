@@ -94,16 +94,16 @@ impl Drop for EventReceiver {
     }
 }
 
-/// Room for the first `events` held events (`bytes` of them).
-pub(super) struct Room {
+/// The next hand-over: the first `events` held events, `bytes` of them.
+struct NextBatch {
     events: usize,
     bytes: usize,
 }
 
-/// What waiting for room needs: the budget, and the next hand-over's events and bytes.
+/// What waiting for room needs: the budget, and the bytes of the next hand-over.
 pub(super) struct RoomWaiter {
     budget: Arc<Budget>,
-    room: Room,
+    bytes: usize,
 }
 
 pub(super) fn channel() -> (EventSender, EventReceiver) {
@@ -143,52 +143,52 @@ impl EventSender {
 
     /// The next hand-over: at most `MAX_HELD` of the held events and `MAX_QUEUED_BYTES`, at
     /// least one event.
-    fn next_batch(&self) -> Room {
-        let mut room = Room {
+    fn next_batch(&self) -> NextBatch {
+        let mut next = NextBatch {
             events: 0,
             bytes: 0,
         };
         for event in self.held.iter().take(MAX_HELD) {
             let c = cost(event);
-            if room.events > 0 && room.bytes + c > MAX_QUEUED_BYTES {
+            if next.events > 0 && next.bytes + c > MAX_QUEUED_BYTES {
                 break;
             }
-            room.bytes += c;
-            room.events += 1;
+            next.bytes += c;
+            next.events += 1;
         }
-        room
+        next
     }
 
     /// Hands what is held over while the application has room; the rest stays held (see
     /// `backlogged`).
     pub fn flush(&mut self) {
-        if self.tx.is_closed() {
+        if self.budget.closed.load(Ordering::Acquire) {
             // The application dropped its handle: nobody waits for these.
             self.held.clear();
             return;
         }
         self.starved = false;
         while !self.held.is_empty() {
-            let room = self.next_batch();
-            if !self.budget.fits(room.bytes) {
+            let next = self.next_batch();
+            if !self.budget.fits(next.bytes) {
                 self.starved = true;
                 return;
             }
-            self.hand_over(room);
+            self.hand_over(next);
         }
     }
 
-    fn hand_over(&mut self, room: Room) {
-        let batch = if room.events < self.held.len() {
-            let rest = self.held.split_off(room.events);
+    fn hand_over(&mut self, next: NextBatch) {
+        let batch = if next.events < self.held.len() {
+            let rest = self.held.split_off(next.events);
             std::mem::replace(&mut self.held, rest)
         } else {
             // The next hand-over is likely as large as this one: one allocation for it.
             let next = Vec::with_capacity(self.held.len());
             std::mem::replace(&mut self.held, next)
         };
-        self.budget.used.fetch_add(room.bytes, Ordering::AcqRel);
-        let _ = self.tx.send((batch, room.bytes));
+        self.budget.used.fetch_add(next.bytes, Ordering::AcqRel);
+        let _ = self.tx.send((batch, next.bytes));
     }
 
     /// Events wait that the application has no room for: read nothing more until it has.
@@ -201,32 +201,26 @@ impl EventSender {
     pub fn room_waiter(&self) -> Option<RoomWaiter> {
         self.backlogged().then(|| RoomWaiter {
             budget: self.budget.clone(),
-            room: self.next_batch(),
+            bytes: self.next_batch().bytes,
         })
-    }
-
-    /// Hands the events `room` was made for over, and more if there is room for them.
-    pub fn flush_into(&mut self, room: Room) {
-        self.hand_over(room);
-        self.flush();
     }
 
     /// Waits until everything held is handed over (or the application is gone).
     pub async fn finish(&mut self) {
         self.flush();
         while self.backlogged() {
-            match room(self.room_waiter()).await {
-                Some(room) => self.flush_into(room),
-                None => self.held.clear(),
-            }
+            // With room, this hands over; with the application gone, it lets go.
+            room(self.room_waiter()).await;
+            self.flush();
         }
     }
 }
 
-/// Waits for room in the application's queue (forever without a waiter); `None` when the
-/// application is gone.
-pub(super) async fn room(waiter: Option<RoomWaiter>) -> Option<Room> {
-    let Some(RoomWaiter { budget, room }) = waiter else {
+/// Waits for room for the next hand-over (forever without a waiter): true when there is
+/// room, false when the application is gone. Only the driver adds to the budget, so room
+/// seen here is still there when it flushes.
+pub(super) async fn room(waiter: Option<RoomWaiter>) -> bool {
+    let Some(RoomWaiter { budget, bytes }) = waiter else {
         return std::future::pending().await;
     };
     loop {
@@ -235,10 +229,10 @@ pub(super) async fn room(waiter: Option<RoomWaiter>) -> Option<Room> {
         // Registered before looking, so bytes given back meanwhile are not missed.
         freed.as_mut().enable();
         if budget.closed.load(Ordering::Acquire) {
-            return None;
+            return false;
         }
-        if budget.fits(room.bytes) {
-            return Some(room);
+        if budget.fits(bytes) {
+            return true;
         }
         freed.await;
     }
@@ -349,8 +343,8 @@ mod tests {
             if rx.queued_bytes() < MAX_QUEUED_BYTES / 2
                 && let Some(waiter) = tx.room_waiter()
             {
-                let room = room(Some(waiter)).await.expect("the receiver is there");
-                tx.flush_into(room);
+                assert!(room(Some(waiter)).await, "the receiver is there");
+                tx.flush();
             }
             assert!(rx.queued_bytes() <= MAX_QUEUED_BYTES);
             assert_eq!(index_of(rx.recv().await), Some(want));
@@ -367,10 +361,8 @@ mod tests {
         tx.flush();
         assert!(tx.backlogged(), "both went over the budget");
         assert_eq!(index_of(rx.recv().await), Some(1));
-        let room = room(tx.room_waiter())
-            .await
-            .expect("room once the first is taken");
-        tx.flush_into(room);
+        assert!(room(tx.room_waiter()).await, "room once the first is taken");
+        tx.flush();
         assert_eq!(index_of(rx.recv().await), Some(2));
         assert_eq!(rx.queued_bytes(), 0);
     }
