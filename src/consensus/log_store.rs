@@ -2,9 +2,16 @@
 //!
 //! Entries live in memory from `append` on, so they are readable at once; a dedicated storage
 //! thread drains every queued write into one write and one fsync, then reports each
-//! append as flushed. Under load many client writes share one durable commit, and no fsync
-//! ever runs on the async runtime. Writes are applied in the order they were queued, so a
-//! truncate or purge is never reordered against a later append or vote.
+//! append as flushed. Under load many client writes share one durable commit. Writes are
+//! applied in the order they were queued, so a truncate or purge is never reordered against a
+//! later append or vote.
+//!
+//! One exception: a follower's append that would be the storage thread's only work is written
+//! by the thread that appends it (raft's), while the disk answers within `WRITE_HERE_MAX`.
+//! Handing it over and being told it is done were two thread wake-ups on the path of every
+//! acknowledged message, costlier on this kind of machine than the write itself
+//! (BENCHMARKS.md, the eighteenth session). A leader's own appends always go to the storage
+//! thread: its raft runtime must keep sending entries while they are written.
 //!
 //! Memory is bounded: an entry stays in memory until it is durable, and after that only while
 //! it is among the newest `CACHE_BYTES` of entries (what replication to a healthy follower
@@ -16,8 +23,9 @@ use std::fmt::Debug;
 use std::io;
 use std::ops::RangeBounds;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 use openraft::entry::RaftEntry;
@@ -35,6 +43,11 @@ const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of entries one AppendEntries carries.
 const REPLICATION_BYTES: usize = 1024 * 1024;
 
+/// A follower's append is written by its caller only while the last durable write took at
+/// most this long: it bounds how long raft's runtime waits on the disk (on this machine an
+/// fsync takes 0.1-0.3 ms), and a slow disk sends every write back to the storage thread.
+const WRITE_HERE_MAX: Duration = Duration::from_millis(1);
+
 /// Reports the duration of each durable commit (the storage sync histogram).
 pub type SyncObserver = Arc<dyn Fn(Duration) + Send + Sync>;
 
@@ -43,6 +56,21 @@ pub struct LogStore {
     mem: Arc<Mutex<LogMem>>,
     ops: mpsc::Sender<Op>,
     files: WalReader,
+    writer: Arc<Writer>,
+    /// This node's id: entries another node's leadership appended make this node a follower.
+    own_id: u64,
+}
+
+/// The log file's writer, shared by the storage thread and a follower's caller (see the
+/// module doc), and what each needs to know about the other.
+struct Writer {
+    wal: Mutex<WalWriter>,
+    /// Operations sent to the storage thread and not yet written (those it holds back too).
+    queued: AtomicUsize,
+    /// How long the latest durable write took, in microseconds.
+    last_sync_micros: AtomicU64,
+    path: std::path::PathBuf,
+    on_sync: SyncObserver,
 }
 
 #[derive(Default)]
@@ -182,7 +210,13 @@ impl LogStore {
     /// Opens (or creates) the log in the directory `dir` and starts the storage thread. A log
     /// written by an older version into the redb file `legacy` is moved into `dir` first.
     /// A log that cannot be decoded or has a hole is refused with an error naming the problem.
-    pub fn open(dir: &Path, legacy: &Path, on_sync: SyncObserver) -> io::Result<LogStore> {
+    /// `own_id` is this node's id.
+    pub fn open(
+        dir: &Path,
+        legacy: &Path,
+        on_sync: SyncObserver,
+        own_id: u64,
+    ) -> io::Result<LogStore> {
         if legacy.exists() && !super::wal::exists(dir) {
             super::legacy_log::import(legacy, dir)?;
         }
@@ -228,16 +262,24 @@ impl LogStore {
             ));
         }
         let (tx, rx) = mpsc::channel();
-        let thread_path = dir.to_path_buf();
         let mem = Arc::new(Mutex::new(mem));
-        let thread_mem = mem.clone();
+        let writer = Arc::new(Writer {
+            wal: Mutex::new(writer),
+            queued: AtomicUsize::new(0),
+            last_sync_micros: AtomicU64::new(0),
+            path: dir.to_path_buf(),
+            on_sync,
+        });
+        let (thread_mem, thread_writer) = (mem.clone(), writer.clone());
         std::thread::Builder::new()
             .name("raft-log-sync".into())
-            .spawn(move || storage_thread(writer, &thread_mem, rx, &thread_path, on_sync))?;
+            .spawn(move || storage_thread(&thread_writer, &thread_mem, rx))?;
         Ok(LogStore {
             mem,
             ops: tx,
             files,
+            writer,
+            own_id,
         })
     }
 
@@ -246,9 +288,47 @@ impl LogStore {
     }
 
     fn send(&self, op: Op) -> io::Result<()> {
-        self.ops
-            .send(op)
-            .map_err(|_| io::Error::other("raft log storage thread has stopped"))
+        // Counted before it can be written, so a caller never writes ahead of it.
+        self.writer.queued.fetch_add(1, Ordering::SeqCst);
+        self.ops.send(op).map_err(|_| {
+            self.writer.queued.fetch_sub(1, Ordering::SeqCst);
+            io::Error::other("raft log storage thread has stopped")
+        })
+    }
+
+    /// Entries another node's leadership appended, while the disk is quick.
+    fn may_write_here(&self, entries: &[Entry]) -> bool {
+        let appended_by_another_leader = entries
+            .first()
+            .is_some_and(|e| e.log_id.leader_id.node_id != self.own_id);
+        let disk_is_quick = self.writer.last_sync_micros.load(Ordering::Relaxed)
+            <= WRITE_HERE_MAX.as_micros() as u64;
+        appended_by_another_leader && disk_is_quick
+    }
+
+    /// Writes a follower's append here and now when the rules of the module doc allow it;
+    /// otherwise gives it back, to be queued.
+    fn write_here(&self, op: Op) -> Option<Op> {
+        let Op::Append(entries, _, _) = &op else {
+            return Some(op);
+        };
+        if !self.may_write_here(entries) {
+            return Some(op);
+        }
+        let mut wal = match self.writer.wal.try_lock() {
+            Ok(wal) => wal,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            // The storage thread is writing: this append rides on its next batch.
+            Err(TryLockError::WouldBlock) => return Some(op),
+        };
+        // With the writer held, nothing queued means nothing is written ahead of this.
+        if self.writer.queued.load(Ordering::SeqCst) != 0 {
+            return Some(op);
+        }
+        let mut batch = vec![op];
+        add_committed(&mut batch, &wal, &self.mem);
+        self.writer.commit(&mut wal, &self.mem, batch, true);
+        None
     }
 }
 
@@ -260,13 +340,7 @@ const DEFERRED_FLUSH: Duration = Duration::from_millis(200);
 /// thread writes it with the next batch (or alone, without an fsync, when nothing else came
 /// for `DEFERRED_FLUSH`). A commit advances once per write, so queueing it woke this thread a
 /// second time for every message.
-fn storage_thread(
-    mut wal: WalWriter,
-    mem: &Mutex<LogMem>,
-    rx: mpsc::Receiver<Op>,
-    path: &Path,
-    on_sync: SyncObserver,
-) {
+fn storage_thread(writer: &Writer, mem: &Mutex<LogMem>, rx: mpsc::Receiver<Op>) {
     let mut deferred: Vec<Op> = Vec::new();
     let mut deferred_since = Instant::now();
     loop {
@@ -280,11 +354,8 @@ fn storage_thread(
             Err(why) => {
                 // Nothing came for a while (or the store is gone): what waited is written
                 // without an fsync.
-                let mut batch = std::mem::take(&mut deferred);
-                add_committed(&mut batch, &wal, mem);
-                if !batch.is_empty() {
-                    commit(&mut wal, mem, batch, false, path, &on_sync);
-                }
+                let batch = std::mem::take(&mut deferred);
+                writer.write_queued(mem, batch, false);
                 if why == mpsc::RecvTimeoutError::Disconnected {
                     return;
                 }
@@ -302,12 +373,10 @@ fn storage_thread(
             }
         }
         if batch.iter().any(Op::needs_fsync) {
-            add_committed(&mut batch, &wal, mem);
-            commit(&mut wal, mem, batch, true, path, &on_sync);
+            writer.write_queued(mem, batch, true);
         } else if batch.len() >= MAX_BATCH || (waited && deferred_since.elapsed() >= DEFERRED_FLUSH)
         {
-            add_committed(&mut batch, &wal, mem);
-            commit(&mut wal, mem, batch, false, path, &on_sync);
+            writer.write_queued(mem, batch, false);
         } else {
             if !waited {
                 deferred_since = Instant::now();
@@ -338,28 +407,42 @@ fn add_committed(batch: &mut Vec<Op>, wal: &WalWriter, mem: &Mutex<LogMem>) {
     }
 }
 
-/// Writes `batch` in one write (with an fsync when `durable`) and reports each write's
-/// outcome.
-fn commit(
-    wal: &mut WalWriter,
-    mem: &Mutex<LogMem>,
-    batch: Vec<Op>,
-    durable: bool,
-    path: &Path,
-    on_sync: &SyncObserver,
-) {
-    let started = Instant::now();
-    let result = write_batch(wal, &batch, durable);
-    if result.is_ok() {
-        if durable {
-            on_sync(started.elapsed());
+impl Writer {
+    /// The storage thread's write of operations it was sent (none is the commit index alone).
+    fn write_queued(&self, mem: &Mutex<LogMem>, mut batch: Vec<Op>, durable: bool) {
+        let sent = batch.len();
+        let mut wal = self.wal.lock().unwrap_or_else(|p| p.into_inner());
+        add_committed(&mut batch, &wal, mem);
+        if !batch.is_empty() {
+            self.commit(&mut wal, mem, batch, durable);
         }
-        mem.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .written(&batch);
-    } else if let Err(e) = &result {
-        tracing::error!(path = %path.display(), error = %e, "raft log write failed");
+        self.queued.fetch_sub(sent, Ordering::SeqCst);
     }
+
+    /// Writes `batch` in one write (with an fsync when `durable`) and reports each write's
+    /// outcome.
+    fn commit(&self, wal: &mut WalWriter, mem: &Mutex<LogMem>, batch: Vec<Op>, durable: bool) {
+        let started = Instant::now();
+        let result = write_batch(wal, &batch, durable);
+        if result.is_ok() {
+            if durable {
+                let took = started.elapsed();
+                self.last_sync_micros
+                    .store(took.as_micros() as u64, Ordering::Relaxed);
+                (self.on_sync)(took);
+            }
+            mem.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .written(&batch);
+        } else if let Err(e) = &result {
+            tracing::error!(path = %self.path.display(), error = %e, "raft log write failed");
+        }
+        report(batch, &result);
+    }
+}
+
+/// Tells everyone waiting on `batch` how its write went.
+fn report(batch: Vec<Op>, result: &io::Result<()>) {
     for op in batch {
         let outcome = result
             .as_ref()
@@ -514,7 +597,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
         let truncations = self.mem().appended(&entries);
-        self.send(Op::Append(entries, callback, truncations))
+        match self.write_here(Op::Append(entries, callback, truncations)) {
+            Some(op) => self.send(op),
+            None => Ok(()),
+        }
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -545,10 +631,13 @@ pub(crate) mod tests {
     use crate::chat::command::ChatCommand;
     use crate::consensus::types::Request;
 
+    /// The node that appended `entry`'s entries.
+    const LEADER: u64 = 1;
+
     /// A chat message entry with `text_bytes` of text (also used by the WAL's tests).
     pub(crate) fn entry(term: u64, index: u64, text_bytes: usize) -> Entry {
         Entry::new_normal(
-            openraft::testing::log_id::<TypeConfig>(term, 1, index),
+            openraft::testing::log_id::<TypeConfig>(term, LEADER, index),
             Request {
                 ts_ms: 0,
                 command: ChatCommand::Send {
@@ -624,6 +713,7 @@ pub(crate) mod tests {
             Arc::new(move |_| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }),
+            LEADER,
         )
         .unwrap();
         (store, syncs)
@@ -684,7 +774,75 @@ pub(crate) mod tests {
             dir.path(),
             &dir.path().join("legacy.redb"),
             Arc::new(|_| {}),
+            LEADER,
         );
         assert!(reopened.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_followers_append_is_durable_when_append_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let on_sync: SyncObserver = Arc::new(move |_| {
+            counted.fetch_add(1, Ordering::SeqCst);
+        });
+        let follower = LEADER + 1;
+        let mut store = LogStore::open(
+            dir.path(),
+            &dir.path().join("legacy.redb"),
+            on_sync,
+            follower,
+        )
+        .unwrap();
+        for round in 0..3 {
+            // However long this machine's last fsync took (the rule has its own test).
+            store.writer.last_sync_micros.store(0, Ordering::Relaxed);
+            let (tx, mut rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+            let entries: Vec<Entry> = (1..=4).map(|i| entry(1, round * 4 + i, 10)).collect();
+            store.append(entries, IOFlushed::signal(tx)).await.unwrap();
+            // Written by this call: no storage thread had to wake for it.
+            assert!(
+                matches!(rx.try_recv(), Ok(Ok(()))),
+                "round {round}: not flushed when append returned"
+            );
+        }
+        assert_eq!(syncs.load(Ordering::SeqCst), 3);
+        drop(store);
+        let mut indexes = Vec::new();
+        crate::consensus::wal::replay(dir.path(), |r| {
+            if let Replayed::Entry(e) = r {
+                indexes.push(e.index());
+            }
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(indexes, (1..=12).collect::<Vec<u64>>());
+    }
+
+    #[tokio::test]
+    async fn only_a_followers_appends_on_a_quick_disk_are_written_by_the_caller() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = counted_store(dir.path());
+        let own = [entry(1, 1, 10)];
+        let theirs = [Entry::new_normal(
+            openraft::testing::log_id::<TypeConfig>(2, LEADER + 1, 1),
+            Request {
+                ts_ms: 0,
+                command: ChatCommand::Join {
+                    session: "s".into(),
+                    room: "#r".into(),
+                }
+                .into(),
+            },
+        )];
+        assert!(!store.may_write_here(&own), "a leader's own append");
+        assert!(store.may_write_here(&theirs), "a follower's append");
+        let slow = WRITE_HERE_MAX.as_micros() as u64 + 1;
+        store.writer.last_sync_micros.store(slow, Ordering::Relaxed);
+        assert!(
+            !store.may_write_here(&theirs),
+            "a follower's append on a slow disk"
+        );
     }
 }

@@ -346,7 +346,7 @@ impl Consensus {
         let log_dir = data_dir.join(LOG_DIR);
         let legacy = data_dir.join(LEGACY_LOG_FILE);
         let fresh = !wal::exists(&log_dir) && !legacy.exists();
-        let log = LogStore::open(&log_dir, &legacy, observers.storage_sync.clone())
+        let log = LogStore::open(&log_dir, &legacy, observers.storage_sync.clone(), id)
             .map_err(|e| storage_err(e.to_string()))?;
         let sm = StateMachine::open(data_dir, chat.clone(), observers.snapshot_built.clone())
             .map_err(|e| storage_err(e.to_string()))?;
