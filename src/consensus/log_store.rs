@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard, TryLockError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::entry::RaftEntry;
 use openraft::storage::{IOFlushed, RaftLogStorage};
@@ -34,10 +34,11 @@ use openraft::{LogState, RaftLogReader};
 use tokio::sync::oneshot;
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
-use super::wal::{Record, Replayed, WalReader, WalWriter};
+use super::wal::{Replayed, WalReader, WalWriter};
+use writer::{Op, Writer, add_committed, storage_thread};
 
-/// Most operations one durable commit takes.
-const MAX_BATCH: usize = 4096;
+mod writer;
+
 /// Durable entries kept in memory for replication, by approximate size.
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 /// Most bytes of entries one AppendEntries carries.
@@ -59,18 +60,6 @@ pub struct LogStore {
     writer: Arc<Writer>,
     /// This node's id: entries another node's leadership appended make this node a follower.
     own_id: u64,
-}
-
-/// The log file's writer, shared by the storage thread and a follower's caller (see the
-/// module doc), and what each needs to know about the other.
-struct Writer {
-    wal: Mutex<WalWriter>,
-    /// Operations sent to the storage thread and not yet written (those it holds back too).
-    queued: AtomicUsize,
-    /// How long the latest durable write took, in microseconds.
-    last_sync_micros: AtomicU64,
-    path: std::path::PathBuf,
-    on_sync: SyncObserver,
 }
 
 #[derive(Default)]
@@ -180,26 +169,6 @@ impl LogMem {
             }
         }
     }
-}
-
-impl Op {
-    /// Whether the write must be on disk before it is reported done. The commit index and a
-    /// purge need not be: after a crash the node applies up to an older commit index and
-    /// learns the newer one from the leader (every committed entry is on a majority's disk),
-    /// and purged entries that come back are purged again.
-    fn needs_fsync(&self) -> bool {
-        matches!(self, Op::Append(..) | Op::SaveVote(..) | Op::Truncate(..))
-    }
-}
-
-enum Op {
-    /// Entries, who to tell, and `LogMem::truncations` when they were queued.
-    Append(Vec<Entry>, IOFlushed<TypeConfig>, u64),
-    SaveVote(Vote, oneshot::Sender<io::Result<()>>),
-    SaveCommitted(Option<LogId>),
-    /// Delete every entry from this index on.
-    Truncate(u64, oneshot::Sender<io::Result<()>>),
-    Purge(LogId),
 }
 
 fn other(e: impl std::fmt::Display) -> io::Error {
@@ -330,146 +299,6 @@ impl LogStore {
         self.writer.commit(&mut wal, &self.mem, batch, true);
         None
     }
-}
-
-/// Writes that need no fsync of their own (the commit index, purges) wait this long at most
-/// for a durable batch to ride on, then are written without one.
-const DEFERRED_FLUSH: Duration = Duration::from_millis(200);
-
-/// The commit index is not queued: `save_committed` only records it in `LogMem`, and this
-/// thread writes it with the next batch (or alone, without an fsync, when nothing else came
-/// for `DEFERRED_FLUSH`). A commit advances once per write, so queueing it woke this thread a
-/// second time for every message.
-fn storage_thread(writer: &Writer, mem: &Mutex<LogMem>, rx: mpsc::Receiver<Op>) {
-    let mut deferred: Vec<Op> = Vec::new();
-    let mut deferred_since = Instant::now();
-    loop {
-        let wait = if deferred.is_empty() {
-            DEFERRED_FLUSH
-        } else {
-            DEFERRED_FLUSH.saturating_sub(deferred_since.elapsed())
-        };
-        let first = match rx.recv_timeout(wait) {
-            Ok(op) => op,
-            Err(why) => {
-                // Nothing came for a while (or the store is gone): what waited is written
-                // without an fsync.
-                let batch = std::mem::take(&mut deferred);
-                writer.write_queued(mem, batch, false);
-                if why == mpsc::RecvTimeoutError::Disconnected {
-                    return;
-                }
-                continue;
-            }
-        };
-        // What waited goes first: the order of writes is the order they were queued.
-        let waited = !deferred.is_empty();
-        let mut batch = std::mem::take(&mut deferred);
-        batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
-        if batch.iter().any(Op::needs_fsync) {
-            writer.write_queued(mem, batch, true);
-        } else if batch.len() >= MAX_BATCH || (waited && deferred_since.elapsed() >= DEFERRED_FLUSH)
-        {
-            writer.write_queued(mem, batch, false);
-        } else {
-            if !waited {
-                deferred_since = Instant::now();
-            }
-            deferred = batch;
-        }
-    }
-}
-
-/// Appends the commit index to `batch` if it moved since the log last wrote one, and only once
-/// the log (with this batch) holds the entry it names: a log on disk never says more is
-/// committed than it has.
-fn add_committed(batch: &mut Vec<Op>, wal: &WalWriter, mem: &Mutex<LogMem>) {
-    let committed = mem.lock().unwrap_or_else(|p| p.into_inner()).committed;
-    if committed == wal.committed() {
-        return;
-    }
-    let batch_end = batch
-        .iter()
-        .filter_map(|op| match op {
-            Op::Append(entries, _, _) => entries.last().map(|e| e.index()),
-            _ => None,
-        })
-        .max();
-    let covered = wal.end().max(batch_end);
-    if committed.as_ref().map(|c| c.index()) <= covered {
-        batch.push(Op::SaveCommitted(committed));
-    }
-}
-
-impl Writer {
-    /// The storage thread's write of operations it was sent (none is the commit index alone).
-    fn write_queued(&self, mem: &Mutex<LogMem>, mut batch: Vec<Op>, durable: bool) {
-        let sent = batch.len();
-        let mut wal = self.wal.lock().unwrap_or_else(|p| p.into_inner());
-        add_committed(&mut batch, &wal, mem);
-        if !batch.is_empty() {
-            self.commit(&mut wal, mem, batch, durable);
-        }
-        self.queued.fetch_sub(sent, Ordering::SeqCst);
-    }
-
-    /// Writes `batch` in one write (with an fsync when `durable`) and reports each write's
-    /// outcome.
-    fn commit(&self, wal: &mut WalWriter, mem: &Mutex<LogMem>, batch: Vec<Op>, durable: bool) {
-        let started = Instant::now();
-        let result = write_batch(wal, &batch, durable);
-        if result.is_ok() {
-            if durable {
-                let took = started.elapsed();
-                self.last_sync_micros
-                    .store(took.as_micros() as u64, Ordering::Relaxed);
-                (self.on_sync)(took);
-            }
-            mem.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .written(&batch);
-        } else if let Err(e) = &result {
-            tracing::error!(path = %self.path.display(), error = %e, "raft log write failed");
-        }
-        report(batch, &result);
-    }
-}
-
-/// Tells everyone waiting on `batch` how its write went.
-fn report(batch: Vec<Op>, result: &io::Result<()>) {
-    for op in batch {
-        let outcome = result
-            .as_ref()
-            .map(|_| ())
-            .map_err(|e| io::Error::other(e.to_string()));
-        match op {
-            Op::Append(_, done, _) => done.io_completed(outcome),
-            Op::SaveVote(_, done) | Op::Truncate(_, done) => {
-                let _ = done.send(outcome);
-            }
-            Op::SaveCommitted(_) | Op::Purge(_) => {}
-        }
-    }
-}
-
-fn write_batch(wal: &mut WalWriter, batch: &[Op], durable: bool) -> io::Result<()> {
-    let mut records = Vec::with_capacity(batch.len());
-    for op in batch {
-        match op {
-            Op::Append(entries, _, _) => records.extend(entries.iter().map(Record::Entry)),
-            Op::SaveVote(vote, _) => records.push(Record::Vote(vote)),
-            Op::SaveCommitted(committed) => records.push(Record::Committed(committed)),
-            Op::Truncate(from, _) => records.push(Record::Truncate(*from)),
-            Op::Purge(upto) => records.push(Record::Purge(upto)),
-        }
-    }
-    wal.write(&records, durable)
 }
 
 impl LogStore {
@@ -626,223 +455,4 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
-    use crate::chat::command::ChatCommand;
-    use crate::consensus::types::Request;
-
-    /// The node that appended `entry`'s entries.
-    const LEADER: u64 = 1;
-
-    /// A chat message entry with `text_bytes` of text (also used by the WAL's tests).
-    pub(crate) fn entry(term: u64, index: u64, text_bytes: usize) -> Entry {
-        Entry::new_normal(
-            openraft::testing::log_id::<TypeConfig>(term, LEADER, index),
-            Request {
-                ts_ms: 0,
-                command: ChatCommand::Send {
-                    session: "s".into(),
-                    id: format!("{term}-{index}"),
-                    to: "#r".into(),
-                    text: "x".repeat(text_bytes),
-                }
-                .into(),
-            },
-        )
-    }
-
-    fn term_at(mem: &LogMem, index: u64) -> Option<u64> {
-        mem.cache
-            .get(&index)
-            .map(|(e, _)| e.log_id().leader_id.term)
-    }
-
-    #[test]
-    fn entries_appended_after_a_truncation_stay_in_memory_until_written() {
-        // A follower got a large run of entries from an old leader (not yet written), then a
-        // new leader truncated them and sent its own. When the old run's write completes,
-        // the disk holds the old entries at those indexes: the new ones must not be evicted in
-        // favour of reading the disk, or the node would apply entries that were never committed.
-        let mut mem = LogMem::default();
-        let big = CACHE_BYTES / 100;
-        let old: Vec<Entry> = (1..=200).map(|i| entry(1, i, big)).collect();
-        let old_truncations = mem.appended(&old);
-        let new: Vec<Entry> = (101..=200).map(|i| entry(2, i, big)).collect();
-        mem.truncated(101, Some(old[99].log_id()));
-        let new_truncations = mem.appended(&new);
-        let old_write = Op::Append(old, IOFlushed::noop(), old_truncations);
-        mem.written(std::slice::from_ref(&old_write));
-        assert!(mem.durable_upto <= 100, "durable_upto {}", mem.durable_upto);
-        for i in 101..=200 {
-            assert_eq!(
-                term_at(&mem, i),
-                Some(2),
-                "entry {i} left memory before it was written"
-            );
-        }
-        // Once the truncation and the new entries are written, they may go.
-        let (tx, _rx) = oneshot::channel();
-        mem.written(&[
-            Op::Truncate(101, tx),
-            Op::Append(new, IOFlushed::noop(), new_truncations),
-        ]);
-        assert_eq!(mem.durable_upto, 200);
-        assert!(mem.cache_bytes <= CACHE_BYTES);
-    }
-
-    /// The commit index as the disk holds it (what a restart would read).
-    fn stored_committed(dir: &Path) -> Option<LogId> {
-        let mut committed = None;
-        crate::consensus::wal::replay(dir, |r| {
-            if let Replayed::Committed(c) = r {
-                committed = c;
-            }
-            Ok(())
-        })
-        .ok()?;
-        committed
-    }
-
-    /// A log store in `dir` and how many durable writes it has made.
-    fn counted_store(dir: &Path) -> (LogStore, Arc<std::sync::atomic::AtomicUsize>) {
-        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let store = LogStore::open(
-            dir,
-            &dir.join("legacy.redb"),
-            Arc::new(move |_| {
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            }),
-            LEADER,
-        )
-        .unwrap();
-        (store, syncs)
-    }
-
-    async fn wait_for_syncs(syncs: &std::sync::atomic::AtomicUsize, n: usize) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while syncs.load(std::sync::atomic::Ordering::SeqCst) < n {
-            assert!(Instant::now() < deadline, "the log never synced {n} times");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    }
-
-    #[tokio::test]
-    async fn the_commit_index_is_written_without_an_fsync_of_its_own_but_soon() {
-        let dir = tempfile::tempdir().unwrap();
-        let (mut store, syncs) = counted_store(dir.path());
-        let entries: Vec<Entry> = (1..=10).map(|i| entry(1, i, 10)).collect();
-        store.append(entries, IOFlushed::noop()).await.unwrap();
-        wait_for_syncs(&syncs, 1).await;
-        let committed = openraft::testing::log_id::<TypeConfig>(1, 1, 7);
-        store.save_committed(Some(committed)).await.unwrap();
-        // Alone, it is written within the deferral, with no fsync.
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while stored_committed(dir.path()) != Some(committed) {
-            assert!(
-                Instant::now() < deadline,
-                "the commit index was never written"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 1);
-        // Behind a vote (durable), it rides on the vote's commit.
-        let later = openraft::testing::log_id::<TypeConfig>(1, 1, 9);
-        store.save_committed(Some(later)).await.unwrap();
-        store.save_vote(&Vote::new(2, 1)).await.unwrap();
-        assert_eq!(stored_committed(dir.path()), Some(later));
-        assert_eq!(syncs.load(std::sync::atomic::Ordering::SeqCst), 2);
-    }
-
-    #[tokio::test]
-    async fn the_commit_index_on_disk_never_runs_ahead_of_the_entries_on_disk() {
-        // A leader may count two followers' acks before its own append is written: the
-        // commit index it knows then names an entry its log file does not hold yet.
-        let dir = tempfile::tempdir().unwrap();
-        let (mut store, syncs) = counted_store(dir.path());
-        let ahead = openraft::testing::log_id::<TypeConfig>(1, 1, 3);
-        store.save_committed(Some(ahead)).await.unwrap();
-        store.save_vote(&Vote::new(1, 1)).await.unwrap();
-        assert_eq!(stored_committed(dir.path()), None);
-        let entries: Vec<Entry> = (1..=3).map(|i| entry(1, i, 10)).collect();
-        store.append(entries, IOFlushed::noop()).await.unwrap();
-        wait_for_syncs(&syncs, 2).await;
-        assert_eq!(stored_committed(dir.path()), Some(ahead));
-        drop(store);
-        // And the log reopens with it.
-        let reopened = LogStore::open(
-            dir.path(),
-            &dir.path().join("legacy.redb"),
-            Arc::new(|_| {}),
-            LEADER,
-        );
-        assert!(reopened.is_ok());
-    }
-
-    #[tokio::test]
-    async fn a_followers_append_is_durable_when_append_returns() {
-        let dir = tempfile::tempdir().unwrap();
-        let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = syncs.clone();
-        let on_sync: SyncObserver = Arc::new(move |_| {
-            counted.fetch_add(1, Ordering::SeqCst);
-        });
-        let follower = LEADER + 1;
-        let mut store = LogStore::open(
-            dir.path(),
-            &dir.path().join("legacy.redb"),
-            on_sync,
-            follower,
-        )
-        .unwrap();
-        for round in 0..3 {
-            // However long this machine's last fsync took (the rule has its own test).
-            store.writer.last_sync_micros.store(0, Ordering::Relaxed);
-            let (tx, mut rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
-            let entries: Vec<Entry> = (1..=4).map(|i| entry(1, round * 4 + i, 10)).collect();
-            store.append(entries, IOFlushed::signal(tx)).await.unwrap();
-            // Written by this call: no storage thread had to wake for it.
-            assert!(
-                matches!(rx.try_recv(), Ok(Ok(()))),
-                "round {round}: not flushed when append returned"
-            );
-        }
-        assert_eq!(syncs.load(Ordering::SeqCst), 3);
-        drop(store);
-        let mut indexes = Vec::new();
-        crate::consensus::wal::replay(dir.path(), |r| {
-            if let Replayed::Entry(e) = r {
-                indexes.push(e.index());
-            }
-            Ok(())
-        })
-        .unwrap();
-        assert_eq!(indexes, (1..=12).collect::<Vec<u64>>());
-    }
-
-    #[tokio::test]
-    async fn only_a_followers_appends_on_a_quick_disk_are_written_by_the_caller() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = counted_store(dir.path());
-        let own = [entry(1, 1, 10)];
-        let theirs = [Entry::new_normal(
-            openraft::testing::log_id::<TypeConfig>(2, LEADER + 1, 1),
-            Request {
-                ts_ms: 0,
-                command: ChatCommand::Join {
-                    session: "s".into(),
-                    room: "#r".into(),
-                }
-                .into(),
-            },
-        )];
-        assert!(!store.may_write_here(&own), "a leader's own append");
-        assert!(store.may_write_here(&theirs), "a follower's append");
-        let slow = WRITE_HERE_MAX.as_micros() as u64 + 1;
-        store.writer.last_sync_micros.store(slow, Ordering::Relaxed);
-        assert!(
-            !store.may_write_here(&theirs),
-            "a follower's append on a slow disk"
-        );
-    }
-}
+pub(crate) mod tests;
