@@ -193,6 +193,73 @@ async fn a_followers_append_is_durable_when_append_returns() {
 }
 
 #[tokio::test]
+// The writer's mutex is held across the append on purpose: it stands for the storage thread
+// in the middle of a write.
+#[allow(clippy::await_holding_lock)]
+async fn a_followers_append_waits_its_turn_while_the_storage_thread_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = LogStore::open(
+        dir.path(),
+        &dir.path().join("legacy.redb"),
+        Arc::new(|_| {}),
+        LEADER + 1,
+    )
+    .unwrap();
+    let oneshot = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot::<io::Result<()>>;
+    let run = |from: u64| {
+        (from..from + 4)
+            .map(|i| entry(1, i, 10))
+            .collect::<Vec<Entry>>()
+    };
+    let writer = store.writer.clone();
+    let writing = writer.wal.lock().unwrap();
+    let (tx, mut first) = oneshot();
+    store.append(run(1), IOFlushed::signal(tx)).await.unwrap();
+    assert!(
+        first.try_recv().is_err(),
+        "written past a write in progress"
+    );
+    assert_eq!(store.writer.queued.load(Ordering::SeqCst), 1);
+    // The storage thread now holds the first run; the second must not be written before it.
+    drop(writing);
+    let (tx, second) = oneshot();
+    store.append(run(5), IOFlushed::signal(tx)).await.unwrap();
+    for (n, flushed) in [(1, first), (2, second)] {
+        let flushed = tokio::time::timeout(Duration::from_secs(5), flushed).await;
+        assert!(
+            matches!(flushed, Ok(Ok(Ok(())))),
+            "run {n} was never written"
+        );
+    }
+    // Once the storage thread has nothing left, the caller writes again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while store.writer.queued.load(Ordering::SeqCst) != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the storage thread never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    store.writer.last_sync_micros.store(0, Ordering::Relaxed);
+    let (tx, mut third) = oneshot();
+    store.append(run(9), IOFlushed::signal(tx)).await.unwrap();
+    assert!(
+        matches!(third.try_recv(), Ok(Ok(()))),
+        "not written by the caller"
+    );
+    drop(store);
+    let mut indexes = Vec::new();
+    crate::consensus::wal::replay(dir.path(), |r| {
+        if let Replayed::Entry(e) = r {
+            indexes.push(e.index());
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(indexes, (1..=12).collect::<Vec<u64>>());
+}
+
+#[tokio::test]
 async fn only_a_followers_appends_on_a_quick_disk_are_written_by_the_caller() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = counted_store(dir.path());
