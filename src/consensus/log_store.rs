@@ -11,7 +11,9 @@
 //! Handing it over and being told it is done were two thread wake-ups on the path of every
 //! acknowledged message, costlier on this kind of machine than the write itself
 //! (BENCHMARKS.md, the eighteenth session). A leader's own appends always go to the storage
-//! thread: its raft runtime must keep sending entries while they are written.
+//! thread: its raft runtime must keep sending entries while they are written. So does an
+//! append that would start a new segment (creating and syncing files, perhaps filling one
+//! with zeros, is not the one fsync this exception bounds).
 //!
 //! Memory is bounded: an entry stays in memory until it is durable, and after that only while
 //! it is among the newest `CACHE_BYTES` of entries (what replication to a healthy follower
@@ -291,7 +293,9 @@ impl LogStore {
             Err(TryLockError::WouldBlock) => return Some(op),
         };
         // With the writer held, nothing queued means nothing is written ahead of this.
-        if self.writer.queued.load(Ordering::SeqCst) != 0 {
+        if self.writer.queued.load(Ordering::SeqCst) != 0
+            || !wal.fits_in_segment(encoded_bound(entries))
+        {
             return Some(op);
         }
         let mut batch = vec![op];
@@ -299,6 +303,13 @@ impl LogStore {
         self.writer.commit(&mut wal, &self.mem, batch, true);
         None
     }
+}
+
+/// At least the bytes `entries` take in the log with the commit index beside them: JSON
+/// escapes a text's byte in at most six.
+fn encoded_bound(entries: &[Entry]) -> u64 {
+    let approx: usize = entries.iter().map(approx_size).sum();
+    6 * approx as u64 + 512
 }
 
 impl LogStore {

@@ -329,6 +329,12 @@ impl WalWriter {
         Ok(())
     }
 
+    /// Whether `bytes` more fit in the segment being written, so writing them starts no new
+    /// one.
+    pub fn fits_in_segment(&self, bytes: u64) -> bool {
+        !self.broken && self.offset + bytes <= self.segment_len
+    }
+
     /// Writes `records` in one write, then an fsync when `durable`.
     pub fn write(&mut self, records: &[Record<'_>], durable: bool) -> io::Result<()> {
         let mut buf = std::mem::take(&mut self.buf);
@@ -767,6 +773,24 @@ mod tests {
         assert_eq!(log, vec![(1, 4), (1, 5), (2, 6), (2, 7), (2, 8)]);
         assert_eq!(vote, Some(Vote::new(2, 1)));
         assert_eq!(r.read(7, 100, usize::MAX).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_write_fits_in_its_segment_until_the_segment_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, _, mut w, _) = reopen(dir.path()).unwrap();
+        let room = w.segment_len - w.offset;
+        assert!(w.fits_in_segment(room));
+        assert!(!w.fits_in_segment(room + 1));
+        // Fill the segment, and one more write starts the next: it fits again.
+        let mut next = 1;
+        while w.segments.len() < 2 {
+            let es: Vec<Entry> = (next..next + 100).map(|i| entry(1, i)).collect();
+            next += 100;
+            let recs: Vec<Record> = es.iter().map(Record::Entry).collect();
+            w.write(&recs, false).unwrap();
+        }
+        assert!(w.fits_in_segment(1024));
     }
 
     #[test]

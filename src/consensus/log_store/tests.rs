@@ -284,3 +284,86 @@ async fn only_a_followers_appends_on_a_quick_disk_are_written_by_the_caller() {
         "a follower's append on a slow disk"
     );
 }
+
+#[test]
+fn the_bound_on_an_appends_bytes_covers_a_text_of_escapes() {
+    // Every byte of this text is written as a six-byte escape.
+    let mut escaped = entry(1, 1, 0);
+    if let openraft::EntryPayload::Normal(request) = &mut escaped.payload {
+        request.command = ChatCommand::Send {
+            session: "\u{1}".repeat(64),
+            id: "\u{1}".repeat(64),
+            to: "#r".into(),
+            text: "\u{1}".repeat(4000),
+        }
+        .into();
+    }
+    let committed = openraft::testing::log_id::<TypeConfig>(1, LEADER, 1);
+    let written = serde_json::to_vec(&escaped).unwrap().len()
+        + serde_json::to_vec(&Some(committed)).unwrap().len()
+        + 2 * 9;
+    assert!(
+        encoded_bound(std::slice::from_ref(&escaped)) >= written as u64,
+        "bound {} < {written}",
+        encoded_bound(std::slice::from_ref(&escaped))
+    );
+}
+
+#[tokio::test]
+async fn a_followers_append_that_would_start_a_segment_goes_to_the_storage_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    let writers = Arc::new(Mutex::new(Vec::new()));
+    let seen = writers.clone();
+    let on_sync: SyncObserver = Arc::new(move |_| {
+        let name = std::thread::current().name().unwrap_or("").to_string();
+        seen.lock().unwrap().push(name);
+    });
+    let mut store = LogStore::open(
+        dir.path(),
+        &dir.path().join("legacy.redb"),
+        on_sync,
+        LEADER + 1,
+    )
+    .unwrap();
+    let by_storage_thread =
+        |names: &[String]| names.iter().filter(|n| *n == "raft-log-sync").count();
+    let mut index = 1;
+    loop {
+        let next = [entry(1, index, 10_000)];
+        let fits = store
+            .writer
+            .wal
+            .lock()
+            .unwrap()
+            .fits_in_segment(encoded_bound(&next));
+        store.writer.last_sync_micros.store(0, Ordering::Relaxed);
+        let (tx, rx) = <TypeConfig as openraft::type_config::TypeConfigExt>::oneshot();
+        store.append(next, IOFlushed::signal(tx)).await.unwrap();
+        let flushed = tokio::time::timeout(Duration::from_secs(5), rx).await;
+        assert!(
+            matches!(flushed, Ok(Ok(Ok(())))),
+            "entry {index} never written"
+        );
+        let queued = by_storage_thread(&writers.lock().unwrap());
+        index += 1;
+        if !fits {
+            assert_eq!(
+                queued, 1,
+                "the segment's last append was written by its caller"
+            );
+            break;
+        }
+        assert_eq!(queued, 0, "entry {} went to the storage thread", index - 1);
+        assert!(index < 1000, "the first segment never filled");
+    }
+    drop(store);
+    let mut indexes = Vec::new();
+    crate::consensus::wal::replay(dir.path(), |r| {
+        if let Replayed::Entry(e) = r {
+            indexes.push(e.index());
+        }
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(indexes, (1..index).collect::<Vec<u64>>());
+}
