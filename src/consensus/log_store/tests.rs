@@ -75,6 +75,19 @@ fn stored_committed(dir: &Path) -> Option<LogId> {
     committed
 }
 
+/// The indexes of the entries the log in `dir` holds, as a restart would read them.
+fn replayed_indexes(dir: &Path) -> Vec<u64> {
+    let mut indexes = Vec::new();
+    crate::consensus::wal::replay(dir, |r| {
+        if let Replayed::Entry(e) = r {
+            indexes.push(e.index());
+        }
+        Ok(())
+    })
+    .unwrap();
+    indexes
+}
+
 /// A log store in `dir` and how many durable writes it has made.
 fn counted_store(dir: &Path) -> (LogStore, Arc<std::sync::atomic::AtomicUsize>) {
     let syncs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -181,15 +194,7 @@ async fn a_followers_append_is_durable_when_append_returns() {
     }
     assert_eq!(syncs.load(Ordering::SeqCst), 3);
     drop(store);
-    let mut indexes = Vec::new();
-    crate::consensus::wal::replay(dir.path(), |r| {
-        if let Replayed::Entry(e) = r {
-            indexes.push(e.index());
-        }
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(indexes, (1..=12).collect::<Vec<u64>>());
+    assert_eq!(replayed_indexes(dir.path()), (1..=12).collect::<Vec<u64>>());
 }
 
 #[tokio::test]
@@ -248,15 +253,7 @@ async fn a_followers_append_waits_its_turn_while_the_storage_thread_writes() {
         "not written by the caller"
     );
     drop(store);
-    let mut indexes = Vec::new();
-    crate::consensus::wal::replay(dir.path(), |r| {
-        if let Replayed::Entry(e) = r {
-            indexes.push(e.index());
-        }
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(indexes, (1..=12).collect::<Vec<u64>>());
+    assert_eq!(replayed_indexes(dir.path()), (1..=12).collect::<Vec<u64>>());
 }
 
 #[tokio::test]
@@ -357,13 +354,8 @@ async fn a_followers_append_that_would_start_a_segment_goes_to_the_storage_threa
         assert!(index < 1000, "the first segment never filled");
     }
     drop(store);
-    let mut indexes = Vec::new();
-    crate::consensus::wal::replay(dir.path(), |r| {
-        if let Replayed::Entry(e) = r {
-            indexes.push(e.index());
-        }
-        Ok(())
-    })
-    .unwrap();
-    assert_eq!(indexes, (1..index).collect::<Vec<u64>>());
+    assert_eq!(
+        replayed_indexes(dir.path()),
+        (1..index).collect::<Vec<u64>>()
+    );
 }
