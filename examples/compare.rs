@@ -313,8 +313,11 @@ impl RaftchatSender {
                         let Some((text, done)) = request else { return };
                         next += 1;
                         let id = format!("c{next}");
-                        waiting.lock().await.insert(id.clone(), done);
-                        client.send_with_id(&id, ROOM, &text);
+                        // The cases keep at most 256 messages in flight, far below the client's
+                        // budget; a refused send fails its request (its `done` is dropped).
+                        if client.send_with_id(&id, ROOM, &text).is_ok() {
+                            waiting.lock().await.insert(id.clone(), done);
+                        }
                     }
                     event = client.next_event() => match event {
                         Some(Event::Acked { id, .. }) => {

@@ -130,7 +130,7 @@ async fn run_client(
             while client.unacked() < IN_FLIGHT {
                 n += 1;
                 let id = format!("{user}-{n}");
-                client.send_with_id(&id, ROOM, "chaos");
+                client.send_with_id(&id, ROOM, "chaos").unwrap();
                 seen.sent.push(id);
             }
         }

@@ -256,7 +256,9 @@ fn sends_refused_for_the_rate_limit_are_named_and_sent_again() {
                 Some(Event::Joined { .. }) if !sent => {
                     // Three times the burst at once.
                     for i in 0..30 {
-                        client.send_with_id(&format!("m{i}"), "#eager", "hello");
+                        client
+                            .send_with_id(&format!("m{i}"), "#eager", "hello")
+                            .unwrap();
                     }
                     sent = true;
                 }

@@ -577,11 +577,17 @@ async fn bench_client(
         // Top up the window while the run lasts.
         while joined && phase.load(Ordering::Relaxed) == 1 && in_flight.len() < window {
             let seq = next_seq;
-            next_seq += 1;
             let sent_us = shared.epoch.elapsed().as_micros() as u64;
             let head = format!("{i} {seq} {sent_us} ");
             let text = format!("{head}{}", "x".repeat(size.saturating_sub(head.len())));
-            client.send_with_id(&format!("{i}-{seq}"), &room, &text);
+            if client
+                .send_with_id(&format!("{i}-{seq}"), &room, &text)
+                .is_err()
+            {
+                // The client keeps as much unacknowledged as it may: top up after acks.
+                break;
+            }
+            next_seq += 1;
             in_flight.insert(seq, Instant::now());
             shared.counters.sent.fetch_add(1, Ordering::Relaxed);
         }

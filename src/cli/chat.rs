@@ -101,6 +101,29 @@ fn parse_input(line: &str) -> Input {
     }
 }
 
+/// Sends `text` to `to`, or gives it back when the client holds all the unacknowledged
+/// messages it may (it is sent once acks free room, before stdin is read on).
+fn send_or_keep(client: &mut Client, to: String, text: String) -> Option<(String, String)> {
+    match client.send(&to, &text) {
+        Ok(_) => None,
+        Err(e) => {
+            eprintln!("raftchat: {e}; it goes once there is room");
+            Some((to, text))
+        }
+    }
+}
+
+/// Resolves once the client has room for the line it could not send.
+fn room_for(
+    client: &Client,
+    unsent: &Option<(String, String)>,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let (to, text) = unsent
+        .as_ref()
+        .map_or(("", ""), |(to, text)| (to.as_str(), text.as_str()));
+    client.room_to_send(to, text)
+}
+
 async fn chat(args: ChatArgs) -> ExitCode {
     let mut config = ClientConfig::new(args.servers.clone(), &args.user);
     config.rooms = vec![args.room.clone()];
@@ -117,18 +140,23 @@ async fn chat(args: ChatArgs) -> ExitCode {
     // Answers still owed to stdin's commands: in a pipeline each is printed before exit.
     let mut owed = Owed::default();
     let mut check = tokio::time::interval(Duration::from_millis(50));
+    // A line the client had no room for yet: stdin waits until acks free some.
+    let mut unsent: Option<(String, String)> = None;
     loop {
         tokio::select! {
-            line = lines.next_line(), if eof_at.is_none() && !quitting => match line {
+            _ = room_for(&client, &unsent), if unsent.is_some() => {
+                if let Some((to, text)) = unsent.take() {
+                    unsent = send_or_keep(&mut client, to, text);
+                }
+            }
+            line = lines.next_line(), if eof_at.is_none() && !quitting && unsent.is_none() => match line {
                 Ok(Some(line)) => {
                     let line = line.trim_end();
                     if line.is_empty() {
                         continue;
                     }
                     match parse_input(line) {
-                        Input::Say(text) => {
-                            client.send(&room, &text);
-                        }
+                        Input::Say(text) => unsent = send_or_keep(&mut client, room.clone(), text),
                         Input::Join(r) => {
                             if is_valid_room(&r) {
                                 client.join(&r);
@@ -142,9 +170,7 @@ async fn chat(args: ChatArgs) -> ExitCode {
                             client.leave(r.as_deref().unwrap_or(&room));
                             owed.leaves += 1;
                         }
-                        Input::Msg(user, text) => {
-                            client.send(&user, &text);
-                        }
+                        Input::Msg(user, text) => unsent = send_or_keep(&mut client, user, text),
                         Input::Who(r) => {
                             client.who(r.as_deref().unwrap_or(&room));
                             owed.who += 1;

@@ -131,7 +131,9 @@ async fn canary(
     loop {
         if joined.is_none() {
             while in_flight.len() < window {
-                client.send("#failover", "still here");
+                if client.send("#failover", "still here").is_err() {
+                    break;
+                }
                 in_flight.push_back(Instant::now());
             }
         }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::conn::{ClientError, FrameReader, FrameWriter, SendFrame, connect};
 use super::events;
+use super::outstanding::{self, Outstanding};
 use super::{ClientConfig, Command, Event, Frame, Message, Reconnect, backoff};
 
 struct Pending {
@@ -20,10 +21,17 @@ struct Pending {
     text: String,
 }
 
+impl Pending {
+    /// What it was counted as when the application sent it.
+    fn cost(&self) -> usize {
+        outstanding::cost(&self.id, &self.to, &self.text)
+    }
+}
+
 pub(super) struct Driver {
     config: ClientConfig,
     events: events::EventSender,
-    unacked_count: Arc<AtomicUsize>,
+    outstanding: Arc<Outstanding>,
     /// (node id once known, chat address, healthy as last reported).
     known: Vec<(Option<u64>, String, bool)>,
     session: Option<String>,
@@ -64,7 +72,7 @@ impl Driver {
     pub(super) fn new(
         config: ClientConfig,
         events: events::EventSender,
-        unacked_count: Arc<AtomicUsize>,
+        outstanding: Arc<Outstanding>,
     ) -> Driver {
         Driver {
             known: config
@@ -74,7 +82,7 @@ impl Driver {
                 .collect(),
             config,
             events,
-            unacked_count,
+            outstanding,
             session: None,
             last_index: 0,
             unacked: VecDeque::new(),
@@ -172,10 +180,15 @@ impl Driver {
                 .unwrap_or(previous.is_some() && previous == self.session);
             if let Some(previous) = previous.filter(|_| !resumed) {
                 // Re-sending under a new session would store again what the old one stored.
-                let unacked: Vec<String> = self.unacked.drain(..).map(|p| p.id).collect();
-                // Not zero: sends the application made meanwhile still wait in the queue.
-                self.unacked_count
-                    .fetch_sub(unacked.len(), Ordering::SeqCst);
+                // Sends the application made meanwhile still wait in the queue.
+                let unacked: Vec<String> = self
+                    .unacked
+                    .drain(..)
+                    .map(|p| {
+                        self.outstanding.release(p.cost());
+                        p.id
+                    })
+                    .collect();
                 self.events.emit(Event::SessionLost {
                     previous,
                     session: self.session.clone().unwrap_or_default(),
@@ -296,8 +309,9 @@ impl Driver {
     /// `id` is acknowledged at `index` (acks come in send order: the first unacked is it).
     fn acked(&mut self, id: String, index: u64) {
         if let Some(pos) = self.unacked.iter().position(|p| p.id == id) {
-            self.unacked.remove(pos);
-            self.unacked_count.fetch_sub(1, Ordering::SeqCst);
+            if let Some(p) = self.unacked.remove(pos) {
+                self.outstanding.release(p.cost());
+            }
             self.events.hold(Event::Acked { id, index });
         }
     }
@@ -502,9 +516,10 @@ impl Driver {
                     }
                     ("name_taken", None) => return Some(Ended::Fatal(text("message"))),
                     (_, Some(id)) => {
-                        if let Some(pos) = self.unacked.iter().position(|p| &p.id == id) {
-                            self.unacked.remove(pos);
-                            self.unacked_count.fetch_sub(1, Ordering::SeqCst);
+                        if let Some(pos) = self.unacked.iter().position(|p| &p.id == id)
+                            && let Some(p) = self.unacked.remove(pos)
+                        {
+                            self.outstanding.release(p.cost());
                         }
                     }
                     _ => {}

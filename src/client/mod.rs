@@ -8,13 +8,15 @@
 //! last message index it delivered, re-sends every unacknowledged message with its original
 //! id, and hands each message to the application once, in index order. What the application
 //! has not taken yet is bounded (`events`): a full queue stops the reading, not the memory.
+//! So is what it has sent and the cluster has not acknowledged (`outstanding`): a send that
+//! does not fit is refused, and the application waits for acks (`Client::room_to_send`).
 
 pub mod conn;
 mod driver;
 mod events;
+mod outstanding;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use rand::Rng;
@@ -22,6 +24,7 @@ use tokio::sync::mpsc;
 
 pub use conn::{ClientError, Frame, FrameReader, FrameWriter, connect, login};
 pub use events::MAX_QUEUED_BYTES;
+pub use outstanding::{MAX_UNACKED_BYTES, SendQueueFull};
 
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -173,7 +176,7 @@ enum Command {
 pub struct Client {
     commands: mpsc::UnboundedSender<Command>,
     events: events::EventReceiver,
-    unacked: Arc<AtomicUsize>,
+    outstanding: Arc<outstanding::Outstanding>,
     id_prefix: String,
     next_id: u64,
 }
@@ -183,34 +186,45 @@ impl Client {
     pub fn start(config: ClientConfig) -> Client {
         let (commands, command_rx) = mpsc::unbounded_channel();
         let (event_tx, events) = events::channel();
-        let unacked = Arc::new(AtomicUsize::new(0));
-        let driver = driver::Driver::new(config, event_tx, unacked.clone());
+        let outstanding = Arc::new(outstanding::Outstanding::default());
+        let driver = driver::Driver::new(config, event_tx, outstanding.clone());
         tokio::spawn(driver.run(command_rx));
         Client {
             commands,
             events,
-            unacked,
+            outstanding,
             id_prefix: format!("{:x}", rand::rng().random::<u32>()),
             next_id: 0,
         }
     }
 
     /// Queues a message; returns its id. It is sent (and re-sent after reconnects) until
-    /// acknowledged.
-    pub fn send(&mut self, to: &str, text: &str) -> String {
+    /// acknowledged. Refused when the messages not acknowledged yet would take more than
+    /// `MAX_UNACKED_BYTES` with it: wait for acks (`room_to_send`) and send it again.
+    pub fn send(&mut self, to: &str, text: &str) -> Result<String, SendQueueFull> {
+        let id = format!("{}-{}", self.id_prefix, self.next_id + 1);
+        self.send_with_id(&id, to, text)?;
         self.next_id += 1;
-        let id = format!("{}-{}", self.id_prefix, self.next_id);
-        self.send_with_id(&id, to, text);
-        id
+        Ok(id)
     }
 
-    pub fn send_with_id(&mut self, id: &str, to: &str, text: &str) {
-        self.unacked.fetch_add(1, Ordering::SeqCst);
+    /// As `send`, with the application's own id.
+    pub fn send_with_id(&mut self, id: &str, to: &str, text: &str) -> Result<(), SendQueueFull> {
+        self.outstanding.add(outstanding::cost(id, to, text))?;
         let _ = self.commands.send(Command::Send {
             id: id.to_string(),
             to: to.to_string(),
             text: text.to_string(),
         });
+        Ok(())
+    }
+
+    /// Resolves once a message of these sizes would be taken by `send` (the future holds no
+    /// borrow of the client, so it can wait beside `next_event`, which frees the room).
+    pub fn room_to_send(&self, to: &str, text: &str) -> impl Future<Output = ()> + Send + use<> {
+        let id = format!("{}-{}", self.id_prefix, self.next_id + 1);
+        let (cost, outstanding) = (outstanding::cost(&id, to, text), self.outstanding.clone());
+        async move { outstanding.room(cost).await }
     }
 
     pub fn join(&self, room: &str) {
@@ -234,7 +248,7 @@ impl Client {
 
     /// Messages sent but not yet acknowledged.
     pub fn unacked(&self) -> usize {
-        self.unacked.load(Ordering::SeqCst)
+        self.outstanding.count()
     }
 
     pub async fn next_event(&mut self) -> Option<Event> {
@@ -322,7 +336,7 @@ mod tests {
         let mut client = Client::start(ClientConfig::new(vec![addr], "alice"));
         let (mut first, _) = next_hello(&listener).await;
         say(&mut first, welcome(false)).await;
-        client.send_with_id("m1", "#r", "one");
+        client.send_with_id("m1", "#r", "one").unwrap();
         // The send reached the server; then the connection breaks, unacknowledged.
         let mut line = String::new();
         while !line.contains("m1") {
@@ -333,7 +347,7 @@ mod tests {
         let (mut second, hello) = next_hello(&listener).await;
         assert_eq!(hello["session"], "s1");
         // A send made while the client waits for its welcome...
-        client.send_with_id("m2", "#r", "two");
+        client.send_with_id("m2", "#r", "two").unwrap();
         tokio::time::sleep(Duration::from_millis(50)).await;
         // ...and the session could not be resumed: m1's fate is unknown, m2 is still to go.
         say(
@@ -369,5 +383,39 @@ mod tests {
         for n in 10..40 {
             assert!(backoff(n, i, m) <= m);
         }
+    }
+
+    #[tokio::test]
+    async fn sends_the_cluster_has_not_acknowledged_are_bounded_and_refused_beyond() {
+        // Nobody listens: every send stays unacknowledged.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = closed.local_addr().unwrap().to_string();
+        drop(closed);
+        let mut client = Client::start(ClientConfig::new(vec![addr], "alice"));
+        let text = "x".repeat(64 * 1024);
+        let mut taken = 0;
+        let refused = loop {
+            match client.send("#r", &text) {
+                Ok(_) => taken += 1,
+                Err(full) => break full,
+            }
+            assert!(taken <= 64, "{taken} messages of 64 KiB kept");
+        };
+        assert_eq!(
+            taken, 63,
+            "a 4-MiB budget of 64-KiB messages and their costs"
+        );
+        assert_eq!(refused.unacked, taken);
+        assert!(refused.bytes <= MAX_UNACKED_BYTES, "{refused}");
+        assert_eq!(client.unacked(), taken);
+        // No room for another large one comes while nothing is acknowledged; what is left of
+        // the budget still takes a small one.
+        let wait = tokio::time::timeout(
+            std::time::Duration::from_millis(100),
+            client.room_to_send("#r", &text),
+        );
+        assert!(wait.await.is_err(), "room without an ack");
+        assert!(client.send("#r", "small").is_ok());
+        assert_eq!(client.unacked(), taken + 1);
     }
 }
