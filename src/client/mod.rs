@@ -202,7 +202,7 @@ impl Client {
     /// acknowledged. Refused when the messages not acknowledged yet would take more than
     /// `MAX_UNACKED_BYTES` with it: wait for acks (`room_to_send`) and send it again.
     pub fn send(&mut self, to: &str, text: &str) -> Result<String, SendQueueFull> {
-        let id = format!("{}-{}", self.id_prefix, self.next_id + 1);
+        let id = self.next_message_id();
         self.send_with_id(&id, to, text)?;
         self.next_id += 1;
         Ok(id)
@@ -219,10 +219,15 @@ impl Client {
         Ok(())
     }
 
+    /// The id `send` gives the next message.
+    fn next_message_id(&self) -> String {
+        format!("{}-{}", self.id_prefix, self.next_id + 1)
+    }
+
     /// Resolves once a message of these sizes would be taken by `send` (the future holds no
     /// borrow of the client, so it can wait beside `next_event`, which frees the room).
     pub fn room_to_send(&self, to: &str, text: &str) -> impl Future<Output = ()> + Send + use<> {
-        let id = format!("{}-{}", self.id_prefix, self.next_id + 1);
+        let id = self.next_message_id();
         let (cost, outstanding) = (outstanding::cost(&id, to, text), self.outstanding.clone());
         async move { outstanding.room(cost).await }
     }

@@ -37,7 +37,7 @@ use tokio::sync::oneshot;
 
 use super::types::{Entry, LogId, TypeConfig, Vote};
 use super::wal::{Replayed, WalReader, WalWriter};
-use writer::{Op, Writer, add_committed, storage_thread};
+use writer::{Op, Writer, storage_thread};
 
 mod writer;
 
@@ -298,9 +298,7 @@ impl LogStore {
         {
             return Some(op);
         }
-        let mut batch = vec![op];
-        add_committed(&mut batch, &wal, &self.mem);
-        self.writer.commit(&mut wal, &self.mem, batch, true);
+        self.writer.write(&mut wal, &self.mem, vec![op], true);
         None
     }
 }

@@ -107,7 +107,7 @@ pub(super) fn storage_thread(writer: &Writer, mem: &Mutex<LogMem>, rx: mpsc::Rec
 /// Appends the commit index to `batch` if it moved since the log last wrote one, and only once
 /// the log (with this batch) holds the entry it names: a log on disk never says more is
 /// committed than it has.
-pub(super) fn add_committed(batch: &mut Vec<Op>, wal: &WalWriter, mem: &Mutex<LogMem>) {
+fn add_committed(batch: &mut Vec<Op>, wal: &WalWriter, mem: &Mutex<LogMem>) {
     let committed = mem.lock().unwrap_or_else(|p| p.into_inner()).committed;
     if committed == wal.committed() {
         return;
@@ -127,25 +127,31 @@ pub(super) fn add_committed(batch: &mut Vec<Op>, wal: &WalWriter, mem: &Mutex<Lo
 
 impl Writer {
     /// The storage thread's write of operations it was sent (none is the commit index alone).
-    pub(super) fn write_queued(&self, mem: &Mutex<LogMem>, mut batch: Vec<Op>, durable: bool) {
+    pub(super) fn write_queued(&self, mem: &Mutex<LogMem>, batch: Vec<Op>, durable: bool) {
         let sent = batch.len();
         let mut wal = self.wal.lock().unwrap_or_else(|p| p.into_inner());
-        add_committed(&mut batch, &wal, mem);
-        if !batch.is_empty() {
-            self.commit(&mut wal, mem, batch, durable);
-        }
+        self.write(&mut wal, mem, batch, durable);
         self.queued.fetch_sub(sent, Ordering::SeqCst);
+    }
+
+    /// Writes `batch`, with the commit index when it moved, in one write (with an fsync when
+    /// `durable`); `wal` is this writer's, held by the caller.
+    pub(super) fn write(
+        &self,
+        wal: &mut WalWriter,
+        mem: &Mutex<LogMem>,
+        mut batch: Vec<Op>,
+        durable: bool,
+    ) {
+        add_committed(&mut batch, wal, mem);
+        if !batch.is_empty() {
+            self.commit(wal, mem, batch, durable);
+        }
     }
 
     /// Writes `batch` in one write (with an fsync when `durable`) and reports each write's
     /// outcome.
-    pub(super) fn commit(
-        &self,
-        wal: &mut WalWriter,
-        mem: &Mutex<LogMem>,
-        batch: Vec<Op>,
-        durable: bool,
-    ) {
+    fn commit(&self, wal: &mut WalWriter, mem: &Mutex<LogMem>, batch: Vec<Op>, durable: bool) {
         let started = Instant::now();
         let result = write_batch(wal, &batch, durable);
         if result.is_ok() {
