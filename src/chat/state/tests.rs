@@ -51,6 +51,12 @@ impl Harness {
             attachment,
         })
     }
+    /// A session that joined `room` on node 1, then detached.
+    fn detached_member(&mut self, token: &str, user: &str, room: &str) {
+        let attachment = self.attached(token, user, 1);
+        self.run(join(token, room));
+        self.detach(token, attachment);
+    }
 }
 
 fn attach_cmd(token: &str, user: &str, node: u64, resume: Option<&str>) -> ChatCommand {
@@ -306,9 +312,7 @@ fn send_requires_membership_and_known_users() {
 #[test]
 fn detached_sessions_expire_with_their_dedup_state() {
     let mut h = Harness::new();
-    let attachment = h.attached("s1", "alice", 1);
-    h.run(join("s1", "#r"));
-    h.detach("s1", attachment);
+    h.detached_member("s1", "alice", "#r");
     h.run_at(
         1000 + TTL + SWEEP_EVERY_MS,
         ChatCommand::DetachNode { node: 9 },
@@ -321,9 +325,7 @@ fn detached_sessions_expire_with_their_dedup_state() {
 #[test]
 fn resume_is_decided_on_the_state_at_the_entry() {
     let mut h = Harness::new();
-    let attachment = h.attached("s1", "alice", 1);
-    h.run(join("s1", "#r"));
-    h.detach("s1", attachment);
+    h.detached_member("s1", "alice", "#r");
     // A lagging node proposes a fresh token but names the session to resume.
     let r = h.run(attach_cmd("fresh", "alice", 3, Some("s1")));
     assert!(
