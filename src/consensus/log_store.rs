@@ -133,7 +133,7 @@ impl LogMem {
 
     /// Forgets entries from `from` on.
     fn truncated(&mut self, from: u64, last: Option<LogId>) {
-        self.retain(|i| i < from);
+        self.forget_from(from);
         self.last = last.or(self.last_purged);
         // Until the truncation is written, the disk still holds the old entries from `from` on:
         // entries appended there must stay in memory until they are written themselves.
@@ -163,12 +163,23 @@ impl LogMem {
         self.evict();
     }
 
-    fn retain(&mut self, keep: impl Fn(u64) -> bool) {
-        let doomed: Vec<u64> = self.cache.keys().copied().filter(|i| !keep(*i)).collect();
-        for i in doomed {
-            if let Some((_, size)) = self.cache.remove(&i) {
-                self.cache_bytes -= size;
+    /// Forgets the entries from `from` on. Cuts the ordered cache once instead of visiting
+    /// every entry it holds (it holds up to `CACHE_BYTES`).
+    fn forget_from(&mut self, from: u64) {
+        for (_, (_, size)) in self.cache.split_off(&from) {
+            self.cache_bytes -= size;
+        }
+    }
+
+    /// Forgets the entries up to `upto`; a purge runs every few hundred entries, so this
+    /// visits only what it removes.
+    fn forget_upto(&mut self, upto: u64) {
+        while let Some(first) = self.cache.first_entry() {
+            if *first.key() > upto {
+                return;
             }
+            let (_, size) = first.remove();
+            self.cache_bytes -= size;
         }
     }
 }
@@ -203,11 +214,11 @@ impl LogStore {
                 Replayed::Vote(vote) => mem.vote = Some(vote),
                 Replayed::Committed(committed) => mem.committed = committed,
                 Replayed::Truncate(from) => {
-                    mem.retain(|i| i < from);
+                    mem.forget_from(from);
                     mem.durable_upto = mem.durable_upto.min(from.saturating_sub(1));
                 }
                 Replayed::Purge(upto) => {
-                    mem.retain(|i| i > upto.index());
+                    mem.forget_upto(upto.index());
                     mem.last_purged = Some(upto);
                 }
             }
@@ -453,7 +464,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         {
             let mut mem = self.mem();
-            mem.retain(|i| i > log_id.index());
+            mem.forget_upto(log_id.index());
             mem.last_purged = Some(log_id);
             if mem.last.as_ref().map(|l| l.index()) < Some(log_id.index()) {
                 mem.last = Some(log_id);

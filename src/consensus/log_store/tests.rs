@@ -359,3 +359,39 @@ async fn a_followers_append_that_would_start_a_segment_goes_to_the_storage_threa
         (1..index).collect::<Vec<u64>>()
     );
 }
+
+#[test]
+fn a_purge_and_a_truncation_drop_exactly_their_entries_and_their_bytes() {
+    let mut mem = LogMem::default();
+    let entries: Vec<Entry> = (1..=10).map(|i| entry(1, i, 10 * i as usize)).collect();
+    mem.appended(&entries);
+    let bytes_of = |range: std::ops::RangeInclusive<usize>| -> usize {
+        entries[range.start() - 1..*range.end()]
+            .iter()
+            .map(approx_size)
+            .sum()
+    };
+    assert_eq!(mem.cache_bytes, bytes_of(1..=10));
+    mem.forget_upto(3);
+    assert_eq!(
+        mem.cache.keys().copied().collect::<Vec<_>>(),
+        (4..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(mem.cache_bytes, bytes_of(4..=10));
+    mem.forget_upto(3);
+    assert_eq!(
+        mem.cache_bytes,
+        bytes_of(4..=10),
+        "a second purge to the same index"
+    );
+    mem.forget_from(8);
+    assert_eq!(
+        mem.cache.keys().copied().collect::<Vec<_>>(),
+        (4..=7).collect::<Vec<_>>()
+    );
+    assert_eq!(mem.cache_bytes, bytes_of(4..=7));
+    mem.forget_from(20);
+    mem.forget_upto(7);
+    assert!(mem.cache.is_empty());
+    assert_eq!(mem.cache_bytes, 0);
+}
