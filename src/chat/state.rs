@@ -4,7 +4,7 @@
 //! it never reads a clock or the environment, so every node that applies the same log holds
 //! the same state. Messages themselves are returned as events and stored by `history`.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -12,9 +12,8 @@ use super::command::{ChatCommand, ChatResponse, Event, MessageEvent, StoredMessa
 use super::history::Retention;
 use super::names::{fold, is_room_target};
 
-/// Client message ids remembered per session; a client only re-sends recent, unacknowledged
-/// messages, so an old id falling out of this window cannot come back.
-const DEDUP_WINDOW: usize = 10_000;
+mod dedup;
+use dedup::DedupWindow;
 
 /// How often (in entry time) detached sessions are checked for expiry.
 const SWEEP_EVERY_MS: i64 = 60_000;
@@ -89,29 +88,6 @@ pub struct Room {
     pub name: String,
     /// Session tokens.
     pub members: BTreeSet<String>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-struct DedupWindow {
-    ids: HashMap<String, u64>,
-    order: VecDeque<String>,
-}
-
-impl DedupWindow {
-    fn get(&self, id: &str) -> Option<u64> {
-        self.ids.get(id).copied()
-    }
-
-    fn insert(&mut self, id: String, index: u64) {
-        if self.ids.insert(id.clone(), index).is_none() {
-            self.order.push_back(id);
-        }
-        while self.order.len() > DEDUP_WINDOW {
-            if let Some(old) = self.order.pop_front() {
-                self.ids.remove(&old);
-            }
-        }
-    }
 }
 
 /// FNV-1a over values' JSON (every map fed to it is ordered).
@@ -430,7 +406,7 @@ impl ChatState {
             return ChatResponse::UnknownSession;
         };
         let from = session.user.clone();
-        session.sent.insert(id.to_string(), index);
+        session.sent.insert(id, index);
         session.last_active_ms = ts;
         events.push(Event::Message(MessageEvent::sent_by(
             StoredMessage {
@@ -531,8 +507,8 @@ impl ChatState {
                 s.last_active_ms,
                 s.id,
             ));
-            for id in &s.sent.order {
-                hash.feed(&(id, s.sent.get(id)));
+            for (id, index) in s.sent.iter() {
+                hash.feed(&(id, Some(index)));
             }
         }
         hash.0

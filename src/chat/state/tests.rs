@@ -1,5 +1,6 @@
 //! Tests of `ChatState`.
 
+use super::dedup::DEDUP_WINDOW;
 use super::*;
 
 const TTL: i64 = 3_600_000;
@@ -394,11 +395,10 @@ fn a_dedup_window_keeps_its_serialized_form_and_its_newest_ids() {
         serde_json::from_str::<serde_json::Value>(json).unwrap()
     );
     for i in 0..DEDUP_WINDOW as u64 {
-        window.insert(format!("n{i}"), 10 + i);
+        window.insert(&format!("n{i}"), 10 + i);
     }
-    assert_eq!(window.order.len(), DEDUP_WINDOW);
-    assert_eq!(window.ids.len(), DEDUP_WINDOW);
+    assert_eq!(window.len(), DEDUP_WINDOW);
     assert_eq!((window.get("a"), window.get("b")), (None, None));
-    assert_eq!(window.order.front().map(String::as_str), Some("n0"));
+    assert_eq!(window.iter().next(), Some(("n0", 10)));
     assert_eq!(window.get("n0"), Some(10));
 }
