@@ -11,9 +11,8 @@
 //! states written by earlier versions load unchanged.
 
 use std::collections::BTreeMap;
-use std::hash::BuildHasher;
+use std::hash::{BuildHasher, RandomState};
 
-use hashbrown::DefaultHashBuilder;
 use hashbrown::HashTable;
 use serde::de::Deserializer;
 use serde::ser::{SerializeStruct, Serializer};
@@ -28,9 +27,10 @@ pub(super) struct DedupWindow {
     /// `(id, index)`; once full, `oldest` is the slot the next insert reuses.
     slots: Vec<(String, u64)>,
     oldest: usize,
-    /// Slot numbers, hashed by their id. Client-chosen ids: the hasher is seeded per process.
+    /// Slot numbers, hashed by their id. The ids are chosen by clients, so the hash is std's
+    /// randomly keyed SipHash, as `HashMap`'s.
     by_id: HashTable<u32>,
-    hasher: DefaultHashBuilder,
+    hasher: RandomState,
 }
 
 impl DedupWindow {
