@@ -329,6 +329,30 @@ fn registration_commands_and_numerics() {
 }
 
 #[test]
+fn a_line_that_arrives_in_two_pieces_across_a_ping_tick_is_not_lost() {
+    // The server's ping timer ticks every 50 ms; the client pauses mid-line for longer than
+    // that (a split TCP segment, or one TLS record per write), as stock clients may.
+    let cluster = Cluster::start(
+        1,
+        "[chat]\nirc_ping_interval_ms = 50\nirc_ping_timeout_ms = 60000\n",
+    );
+    cluster.wait_leader(&[1], T);
+    let mut a = Irc::connect(&cluster.node(1).chat);
+    a.register("split");
+    a.stream.write_all(b"JOIN #spl").unwrap();
+    // The pause is the fault being tested, not a wait for a condition.
+    std::thread::sleep(Duration::from_millis(400));
+    a.stream.write_all(b"it\r\n").unwrap();
+    let end = a.expect_numeric("366");
+    assert!(end.contains("#split"), "{end}");
+    assert!(
+        !a.seen.iter().any(|l| l.contains(" 421 ")),
+        "part of the line was read as a command: {:?}",
+        a.seen
+    );
+}
+
+#[test]
 fn irc_and_json_share_rooms_and_a_nick_survives_its_node() {
     let mut cluster = Cluster::start(
         3,

@@ -21,48 +21,82 @@ pub enum Line {
 /// The line buffer kept between lines; a longer one is released after its line.
 const KEEP_LINE_BUFFER: usize = 16 * 1024;
 
-/// Reads one line into `buf`, never holding more than `max` bytes of it. A longer line is
-/// read to its end and discarded, so the next call starts at the next line.
+/// The line being read, kept by the connection between calls of `read_line`. A read dropped
+/// halfway through a line (a `select!` whose other branch fired, such as IRC's ping timer,
+/// while the rest of the line had not arrived) keeps what it had taken from the reader here,
+/// and the next call goes on with it: the line is not lost.
+#[derive(Default)]
+pub struct LineBuf {
+    bytes: Vec<u8>,
+    too_long: bool,
+    /// The last call returned: the next one starts a new line.
+    ended: bool,
+}
+
+impl LineBuf {
+    /// The line `read_line` last returned as `Line::Data`.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn start(&mut self) {
+        self.bytes.clear();
+        // One long line must not keep its buffer for the rest of the connection.
+        self.bytes.shrink_to(KEEP_LINE_BUFFER);
+        self.too_long = false;
+        self.ended = false;
+    }
+
+    fn end(&mut self, line: Line) -> Line {
+        self.ended = true;
+        line
+    }
+}
+
+/// Reads one line into `line`, never holding more than `max` bytes of it. A longer line is
+/// read to its end and discarded, so the next call starts at the next line. Cancel-safe: a
+/// call dropped before it returned loses nothing (see `LineBuf`).
 pub async fn read_line<R: AsyncBufRead + Unpin>(
     reader: &mut R,
-    buf: &mut Vec<u8>,
+    line: &mut LineBuf,
     max: usize,
 ) -> io::Result<Line> {
-    buf.clear();
-    // One long line must not keep its buffer for the rest of the connection.
-    buf.shrink_to(KEEP_LINE_BUFFER);
-    let mut too_long = false;
+    if line.ended {
+        line.start();
+    }
     loop {
         let available = reader.fill_buf().await?;
         if available.is_empty() {
-            return Ok(if too_long {
+            let end = if line.too_long {
                 Line::TooLong
-            } else if buf.is_empty() {
+            } else if line.bytes.is_empty() {
                 Line::Eof
             } else {
                 Line::Data
-            });
+            };
+            return Ok(line.end(end));
         }
         let (chunk, found_end) = match available.iter().position(|b| *b == b'\n') {
             Some(pos) => (pos, true),
             None => (available.len(), false),
         };
-        if !too_long && buf.len() + chunk > max {
-            too_long = true;
-            buf.clear();
+        if !line.too_long && line.bytes.len() + chunk > max {
+            line.too_long = true;
+            line.bytes.clear();
         }
-        if !too_long {
-            buf.extend_from_slice(&available[..chunk]);
+        if !line.too_long {
+            line.bytes.extend_from_slice(&available[..chunk]);
         }
+        // Nothing awaits between taking bytes from the reader and keeping them in `line`.
         reader.consume(if found_end { chunk + 1 } else { chunk });
         if found_end {
-            if too_long {
-                return Ok(Line::TooLong);
+            if line.too_long {
+                return Ok(line.end(Line::TooLong));
             }
-            if buf.last() == Some(&b'\r') {
-                buf.pop();
+            if line.bytes.last() == Some(&b'\r') {
+                line.bytes.pop();
             }
-            return Ok(Line::Data);
+            return Ok(line.end(Line::Data));
         }
     }
 }
@@ -144,17 +178,18 @@ impl<C: Clock + Clone> RateLimiter<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncWriteExt;
 
     #[tokio::test]
     async fn lines_are_bounded() {
         let data: &[u8] = b"short\r\nthis line is far too long\nok\npartial";
         let mut reader = tokio::io::BufReader::with_capacity(4, data);
-        let mut buf = Vec::new();
+        let mut buf = LineBuf::default();
         assert!(matches!(
             read_line(&mut reader, &mut buf, 10).await.unwrap(),
             Line::Data
         ));
-        assert_eq!(buf, b"short");
+        assert_eq!(buf.bytes(), b"short");
         assert!(matches!(
             read_line(&mut reader, &mut buf, 10).await.unwrap(),
             Line::TooLong
@@ -163,16 +198,61 @@ mod tests {
             read_line(&mut reader, &mut buf, 10).await.unwrap(),
             Line::Data
         ));
-        assert_eq!(buf, b"ok");
+        assert_eq!(buf.bytes(), b"ok");
         assert!(matches!(
             read_line(&mut reader, &mut buf, 10).await.unwrap(),
             Line::Data
         ));
-        assert_eq!(buf, b"partial");
+        assert_eq!(buf.bytes(), b"partial");
         assert!(matches!(
             read_line(&mut reader, &mut buf, 10).await.unwrap(),
             Line::Eof
         ));
+    }
+
+    #[tokio::test]
+    async fn a_read_dropped_halfway_through_a_line_loses_none_of_it() {
+        // IRC's ping timer fires while the rest of a line has not arrived: the read is
+        // dropped, and the next one must still return the whole line.
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut reader = tokio::io::BufReader::new(server);
+        let mut line = LineBuf::default();
+        client.write_all(b"JOIN #sp").await.unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_millis(20),
+            read_line(&mut reader, &mut line, 100),
+        )
+        .await;
+        assert!(waited.is_err(), "a line without its end was returned");
+        client.write_all(b"lit\r\nPING x\r\n").await.unwrap();
+        assert!(matches!(
+            read_line(&mut reader, &mut line, 100).await.unwrap(),
+            Line::Data
+        ));
+        assert_eq!(line.bytes(), b"JOIN #split");
+        assert!(matches!(
+            read_line(&mut reader, &mut line, 100).await.unwrap(),
+            Line::Data
+        ));
+        assert_eq!(line.bytes(), b"PING x");
+        // The same for a line over the limit: it is still discarded whole.
+        client.write_all(&[b'x'; 150]).await.unwrap();
+        let waited = tokio::time::timeout(
+            Duration::from_millis(20),
+            read_line(&mut reader, &mut line, 100),
+        )
+        .await;
+        assert!(waited.is_err());
+        client.write_all(b"yy\nok\n").await.unwrap();
+        assert!(matches!(
+            read_line(&mut reader, &mut line, 100).await.unwrap(),
+            Line::TooLong
+        ));
+        assert!(matches!(
+            read_line(&mut reader, &mut line, 100).await.unwrap(),
+            Line::Data
+        ));
+        assert_eq!(line.bytes(), b"ok");
     }
 
     #[test]

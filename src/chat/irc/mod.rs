@@ -26,7 +26,7 @@ use super::conn::{
 use super::delivery::DeliveryFilter;
 use super::fanout::Subscriber;
 use super::json::rfc3339;
-use super::lines::{Line, Verdict, read_line};
+use super::lines::{Line, LineBuf, Verdict, read_line};
 use super::names::{fold, is_room_target, is_valid_room, is_valid_user};
 use super::service::{Attached, ChatError, ChatService, Outgoing};
 use crate::node::VERSION;
@@ -91,7 +91,7 @@ async fn serve_until_closed(
         conn_id: format!("{:x}", rand::random::<u32>()),
     };
     let mut limiter = rate_limiter(&svc.config);
-    let mut buf = Vec::new();
+    let mut buf = LineBuf::default();
     let login_deadline = tokio::time::sleep(Duration::from_millis(svc.config.hello_timeout_ms));
     tokio::pin!(login_deadline);
     let ping_interval = Duration::from_millis(svc.config.irc_ping_interval_ms);
@@ -144,7 +144,7 @@ async fn serve_until_closed(
         let line = match line {
             Ok(Line::Data) => {
                 // IRC has no single encoding; decode what is not UTF-8 lossily rather than fail.
-                let text = String::from_utf8_lossy(&buf).into_owned();
+                let text = String::from_utf8_lossy(buf.bytes()).into_owned();
                 let body_len = if text.starts_with('@') {
                     text.split_once(' ').map_or(0, |(_, r)| r.len())
                 } else {

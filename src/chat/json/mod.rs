@@ -16,7 +16,7 @@ use super::conn::{
 };
 use super::delivery::DeliveryFilter;
 use super::fanout::Subscriber;
-use super::lines::{Line, Verdict, read_line};
+use super::lines::{Line, LineBuf, Verdict, read_line};
 use super::service::{Attached, ChatService, Outgoing};
 
 mod wire;
@@ -62,7 +62,7 @@ async fn serve_until_closed(
         reason: reason.clone(),
     };
     let mut limiter = rate_limiter(&svc.config);
-    let mut buf = Vec::new();
+    let mut buf = LineBuf::default();
     let max = svc.config.max_line_bytes;
     let hello_deadline = tokio::time::sleep(Duration::from_millis(svc.config.hello_timeout_ms));
     tokio::pin!(hello_deadline);
@@ -106,7 +106,7 @@ async fn serve_until_closed(
             Ok(Line::Data) => {}
         }
         idle.as_mut().touch();
-        let Ok(text) = std::str::from_utf8(&buf) else {
+        let Ok(text) = std::str::from_utf8(buf.bytes()) else {
             reason.set("abuse");
             conn.fatal(ProtocolError::new(
                 ErrorCode::BadEncoding,
