@@ -371,12 +371,10 @@ fn a_purge_and_a_truncation_drop_exactly_their_entries_and_their_bytes() {
             .map(approx_size)
             .sum()
     };
+    let cached = |mem: &LogMem| mem.cache.keys().copied().collect::<Vec<_>>();
     assert_eq!(mem.cache_bytes, bytes_of(1..=10));
     mem.forget_upto(3);
-    assert_eq!(
-        mem.cache.keys().copied().collect::<Vec<_>>(),
-        (4..=10).collect::<Vec<_>>()
-    );
+    assert_eq!(cached(&mem), (4..=10).collect::<Vec<_>>());
     assert_eq!(mem.cache_bytes, bytes_of(4..=10));
     mem.forget_upto(3);
     assert_eq!(
@@ -385,10 +383,7 @@ fn a_purge_and_a_truncation_drop_exactly_their_entries_and_their_bytes() {
         "a second purge to the same index"
     );
     mem.forget_from(8);
-    assert_eq!(
-        mem.cache.keys().copied().collect::<Vec<_>>(),
-        (4..=7).collect::<Vec<_>>()
-    );
+    assert_eq!(cached(&mem), (4..=7).collect::<Vec<_>>());
     assert_eq!(mem.cache_bytes, bytes_of(4..=7));
     mem.forget_from(20);
     mem.forget_upto(7);
