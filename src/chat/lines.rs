@@ -180,34 +180,29 @@ mod tests {
     use super::*;
     use tokio::io::AsyncWriteExt;
 
+    /// What the next read returned: the line, or `<too long>` / `<eof>`.
+    async fn next<R: AsyncBufRead + Unpin>(
+        reader: &mut R,
+        line: &mut LineBuf,
+        max: usize,
+    ) -> String {
+        match read_line(reader, line, max).await.unwrap() {
+            Line::Data => String::from_utf8_lossy(line.bytes()).into_owned(),
+            Line::TooLong => "<too long>".into(),
+            Line::Eof => "<eof>".into(),
+        }
+    }
+
     #[tokio::test]
     async fn lines_are_bounded() {
         let data: &[u8] = b"short\r\nthis line is far too long\nok\npartial";
         let mut reader = tokio::io::BufReader::with_capacity(4, data);
         let mut buf = LineBuf::default();
-        assert!(matches!(
-            read_line(&mut reader, &mut buf, 10).await.unwrap(),
-            Line::Data
-        ));
-        assert_eq!(buf.bytes(), b"short");
-        assert!(matches!(
-            read_line(&mut reader, &mut buf, 10).await.unwrap(),
-            Line::TooLong
-        ));
-        assert!(matches!(
-            read_line(&mut reader, &mut buf, 10).await.unwrap(),
-            Line::Data
-        ));
-        assert_eq!(buf.bytes(), b"ok");
-        assert!(matches!(
-            read_line(&mut reader, &mut buf, 10).await.unwrap(),
-            Line::Data
-        ));
-        assert_eq!(buf.bytes(), b"partial");
-        assert!(matches!(
-            read_line(&mut reader, &mut buf, 10).await.unwrap(),
-            Line::Eof
-        ));
+        assert_eq!(next(&mut reader, &mut buf, 10).await, "short");
+        assert_eq!(next(&mut reader, &mut buf, 10).await, "<too long>");
+        assert_eq!(next(&mut reader, &mut buf, 10).await, "ok");
+        assert_eq!(next(&mut reader, &mut buf, 10).await, "partial");
+        assert_eq!(next(&mut reader, &mut buf, 10).await, "<eof>");
     }
 
     #[tokio::test]
@@ -217,42 +212,20 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(4096);
         let mut reader = tokio::io::BufReader::new(server);
         let mut line = LineBuf::default();
+        let wait = Duration::from_millis(20);
         client.write_all(b"JOIN #sp").await.unwrap();
-        let waited = tokio::time::timeout(
-            Duration::from_millis(20),
-            read_line(&mut reader, &mut line, 100),
-        )
-        .await;
+        let waited = tokio::time::timeout(wait, read_line(&mut reader, &mut line, 100)).await;
         assert!(waited.is_err(), "a line without its end was returned");
         client.write_all(b"lit\r\nPING x\r\n").await.unwrap();
-        assert!(matches!(
-            read_line(&mut reader, &mut line, 100).await.unwrap(),
-            Line::Data
-        ));
-        assert_eq!(line.bytes(), b"JOIN #split");
-        assert!(matches!(
-            read_line(&mut reader, &mut line, 100).await.unwrap(),
-            Line::Data
-        ));
-        assert_eq!(line.bytes(), b"PING x");
+        assert_eq!(next(&mut reader, &mut line, 100).await, "JOIN #split");
+        assert_eq!(next(&mut reader, &mut line, 100).await, "PING x");
         // The same for a line over the limit: it is still discarded whole.
         client.write_all(&[b'x'; 150]).await.unwrap();
-        let waited = tokio::time::timeout(
-            Duration::from_millis(20),
-            read_line(&mut reader, &mut line, 100),
-        )
-        .await;
+        let waited = tokio::time::timeout(wait, read_line(&mut reader, &mut line, 100)).await;
         assert!(waited.is_err());
         client.write_all(b"yy\nok\n").await.unwrap();
-        assert!(matches!(
-            read_line(&mut reader, &mut line, 100).await.unwrap(),
-            Line::TooLong
-        ));
-        assert!(matches!(
-            read_line(&mut reader, &mut line, 100).await.unwrap(),
-            Line::Data
-        ));
-        assert_eq!(line.bytes(), b"ok");
+        assert_eq!(next(&mut reader, &mut line, 100).await, "<too long>");
+        assert_eq!(next(&mut reader, &mut line, 100).await, "ok");
     }
 
     #[test]
